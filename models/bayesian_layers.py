@@ -1,0 +1,200 @@
+"""Bayesian ``Linear`` and ``Conv2d`` layers with a Gaussian posterior over their weights.
+
+The posterior mean is the ordinary ``weight`` / ``bias`` parameter, so ``.to()``,
+``state_dict``, DDP and hooks work unchanged. The posterior *scale* lives in buffers and is
+written by the optimizer after every step (the "two-step update" of the first seed):
+
+* ``FFG`` (fully factorised Gaussian): ``weight_sigma`` / ``bias_sigma``, one std per entry.
+* ``MVG`` (matrix-variate Gaussian): the layer is viewed as one matrix
+  ``W = [weight.view(out, -1) | bias]`` (out x in', the bias is the homogeneous last column)
+  and its noise is drawn as ``U (E * R) V`` with ``E ~ N(0, I)``. ``U`` (out x out) and
+  ``V`` (in' x in') are square roots of the two Kronecker factors' inverses and ``R`` (out x in')
+  an elementwise scale. This one form covers the paper's factored damping
+  (``U = c L_S^-T, V = L_A^-1, R = 1``) and the exact eigenbasis damping
+  (``U = Q_S, V = Q_A^T, R = c / sqrt(d_S d_A^T + gamma)``), and gives the marginal variances
+  in closed form: ``Var[W_ij] = ((U*U) (R*R) (V*V))_ij``.
+
+In ``train()`` mode every forward pass draws a fresh weight sample ``w = mu + noise`` with the
+noise detached, so the gradient w.r.t. the sample lands on the mean's ``.grad``. In ``eval()``
+mode the layer uses the mean, unless ``sample_in_eval`` is set (MC prediction).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+POSTERIORS = ("FFG", "MVG")
+
+
+class BayesianLayer:
+    """Mixin holding the posterior scale and the sampling logic shared by both layer types."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    posterior: str
+    sample_in_eval: bool
+    last_noise: tuple[Tensor, Tensor | None] | None
+
+    def _init_posterior(self, posterior: str, init_std: float) -> None:
+        if posterior not in POSTERIORS:
+            raise ValueError(f"posterior must be one of {POSTERIORS}, got {posterior!r}")
+        self.posterior = posterior
+        self.sample_in_eval = False
+        self.last_noise = None
+        w = self.weight
+        out = w.shape[0]
+        if posterior == "FFG":
+            self.register_buffer("weight_sigma", torch.full_like(w, init_std))
+            self.register_buffer(
+                "bias_sigma", torch.full_like(self.bias, init_std) if self.bias is not None else None
+            )
+        else:
+            n_in = self.matrix_shape[1]
+            self.register_buffer("out_scale", torch.eye(out, dtype=w.dtype, device=w.device))
+            self.register_buffer("in_scale", torch.eye(n_in, dtype=w.dtype, device=w.device))
+            self.register_buffer("mid_scale", torch.full((out, n_in), init_std, dtype=w.dtype, device=w.device))
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """Shape of the layer as one matrix: (out, in [+1 for the bias])."""
+        w = self.weight
+        return w.shape[0], w[0].numel() + (self.bias is not None)
+
+    # -- posterior scale, written by the optimizers ---------------------------------------
+    @torch.no_grad()
+    def set_ffg_posterior(self, weight_std: Tensor, bias_std: Tensor | None = None) -> None:
+        """Set the per-entry std of a fully factorised posterior."""
+        self.weight_sigma.copy_(weight_std)
+        if self.bias is not None and bias_std is not None:
+            self.bias_sigma.copy_(bias_std)
+
+    @torch.no_grad()
+    def set_mvg_posterior(self, out_scale: Tensor, in_scale: Tensor, mid_scale: Tensor | float) -> None:
+        """Set the matrix-variate posterior: noise = out_scale (E * mid_scale) in_scale."""
+        self.out_scale.copy_(out_scale)
+        self.in_scale.copy_(in_scale)
+        if isinstance(mid_scale, Tensor):
+            self.mid_scale.copy_(mid_scale)
+        else:
+            self.mid_scale.fill_(mid_scale)
+
+    # -- sampling ---------------------------------------------------------------------------
+    def _split_matrix(self, m: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.bias is None:
+            return m.view_as(self.weight), None
+        return m[:, :-1].reshape_as(self.weight), m[:, -1]
+
+    def sample_noise(self) -> tuple[Tensor, Tensor | None]:
+        """One draw of ``(weight_noise, bias_noise)`` from the zero-mean posterior."""
+        with torch.no_grad():
+            if self.posterior == "FFG":
+                wn = torch.randn_like(self.weight) * self.weight_sigma
+                bn = torch.randn_like(self.bias) * self.bias_sigma if self.bias is not None else None
+                return wn, bn
+            e = torch.randn_like(self.mid_scale) * self.mid_scale
+            return self._split_matrix(self.out_scale @ e @ self.in_scale)
+
+    def sample_weight(self) -> tuple[Tensor, Tensor | None]:
+        """One fresh ``(weight, bias)`` sample; differentiable w.r.t. the means."""
+        wn, bn = self.sample_noise()
+        self.last_noise = (wn, bn)
+        w = self.weight + wn
+        b = self.bias + bn if self.bias is not None else None
+        return w, b
+
+    def weight_std(self) -> Tensor:
+        """Marginal posterior std of every weight entry (same shape as ``weight``)."""
+        return self._marginal_std()[0]
+
+    def bias_std(self) -> Tensor | None:
+        """Marginal posterior std of every bias entry (``None`` without bias)."""
+        return self._marginal_std()[1]
+
+    @torch.no_grad()
+    def _marginal_std(self) -> tuple[Tensor, Tensor | None]:
+        if self.posterior == "FFG":
+            return self.weight_sigma.clone(), (self.bias_sigma.clone() if self.bias is not None else None)
+        var = self.out_scale.square() @ self.mid_scale.square() @ self.in_scale.square()
+        return self._split_matrix(var.sqrt())
+
+    def _weights_for_forward(self) -> tuple[Tensor, Tensor | None]:
+        if self.training or self.sample_in_eval:
+            return self.sample_weight()
+        return self.weight, self.bias
+
+
+class BayesianLinear(BayesianLayer, nn.Linear):
+    """``nn.Linear`` whose weights are drawn from a Gaussian posterior in training mode."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, posterior: str = "FFG",
+                 init_std: float = 0.0, device=None, dtype=None) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_posterior(posterior, init_std)
+
+    def forward(self, input: Tensor) -> Tensor:
+        w, b = self._weights_for_forward()
+        return F.linear(input, w, b)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, posterior={self.posterior}"
+
+
+class BayesianConv2d(BayesianLayer, nn.Conv2d):
+    """``nn.Conv2d`` whose kernels are drawn from a Gaussian posterior in training mode."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, bias: bool = True, posterior: str = "FFG", init_std: float = 0.0,
+                 device=None, dtype=None) -> None:
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                           dilation=dilation, bias=bias, device=device, dtype=dtype)
+        self._init_posterior(posterior, init_std)
+
+    def forward(self, input: Tensor) -> Tensor:
+        w, b = self._weights_for_forward()
+        return self._conv_forward(input, w, b)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, posterior={self.posterior}"
+
+
+def bayesian_layers(model: nn.Module) -> list[tuple[str, BayesianLayer]]:
+    """The model's Bayesian layers, in ``named_modules()`` order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BayesianLayer)]
+
+
+class sampling:
+    """Context manager: Bayesian layers of ``model`` sample weights even in eval mode."""
+
+    def __init__(self, model: nn.Module, enabled: bool = True) -> None:
+        self.layers = [m for _, m in bayesian_layers(model)]
+        self.enabled = enabled
+
+    def __enter__(self) -> sampling:
+        self.saved = [m.sample_in_eval for m in self.layers]
+        for m in self.layers:
+            m.sample_in_eval = self.enabled
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m, s in zip(self.layers, self.saved):
+            m.sample_in_eval = s
+
+
+@torch.no_grad()
+def predictive(model: nn.Module, x: Tensor, samples: int) -> Tensor:
+    """MC predictive ``p(y|x) = mean_s softmax(f(x; w_s))``; ``samples=0`` uses the mean weights."""
+    was_training = model.training
+    model.eval()
+    try:
+        if samples <= 0 or not bayesian_layers(model):
+            return F.softmax(model(x), dim=-1)
+        with sampling(model):
+            # log-mean-exp of log-softmax is exact and avoids underflow of tiny probabilities
+            logp = torch.stack([F.log_softmax(model(x), dim=-1) for _ in range(samples)])
+            return (torch.logsumexp(logp, dim=0) - math.log(samples)).exp()
+    finally:
+        model.train(was_training)

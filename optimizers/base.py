@@ -1,0 +1,99 @@
+"""What the three natural-gradient VI optimizers share: the model's Bayesian layers, the
+curvature hooks, the ELBO constants, and the cross-rank reduction of statistics.
+
+Symbols follow ``MATH.md``: N = ``num_data``, lambda = ``kl_weight``, eta = ``prior_var``,
+intrinsic damping ``gamma_in = lambda / (N eta)``, extrinsic damping ``gamma_ex = damping``.
+
+Usage (the two-step update of the first seed)::
+
+    optimizer.zero_grad()
+    logits = model(x)                       # train mode: weights sampled from the posterior
+    optimizer.true_fisher_backward(logits)  # no-op unless fisher="true"
+    F.cross_entropy(logits, y).backward()   # hooks capture the curvature statistics
+    optimizer.step()                        # means + curvature, then the posterior scale
+
+Several forward/backward pairs before one ``step()`` are several Monte-Carlo samples: their
+gradients and statistics are averaged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from models.bayesian_layers import BayesianLayer
+from optimizers.curvature import CurvatureCapture, supported_layers
+
+
+class NGVIOptimizer(Optimizer):
+    """Base class: owns a ``CurvatureCapture`` over ``model`` and the layers' posteriors."""
+
+    posterior: str = ""
+
+    def __init__(self, model: nn.Module, defaults: dict, capture_kind: str, fisher: str = "empirical") -> None:
+        for key in ("lr", "num_data", "kl_weight", "prior_var"):
+            if not defaults[key] > 0:
+                raise ValueError(f"{key} must be positive, got {defaults[key]}")
+        if defaults.get("damping", 0.0) < 0:
+            raise ValueError(f"damping must be >= 0, got {defaults['damping']}")
+        self.layers: list[tuple[str, BayesianLayer]] = []
+        for name, module in supported_layers(model):
+            if not isinstance(module, BayesianLayer) or module.posterior != self.posterior:
+                kind = getattr(module, "posterior", "deterministic")
+                raise ValueError(f"{type(self).__name__} needs {self.posterior} Bayesian layers, but layer "
+                                 f"{name!r} is {type(module).__name__} ({kind}); build the model with "
+                                 f"posterior={self.posterior!r}")
+            self.layers.append((name, module))
+        if not self.layers:
+            raise ValueError(f"{type(self).__name__}: the model has no Bayesian layers")
+        super().__init__([p for p in model.parameters() if p.requires_grad], defaults)
+        self.capture = CurvatureCapture(model, capture_kind, fisher)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def group_of(self, p: Tensor) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter not managed by this optimizer")
+
+    @staticmethod
+    def gamma_in(group: dict) -> float:
+        """Intrinsic damping ``lambda / (N eta)`` (the prior's precision in the ELBO's scale)."""
+        return group["kl_weight"] / (group["num_data"] * group["prior_var"])
+
+    @staticmethod
+    def noise_scale(group: dict) -> float:
+        """``sqrt(lambda / N)``: the posterior covariance is (lambda/N) times the inverse curvature."""
+        return math.sqrt(group["kl_weight"] / group["num_data"])
+
+    def layer_params(self) -> Iterator[tuple[BayesianLayer, dict, list[Tensor]]]:
+        for _, layer in self.layers:
+            params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+            yield layer, self.group_of(layer.weight), params
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self.capture.clear()
+
+    def true_fisher_backward(self, logits: Tensor) -> None:
+        """With ``fisher="true"``, back-propagate labels sampled from the predictive into the hooks."""
+        if self.capture.fisher == "true" and self.capture.active:
+            self.capture.sampled_label_backward(logits, [p for g in self.param_groups for p in g["params"]])
+
+    @staticmethod
+    def all_reduce_mean(tensors: list[Tensor]) -> None:
+        """Average ``tensors`` in place over all ranks, in one bucketed all-reduce."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()

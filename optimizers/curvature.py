@@ -1,0 +1,225 @@
+"""Curvature capture with hooks: per-example squared gradients and Kronecker factors.
+
+Written once and used by every optimizer (second seed, section 3). A forward hook on each
+``nn.Linear`` / ``nn.Conv2d`` keeps the layer's input ``a``; a tensor hook on its output
+receives ``G = dL/ds``, the gradient of the (mean-reduced) mini-batch loss w.r.t. the
+pre-activations. With ``B`` examples, example i's own loss has pre-activation gradient
+``ds_i = B G_i``. Every layer is seen as per-example "patches": ``a_i`` is (T x in) and
+``ds_i`` (T x out), with T = 1 for a Linear layer on flat inputs and T = the number of output
+locations for a convolution (``a_i`` = its unfolded input, Grosse & Martens 2016).
+
+* Diagonal Fisher (Noisy Adam, VOGN): ``g_i = ds_i^T a_i``, statistic ``mean_i g_i**2``.
+  For T = 1 this is ``(1/B) (ds**2)^T (a**2)``: one weight-gradient-sized product, no
+  B x out x in tensor. For T > 1 the per-example gradients are formed in chunks of the batch.
+  The bias gradient is ``sum_t ds_{i,t}``, so its statistic is ``mean_i (sum_t ds_{i,t})**2``.
+* Kronecker factors (Noisy K-FAC): ``A = mean_i sum_t a_t a_t^T`` (with the homogeneous 1
+  appended as the last coordinate when the layer has a bias) and
+  ``S = mean_i (1/T) sum_t ds_t ds_t^T``. This is the KFC normalisation; other libraries
+  put the 1/T on A instead, which changes both factors by T and leaves A (x) S unchanged.
+
+Parameter-free layers in between (ReLU, pooling, flatten, dropout) need nothing: the hooks
+see whatever gradient flows through them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: bound on the per-example gradient tensor formed for one chunk of a conv batch (elements)
+_CHUNK_ELEMENTS = 2**23
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers with a curvature rule; raise ``ValueError`` naming any other layer with parameters."""
+    layers = []
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if isinstance(module, nn.Conv2d):
+            if module.groups != 1 or module.padding_mode != "zeros":
+                raise ValueError(f"layer {name!r}: only Conv2d with groups=1 and zero padding has a curvature rule")
+            layers.append((name, module))
+        elif isinstance(module, nn.Linear):
+            layers.append((name, module))
+        elif own:
+            raise ValueError(f"layer {name!r} ({type(module).__name__}) has parameters but no curvature rule; "
+                             "only Linear and Conv2d layers are supported")
+    return layers
+
+
+def layer_patches(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-example patches ``(a, g)`` of shapes (B, T, in) and (B, T, out) for a layer."""
+    b = a.shape[0]
+    if isinstance(module, nn.Conv2d):
+        a = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                     stride=module.stride).transpose(1, 2)
+        return a, g.reshape(b, g.shape[1], -1).transpose(1, 2)
+    return a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
+
+
+def homogeneous(a: Tensor) -> Tensor:
+    """Append the constant 1 that carries the bias as a last input coordinate."""
+    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+
+
+def grad_squared(module: nn.Module, a: Tensor, g: Tensor, scale: float) -> tuple[Tensor, Tensor | None]:
+    """``mean_i g_i**2`` for weight and bias, where the per-example pre-activation gradient is ``scale * g``."""
+    a, g = layer_patches(module, a, g)
+    b, t, _ = a.shape
+    c = scale * scale / b
+    if t == 1:
+        sq_w = c * (g[:, 0].square().T @ a[:, 0].square())
+    else:
+        out, n_in = g.shape[2], a.shape[2]
+        chunk = max(1, _CHUNK_ELEMENTS // (out * n_in))
+        sq_w = a.new_zeros(out, n_in)
+        for i in range(0, b, chunk):
+            per_example = torch.bmm(g[i:i + chunk].transpose(1, 2), a[i:i + chunk])
+            sq_w += per_example.square().sum(0)
+        sq_w *= c
+    sq_b = c * g.sum(1).square().sum(0) if module.bias is not None else None
+    return sq_w.view_as(module.weight), sq_b
+
+
+def kfac_factors(module: nn.Module, a: Tensor, g: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """K-FAC factors ``(A, S)`` of one batch: ``A = mean_i sum_t a a^T``, ``S = mean_i (1/T) sum_t ds ds^T``."""
+    a, g = layer_patches(module, a, g)
+    b, t, _ = a.shape
+    if module.bias is not None:
+        a = homogeneous(a)
+    a = a.reshape(-1, a.shape[-1])
+    g = g.reshape(-1, g.shape[-1])
+    return (a.T @ a) / b, (g.T @ g) * (scale * scale / (b * t))
+
+
+class CurvatureCapture:
+    """Hooks that accumulate a curvature statistic on backward passes through a model.
+
+    ``kind`` is ``"diag"`` (squared per-example gradients per parameter), ``"kfac"`` (``(A, S)``
+    per layer) or ``"none"`` (only count). Every ordinary backward pass is counted in
+    ``passes[module]``: several Monte-Carlo samples (forward/backward pairs) before one
+    optimizer step are averaged by the consumer. Statistics are added to ``stats[module]``
+    while ``active`` (K-FAC switches it off on steps that take no statistics); with
+    ``fisher="true"`` they come only from the sampled-label pass (``sampled_label_backward``),
+    with ``"empirical"`` from the ordinary passes. The loss is assumed to be the *mean* over
+    the batch of per-example losses.
+    """
+
+    def __init__(self, model: nn.Module, kind: str, fisher: str = "empirical") -> None:
+        if kind not in ("diag", "kfac", "none"):
+            raise ValueError(f"kind must be 'diag', 'kfac' or 'none', got {kind!r}")
+        if fisher not in ("empirical", "true"):
+            raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+        self.kind = kind
+        self.fisher = fisher
+        self.layers = supported_layers(model)
+        self.active = kind != "none"
+        self.in_sampled_pass = False
+        self.stats: dict[nn.Module, list[Tensor | None]] = {}
+        self.counts: dict[nn.Module, int] = {}
+        self.passes: dict[nn.Module, int] = {}
+        self._handles = [m.register_forward_hook(self._forward_hook) for _, m in self.layers]
+
+    def _forward_hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            return
+        a = inputs[0].detach()
+        output.register_hook(lambda g: self._on_grad(module, a, g))
+
+    @torch.no_grad()
+    def _on_grad(self, module: nn.Module, a: Tensor, g: Tensor) -> None:
+        if not self.in_sampled_pass:
+            self.passes[module] = self.passes.get(module, 0) + 1
+        if not self.active or self.in_sampled_pass != (self.fisher == "true"):
+            return
+        fn = grad_squared if self.kind == "diag" else kfac_factors
+        new = fn(module, a, g.detach(), float(a.shape[0]))
+        old = self.stats.get(module)
+        if old is None:
+            self.stats[module] = list(new)
+            self.counts[module] = 1
+        else:
+            for acc, x in zip(old, new):
+                if acc is not None:
+                    acc += x
+            self.counts[module] += 1
+
+    def pop(self, module: nn.Module) -> list[Tensor | None] | None:
+        """The mean statistic of ``module`` over the backward passes since the last pop."""
+        stat = self.stats.pop(module, None)
+        if stat is None:
+            return None
+        n = self.counts.pop(module)
+        return [s / n if s is not None else None for s in stat]
+
+    def pop_passes(self, module: nn.Module) -> int:
+        """How many ordinary backward passes reached ``module`` since the last call (at least 1)."""
+        return max(1, self.passes.pop(module, 0))
+
+    def sampled_label_backward(self, logits: Tensor, params: list[Tensor]) -> None:
+        """Record the statistic from a backward at labels drawn from the model's predictive.
+
+        The "true" Fisher (MATH.md): the parameter gradients of this pass are returned by
+        ``autograd.grad`` and dropped, so ``.grad`` is untouched, and the graph is retained
+        for the ordinary backward that follows.
+        """
+        with torch.no_grad():
+            y = torch.multinomial(F.softmax(logits.detach().float(), dim=-1), 1).squeeze(-1)
+        self.in_sampled_pass = True
+        try:
+            torch.autograd.grad(F.cross_entropy(logits, y), [p for p in params if p.requires_grad],
+                                retain_graph=True, allow_unused=True)
+        finally:
+            self.in_sampled_pass = False
+
+    def clear(self) -> None:
+        self.stats.clear()
+        self.counts.clear()
+        self.passes.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def _capture_once(model: nn.Module, kind: str, inputs: Tensor, targets: Tensor,
+                  loss_fn: LossFn) -> tuple[CurvatureCapture, dict]:
+    capture = CurvatureCapture(model, kind)
+    try:
+        loss = loss_fn(model(inputs), targets)
+        torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+        return capture, {m: capture.pop(m) for _, m in capture.layers}
+    finally:
+        capture.remove()
+
+
+def sum_grad_squared(model: nn.Module, inputs: Tensor, targets: Tensor,
+                     loss_fn: LossFn = F.cross_entropy) -> dict[str, Tensor]:
+    """For every parameter name, ``mean_i (dL_i/dtheta)**2`` over the batch (one forward + backward).
+
+    ``loss_fn(outputs, targets)`` must be the mean of the per-example losses. ``.grad`` is not touched.
+    """
+    capture, stats = _capture_once(model, "diag", inputs, targets, loss_fn)
+    out = {}
+    for name, module in capture.layers:
+        stat = stats[module]
+        if stat is None:
+            continue
+        prefix = f"{name}." if name else ""
+        out[prefix + "weight"] = stat[0]
+        if stat[1] is not None:
+            out[prefix + "bias"] = stat[1]
+    return out
+
+
+def kronecker_factors(model: nn.Module, inputs: Tensor, targets: Tensor,
+                      loss_fn: LossFn = F.cross_entropy) -> dict[str, tuple[Tensor, Tensor]]:
+    """For every Linear/Conv2d module name, the K-FAC factors ``(A, S)`` of one batch (empirical Fisher)."""
+    capture, stats = _capture_once(model, "kfac", inputs, targets, loss_fn)
+    return {name: (stats[m][0], stats[m][1]) for name, m in capture.layers if stats[m] is not None}

@@ -1,0 +1,105 @@
+"""Natural-gradient VI with a fully factorised Gaussian posterior: the mechanics shared by
+Noisy Adam (Zhang et al. 2018, Algorithm 1) and VOGN (Khan et al. 2018; the second seed).
+
+Per parameter, with ``s`` the Fisher estimate of the step (``mean_i g_i**2`` over the batch
+by default, ``g**2`` with ``fisher="batch"``) and ``g`` the gradient of the mean loss at the
+sampled weights ``w = mu + sigma * eps``::
+
+    v     = g + gamma_in * w_prior            # w_prior = w (Noisy Adam) or mu (VOGN)
+    m     = beta1 m + (1 - beta1) v
+    f     = beta2 f + (1 - beta2) s
+    mu    = mu - lr * (m / (1 - beta1**k)) / (f + gamma_in + gamma_ex)
+    sigma = sqrt((lambda / N) / (f + gamma_in))
+
+With ``lambda = 1``, ``beta1 = 0`` and ``w_prior = mu`` this is the second seed's
+Algorithm 1 (``sigma = 1/sqrt(N s + lambda_p)`` with prior precision ``lambda_p = 1/eta``).
+The initial ``f`` is set so that the posterior starts with precision ``init_precision``
+(``None``: start at the prior, ``f = 0``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from optimizers.base import NGVIOptimizer
+
+
+class DiagonalNGVI(NGVIOptimizer):
+    """Shared implementation of the FFG optimizers; use ``NoisyAdam`` or ``VOGN``."""
+
+    posterior = "FFG"
+    prior_at_sample: bool = True
+
+    def __init__(self, model: nn.Module, lr: float, betas: tuple[float, float], num_data: int,
+                 kl_weight: float = 1.0, prior_var: float = 1.0, damping: float = 0.0,
+                 init_precision: float | None = None, fisher: str = "example") -> None:
+        if fisher not in ("example", "batch"):
+            raise ValueError(f"fisher must be 'example' (per-example squares) or 'batch', got {fisher!r}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        if init_precision is not None and init_precision <= 0:
+            raise ValueError(f"init_precision must be positive, got {init_precision}")
+        defaults = dict(lr=lr, betas=tuple(betas), num_data=num_data, kl_weight=kl_weight, prior_var=prior_var,
+                        damping=damping, init_precision=init_precision, fisher=fisher)
+        super().__init__(model, defaults, capture_kind="diag" if fisher == "example" else "none")
+        for layer, group, params in self.layer_params():
+            for p in params:
+                self._init_state(p, group)
+            self._refresh_posterior(layer, group, params)
+
+    def _init_state(self, p: Tensor, group: dict) -> None:
+        f0 = 0.0
+        if group["init_precision"] is not None:
+            f0 = max(0.0, group["init_precision"] * group["kl_weight"] / group["num_data"] - self.gamma_in(group))
+        self.state[p] = {
+            "step": torch.zeros((), dtype=torch.float32),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "fisher": torch.full_like(p, f0, memory_format=torch.preserve_format),
+        }
+
+    def _refresh_posterior(self, layer, group: dict, params: list[Tensor]) -> None:
+        c2 = self.noise_scale(group) ** 2
+        stds = [(c2 / (self.state[p]["fisher"] + self.gamma_in(group))).sqrt() for p in params]
+        layer.set_ffg_posterior(*stds)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """Update means and Fisher estimates from the gradients since ``zero_grad``; resample scale."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for layer, group, params in self.layer_params():
+            passes = self.capture.pop_passes(layer)
+            stats = self.capture.pop(layer)
+            noise = layer.last_noise
+            for i, p in enumerate(params):
+                if p.grad is None:
+                    continue
+                g = p.grad / passes
+                s = stats[i] if stats is not None else g.square()
+                w_noise = noise[i] if (noise is not None and self.prior_at_sample) else None
+                work.append((layer, group, p, g, s, w_noise))
+            layer.last_noise = None
+        # means stay identical on every rank: average the statistics and the prior's sample
+        self.all_reduce_mean([s for _, grp, _, _, s, _ in work if grp["fisher"] == "example"]
+                             + [n for *_, n in work if n is not None])
+        for _, group, p, g, s, w_noise in work:
+            state = self.state[p]
+            beta1, beta2 = group["betas"]
+            gamma_in = self.gamma_in(group)
+            state["step"] += 1
+            w_prior = p + w_noise if w_noise is not None else p
+            v = g + gamma_in * w_prior
+            state["exp_avg"].mul_(beta1).add_(v, alpha=1 - beta1)
+            state["fisher"].mul_(beta2).add_(s, alpha=1 - beta2)
+            bias_correction = 1 - beta1 ** state["step"].item()
+            denom = state["fisher"] + (gamma_in + group["damping"])
+            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias_correction)
+        for layer, group, params in self.layer_params():
+            self._refresh_posterior(layer, group, params)
+        return loss

@@ -1,0 +1,36 @@
+"""Noisy Adam: natural-gradient VI for a fully factorised Gaussian posterior.
+
+Zhang, Sun, Duvenaud, Grosse, "Noisy Natural Gradient as Variational Inference", ICML 2018,
+Algorithm 1 (MATH.md, "FFG posterior"). The prior term is taken at the *sampled* weights.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from optimizers.diagonal import DiagonalNGVI
+
+
+class NoisyAdam(DiagonalNGVI):
+    """Noisy Adam (FFG posterior).
+
+    Args:
+        model: a network of ``FFG`` Bayesian layers (``models.build_model(..., "FFG", ...)``).
+        lr: step size alpha.
+        betas: (beta1, beta2): momentum of ``v`` and running average of the Fisher ``f``.
+        num_data: training-set size N.
+        kl_weight: lambda (1 = the ELBO; < 1 tempers the posterior).
+        prior_var: eta, variance of the zero-mean isotropic Gaussian prior.
+        damping: extrinsic damping gamma_ex added to the denominator of the mean update only.
+        init_precision: posterior precision per weight before the first step (``None``: the prior).
+        fisher: ``"example"`` (mean of per-example squared gradients: the diagonal empirical
+            Fisher) or ``"batch"`` (square of the mini-batch gradient, as in Vadam and the first
+            seed's code: about 1/B of the Fisher plus the squared mean, so a wider posterior).
+    """
+
+    prior_at_sample = True
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 num_data: int = 60000, kl_weight: float = 1.0, prior_var: float = 1.0, damping: float = 0.0,
+                 init_precision: float | None = 1e4, fisher: str = "example") -> None:
+        super().__init__(model, lr, betas, num_data, kl_weight, prior_var, damping, init_precision, fisher)

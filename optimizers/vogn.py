@@ -1,0 +1,35 @@
+"""VOGN: Variational Online Gauss-Newton.
+
+Khan et al., "Fast and Scalable Bayesian Deep Learning by Weight-Perturbation in Adam",
+ICML 2018; the second seed (Jain & Khan), Algorithm 1; momentum, tempering and several MC
+samples per step as in Osawa et al., NeurIPS 2019 (MATH.md, "VOGN")::
+
+    s     <- beta2 s + (1 - beta2) mean_i g_i**2
+    mu    <- mu - lr (g + lambda_p mu / N) / (s + lambda_p / N)
+    sigma  = 1 / sqrt(N s + lambda_p)
+
+with prior precision ``lambda_p = 1 / prior_var``. The mean update uses the *new* ``s``, as
+in Khan et al. (the seed's pseudo-code writes ``s_t``). ``kl_weight`` tempers both terms
+(``gamma_in = kl_weight / (N prior_var)``, ``sigma**2 = (kl_weight/N) / (s + gamma_in)``),
+``momentum`` is ``beta1`` on the numerator, and each forward/backward pair before ``step()``
+is one MC sample. The per-example squared gradients come from the shared hooks, so
+convolution and pooling layers work without changes to the model.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from optimizers.diagonal import DiagonalNGVI
+
+
+class VOGN(DiagonalNGVI):
+    """VOGN (FFG posterior); the prior term is taken at the mean ``mu``."""
+
+    prior_at_sample = False
+
+    def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.9, beta2: float = 0.999,
+                 num_data: int = 60000, kl_weight: float = 1.0, prior_var: float = 0.1, damping: float = 0.0,
+                 init_precision: float | None = 1e3, fisher: str = "example") -> None:
+        super().__init__(model, lr, (momentum, beta2), num_data, kl_weight, prior_var, damping, init_precision,
+                         fisher)
