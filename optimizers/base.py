@@ -85,10 +85,13 @@ class NGVIOptimizer(Optimizer):
         if self.capture.fisher == "true" and self.capture.active:
             self.capture.sampled_label_backward(logits, [p for g in self.param_groups for p in g["params"]])
 
-    @staticmethod
-    def all_reduce_mean(tensors: list[Tensor]) -> None:
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def all_reduce_mean(self, tensors: list[Tensor]) -> None:
         """Average ``tensors`` in place over all ranks, in one bucketed all-reduce."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not tensors:
+        if not self.distributed or not tensors:
             return
         flat = torch.cat([t.reshape(-1) for t in tensors])
         dist.all_reduce(flat)

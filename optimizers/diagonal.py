@@ -85,9 +85,15 @@ class DiagonalNGVI(NGVIOptimizer):
                 w_noise = noise[i] if (noise is not None and self.prior_at_sample) else None
                 work.append((layer, group, p, g, s, w_noise))
             layer.last_noise = None
-        # means stay identical on every rank: average the statistics and the prior's sample
-        self.all_reduce_mean([s for _, grp, _, _, s, _ in work if grp["fisher"] == "example"]
+        # data-parallel: average gradients, statistics and the prior's weight sample over ranks
+        # (one bucket), so that every rank applies the same update to the same means
+        self.all_reduce_mean([g for _, _, _, g, _, _ in work]
+                             + [s for _, grp, _, _, s, _ in work if grp["fisher"] == "example"]
                              + [n for *_, n in work if n is not None])
+        if self.distributed:
+            for _, grp, _, g, s, _ in work:
+                if grp["fisher"] == "batch":
+                    s.copy_(g.square())
         for _, group, p, g, s, w_noise in work:
             state = self.state[p]
             beta1, beta2 = group["betas"]

@@ -186,7 +186,8 @@ class NoisyKFAC(NGVIOptimizer):
             noise = self._as_matrix(layer, *layer.last_noise) if layer.last_noise is not None else None
             layer.last_noise = None
             work.append((layer, group, G, stats, noise))
-        self.all_reduce_mean([t for *_, stats, noise in work for t in (*(stats or ()), noise) if t is not None])
+        # data-parallel: average gradients, factors and weight samples over ranks in one bucket
+        self.all_reduce_mean([t for _, _, G, stats, noise in work for t in (G, *(stats or ()), noise) if t is not None])
 
         updates = []
         for layer, group, G, stats, noise in work:
@@ -231,6 +232,14 @@ class NoisyKFAC(NGVIOptimizer):
     @staticmethod
     def _has_decomposition(state: dict) -> bool:
         return "A_inv" in state or "QA" in state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # whether the next backward takes statistics (``capture.active``) is not saved state:
+        # re-derive it from the restored step counts, as ``step`` leaves it (else a resumed run
+        # takes statistics on a step where the uninterrupted run does not, with t_stats > 1)
+        for layer, group, _ in self.layer_params():
+            self.capture.active = int(self.state[layer.weight]["step"].item()) % group["t_stats"] == 0
 
     def kronecker_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The running-average factors ``(A, S)`` per layer name (e.g. for eigen-spectrum plots)."""

@@ -1,0 +1,242 @@
+"""Benchmark: time of one training step (forward + backward + update), relative to Adam.
+
+For ``mlp`` on MNIST shapes (batch 100 of 1x28x28) and ``lenet5`` on CIFAR-10 shapes
+(batch 128 of 3x32x32), random data, every method runs the step of ``train.py``::
+
+    optimizer.zero_grad(); loss = F.cross_entropy(model(x), y); loss.backward(); optimizer.step()
+
+(IVON wraps the forward/backward in ``optimizer.sampled_params(train=True)``). The optimizers
+are built as ``train.py`` builds them with default flags (``util.experiment.make_optimizer``,
+so the per-optimizer ``DEFAULTS``; NoisyKFAC: ``t_inv=20``, ``t_stats=1``); IVON uses
+``lr=0.1, ess=N``. The timed unit is a block of ``t_inv = 20`` consecutive steps for every
+method, so NoisyKFAC's decompositions are amortised exactly (one refresh per block); a
+method's ms/step is the median over rounds of block time / 20, the rounds interleaving all
+methods in a shuffled order (``bench.common.interleaved``). Each ratio is to Adam's median.
+
+Threads: measured with torch's default thread count (what ``train.py`` uses unless
+``--num_threads``), then with 1 thread (less sensitive to other processes on a shared machine);
+the top-level JSON entries are the default-thread ones, both are under ``by_threads``.
+
+The FLOP ratio beside each time ratio is an analytic count (``flop_model``): 2 FLOPs per MAC,
+forward + backward = 3x forward (2x for the first layer), plus each method's extra work.
+
+Usage: ``python bench/step_time.py [--quick] [--repeats R] [--threads 0,1] [--out PATH]``;
+writes ``bench/results/step_time.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+import time
+from argparse import Namespace
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    RESULTS,
+    LayerShape,
+    environment,
+    forward_backward_flops,
+    interleaved,
+    layer_shapes,
+    median,
+    table,
+    write_json,
+)
+
+import ivon  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from models import build_model  # noqa: E402
+from util.experiment import make_optimizer  # noqa: E402
+
+METHODS = ("Adam", "NoisyAdam", "NoisyAdamBatch", "VOGN", "NoisyKFAC", "IVON")
+#: arch -> (channels, image size, batch size, N)
+ARCHS = {"mlp": (1, 28, 100, 60000), "lenet5": (3, 32, 128, 50000)}
+#: time-ratio targets (<= target passes)
+TARGETS = {"NoisyAdam": {"mlp": 1.5, "lenet5": 1.5}, "NoisyAdamBatch": {"mlp": 1.15, "lenet5": 1.15},
+           "VOGN": {"mlp": 1.5, "lenet5": 1.5}, "NoisyKFAC": {"mlp": 4.0, "lenet5": 2.0}}
+T_INV = 20
+
+
+# -- what is timed --------------------------------------------------------------------------------
+def build(method: str, arch: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model (same initial means for every method) and optimizer of ``method``."""
+    channels, size, _, n = ARCHS[arch]
+    posterior = {"Adam": "MAP", "IVON": "MAP", "NoisyKFAC": "MVG"}.get(method, "FFG")
+    torch.manual_seed(0)
+    model = build_model(arch, posterior, channels, size, 10)
+    if method == "IVON":
+        return model, ivon.IVON(model.parameters(), lr=0.1, ess=n)
+    name = {"Adam": "adam", "NoisyKFAC": "noisy_kfac", "VOGN": "vogn"}.get(method, "noisy_adam")
+    flags = Namespace(optimizer=name, lr=None, momentum=None, eps=1e-8, n=n, kl_weight=1.0, prior_var=None,
+                      damping=None, init_precision=None, fisher="batch" if method == "NoisyAdamBatch" else None,
+                      t_stats=1, t_inv=T_INV, damping_mode=None, kl_clip=None)
+    return model, make_optimizer(flags, model)
+
+
+def block_of_steps(method: str, arch: str, batches: list[tuple[Tensor, Tensor]]) -> Callable[[], float]:
+    """A function running ``T_INV`` training steps of ``method``; returns the last loss."""
+    model, optimizer = build(method, arch)
+    model.train()
+    data = itertools.cycle(batches)
+
+    def step() -> Tensor:
+        x, y = next(data)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def ivon_step() -> Tensor:
+        x, y = next(data)
+        optimizer.zero_grad()
+        with optimizer.sampled_params(train=True):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        optimizer.step()
+        return loss
+
+    one = ivon_step if method == "IVON" else step
+
+    def block() -> float:
+        for _ in range(T_INV):
+            loss = one()
+        return float(loss)
+
+    return block
+
+
+# -- analytic FLOPs ---------------------------------------------------------------------------------
+def decomposition_flops(n: int, extra_damping: bool) -> float:
+    """FLOPs to refresh one damped n x n factor as ``noisy_kfac.factored_decomposition`` does.
+
+    Cholesky n^3/3; ``solve_triangular(L, I)`` against a dense identity n^3; then either the
+    inverse as ``L^-T L^-1`` (a dense product, 2 n^3) or, with extrinsic damping, a second
+    Cholesky n^3/3 and ``cholesky_inverse`` 2 n^3/3.
+    """
+    return n**3 / 3 + n**3 + (n**3 / 3 + 2 * n**3 / 3 if extra_damping else 2 * n**3)
+
+
+def flop_model(method: str, shapes: list[LayerShape], extra_damping: bool = True) -> float:
+    """FLOPs of one step of ``method`` (elementwise ops counted as 1 FLOP per entry, randn too)."""
+    total = forward_backward_flops(shapes)
+    params = sum(s.params for s in shapes)
+    if method == "Adam":  # lerp, mul+addcmul, sqrt/div/add eps, addcdiv
+        return total + 13 * params
+    if method == "IVON":  # sample (randn, 5 ops), noise*grad, momentum 3, hessian ~9, mean update ~9
+        return total + 32 * params
+    if method in ("NoisyAdam", "NoisyAdamBatch", "VOGN"):  # sample 3, update ~13, posterior std 3
+        total += 19 * params
+        for s in shapes:
+            if method == "NoisyAdamBatch":
+                total += s.params  # g**2
+            elif s.locations == 1:  # (ds**2)^T (a**2): one weight-gradient-sized product + squares
+                total += 2 * s.macs + s.batch * (s.n_in + s.n_out) + (s.batch * s.n_out if s.bias else 0)
+            else:  # per-example bmm over the T locations, then square and sum over the batch
+                total += 2 * s.macs + 2 * s.batch * s.params + s.batch * s.locations * s.n_out
+        return total
+    if method == "NoisyKFAC":
+        for s in shapes:
+            o, i, bt = s.n_out, s.n_in + s.bias, s.batch * s.locations
+            total += 2 * o * i + 2 * o * o * i + 2 * o * i * i + o * i   # sample: randn*R, U E V, M + noise
+            total += 2 * bt * (i * i + o * o) + 3 * (i * i + o * o)      # batch factors + running average
+            total += 2 * o * o * i + 2 * o * i * i + 9 * o * i           # S^-1 V A^-1, V, momentum, kl-clip
+            total += (decomposition_flops(i, extra_damping) + decomposition_flops(o, extra_damping)) / T_INV
+        return total
+    raise ValueError(method)
+
+
+# -- driver -----------------------------------------------------------------------------------------
+def measure(arch: str, rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per step of every method on ``arch`` (one sample per round)."""
+    channels, size, batch, _ = ARCHS[arch]
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(batch, channels, size, size, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
+               for _ in range(4)]
+    blocks = {m: block_of_steps(m, arch, batches) for m in METHODS}
+    losses = {m: blocks[m]() for m in METHODS}  # first block: lazy initialisation, not timed
+    bad = [m for m, v in losses.items() if not math.isfinite(v)]
+    if bad:
+        raise RuntimeError(f"{arch}: non-finite loss for {bad}")
+    samples = interleaved(blocks, rounds=rounds, warmup=warmup)
+    return {m: [t / T_INV for t in ts] for m, ts in samples.items()}
+
+
+def summarise(samples: dict[str, dict[str, list[float]]]) -> dict:
+    raw = {a: {m: 1e3 * median(ts) for m, ts in s.items()} for a, s in samples.items()}
+    ratio = {a: {m: raw[a][m] / raw[a]["Adam"] for m in METHODS if m != "Adam"} for a in raw}
+    return {**ratio, "raw_ms": raw, "rounds": {a: len(s["Adam"]) for a, s in samples.items()}}
+
+
+def report(result: dict, flops: dict, threads: int) -> None:
+    for arch in ARCHS:
+        _, _, batch, _ = ARCHS[arch]
+        rows = []
+        for m in METHODS:
+            r = 1.0 if m == "Adam" else result[arch][m]
+            target = TARGETS.get(m, {}).get(arch)
+            verdict = "" if target is None else ("PASS" if r <= target else "MISS")
+            rows.append([m, result["raw_ms"][arch][m], r, flops[arch][m], "" if target is None else f"<= {target}",
+                         verdict])
+        print(f"\n{arch}, batch {batch}, {threads} thread(s), median of {result['rounds'][arch]} blocks of "
+              f"{T_INV} steps")
+        print(table(["method", "ms/step", "time x Adam", "FLOP x Adam", "target", ""], rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="one round, one thread setting (smoke test)")
+    p.add_argument("--repeats", type=int, default=30, help="timed blocks of 20 steps per method")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
+    p.add_argument("--threads", default="0,1", help="comma-separated thread counts; 0 = torch's default")
+    p.add_argument("--out", default=str(RESULTS / "step_time.json"))
+    args = p.parse_args(argv)
+    default_threads = torch.get_num_threads()
+    thread_list = [int(t) or default_threads for t in args.threads.split(",")]
+    rounds, warmup = args.repeats, args.warmup
+    if args.quick:
+        rounds, warmup, thread_list = 1, 0, thread_list[:1]
+
+    t_start = time.perf_counter()
+    flops: dict[str, dict[str, float]] = {}
+    for arch, (channels, size, batch, _) in ARCHS.items():
+        shapes = layer_shapes(build("Adam", arch)[0], torch.zeros(batch, channels, size, size))
+        base = flop_model("Adam", shapes)
+        flops[arch] = {m: flop_model(m, shapes) / base for m in METHODS}
+
+    by_threads = {}
+    for threads in thread_list:
+        torch.set_num_threads(threads)
+        samples = {arch: measure(arch, rounds, warmup) for arch in ARCHS}
+        by_threads[str(threads)] = summarise(samples)
+        report(by_threads[str(threads)], flops, threads)
+    torch.set_num_threads(default_threads)
+
+    main_result = by_threads[str(thread_list[0])]
+    verdicts = {a: {m: main_result[a][m] <= t[a] for m, t in TARGETS.items()} for a in ARCHS}
+    out = {
+        **{a: main_result[a] for a in ARCHS},
+        "raw_ms": main_result["raw_ms"],
+        "flop_ratio": {a: {m: r for m, r in f.items() if m != "Adam"} for a, f in flops.items()},
+        "targets": TARGETS,
+        "pass": verdicts,
+        "by_threads": by_threads,
+        "config": environment(threads=thread_list, default_threads=default_threads, repeats=rounds, warmup=warmup,
+                              steps_per_block=T_INV, quick=args.quick, batch={a: v[2] for a, v in ARCHS.items()},
+                              seconds=time.perf_counter() - t_start),
+    }
+    path = write_json(args.out, out)
+    print(f"\nwrote {path} ({out['config']['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,27 @@
+"""Data sets as whole in-memory tensors, and a loader that batches them."""
+
+from data.datasets import (
+    DATASETS,
+    DatasetInfo,
+    expected_files,
+    find_data,
+    has_data,
+    load_split,
+    normalize,
+    resolve_data_root,
+)
+from data.loader import InMemoryLoader, random_crop_flip, take_subset
+
+__all__ = [
+    "DATASETS",
+    "DatasetInfo",
+    "InMemoryLoader",
+    "expected_files",
+    "find_data",
+    "has_data",
+    "load_split",
+    "normalize",
+    "random_crop_flip",
+    "resolve_data_root",
+    "take_subset",
+]

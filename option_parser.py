@@ -1,0 +1,447 @@
+"""Command-line options for train.py and test.py.
+
+Follows the pytorch-CycleGAN-and-pix2pix pattern: ``BaseOptions`` defines the
+flags shared by both scripts, ``TrainOptions`` and ``TestOptions`` add their
+own, and ``.parse(argv=None)`` returns an ``argparse.Namespace`` with every
+derived default filled in and every flag validated.  Mistakes end the program
+with exactly one line ``error: <message>`` on stderr and exit status 2 (no
+usage dump, no traceback).
+
+Derived defaults (left ``None`` on the command line, filled in by ``parse``):
+
+* ``optimizer`` follows ``model``: FFG -> noisy_adam, MVG -> noisy_kfac, MAP -> adam
+* ``arch`` follows ``dataset``: MNIST/FashionMNIST -> mlp, CIFAR10 -> lenet5
+* ``n`` = training-set size (or ``--subset``); ``initial_size`` = C*H*W;
+  ``label_size`` = number of classes; ``device``: auto -> cuda if available
+* train: ``name`` = ``{dataset}_{model}_{optimizer}_{arch}``
+* test: ``name`` = latest run under ``--ckpt_dir`` (of ``--model`` if given),
+  ``epoch`` = its latest checkpoint, and the options that define the trained
+  model (model, optimizer, arch, hidden, dataset, n, ...) and ``data_root``
+  are taken from the run's ``opt.json`` unless given on the command line.
+
+Per-optimizer hyper-parameters (``lr``, ``prior_var``, ``damping``,
+``init_precision``, ``fisher``, ``damping_mode``, ``momentum``, ``kl_clip``)
+stay ``None`` when not given: the optimizer picks its own default.
+
+Extra attributes set by ``parse``: ``is_train`` (bool), ``explicit`` (sorted
+names of the options given on the command line), ``run_dir``
+(``<ckpt_dir>/<name>``).  ``parse`` has no side effects (it does not apply
+``--num_threads`` or create directories).
+
+Note on ``--lr_schedule``: the seed's MVG command decayed the learning rate
+x0.1 every 30 epochs; the default here is ``none`` for every model, so pass
+``--lr_schedule step`` (``--lr_decay 0.1 --lr_step 30`` are the defaults) to
+reproduce it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from data.datasets import DATASETS
+from util.checkpoint import latest_epoch, latest_run, list_epochs, list_runs, read_options, write_text_atomic
+from util.errors import UserError, one_line
+
+__all__ = [
+    "BaseOptions",
+    "COMPATIBLE_OPTIMIZERS",
+    "DEFAULT_ARCH",
+    "DEFAULT_OPTIMIZER",
+    "TestOptions",
+    "TrainOptions",
+    "format_options",
+    "print_options",
+    "save_options",
+]
+
+MODELS = ("FFG", "MVG", "MAP")
+OPTIMIZERS = ("noisy_adam", "noisy_kfac", "vogn", "adam", "sgd")
+ARCHS = ("mlp", "covnet", "lenet5")
+DEFAULT_OPTIMIZER = {"FFG": "noisy_adam", "MVG": "noisy_kfac", "MAP": "adam"}
+DEFAULT_ARCH = {"MNIST": "mlp", "FashionMNIST": "mlp", "CIFAR10": "lenet5"}
+# Which optimizers can train which model (FFG: diagonal Gaussian posterior,
+# MVG: matrix-variate Gaussian, MAP: point estimate).
+COMPATIBLE_OPTIMIZERS = {
+    "FFG": ("noisy_adam", "vogn"),
+    "MVG": ("noisy_kfac",),
+    "MAP": ("adam", "sgd"),
+}
+# Options that define a trained model; test.py takes them from the run's opt.json.
+RUN_KEYS = (
+    "model", "optimizer", "arch", "hidden", "dataset", "n", "initial_size", "label_size",
+    "kl_weight", "prior_var", "damping", "init_precision", "t_stats", "t_inv", "fisher",
+    "damping_mode", "kl_clip", "momentum", "train_samples", "eps",
+)  # fmt: skip
+# Also taken from the run when not given: where the training data was found (if it
+# has no data now, the usual $DATA_ROOT / ./data search still follows).
+_INHERITED_AT_TEST = ("data_root",)
+# Of RUN_KEYS, the ones that must not be changed at test time (the weights would not fit).
+_FIXED_AT_TEST = ("model", "optimizer", "arch", "hidden", "dataset")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line ``error: <msg>`` and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        sys.stderr.write(f"error: {one_line(message)}\n")
+        sys.exit(2)
+
+
+def _hidden_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid hidden sizes {text!r}; use positive integers like 100 or 400,400"
+        ) from None
+    if not sizes or any(s <= 0 for s in sizes):
+        raise argparse.ArgumentTypeError(
+            f"invalid hidden sizes {text!r}; use positive integers like 100 or 400,400"
+        )
+    return sizes
+
+
+def _resolve_device(choice: str) -> str:
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu or auto")
+    return choice
+
+
+class BaseOptions:
+    """Flags shared by train.py and test.py."""
+
+    is_train = False
+
+    def __init__(self) -> None:
+        self.parser: argparse.ArgumentParser | None = None
+
+    # -- definition ---------------------------------------------------------
+
+    def initialize(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Add the shared flags to ``parser``."""
+        g = parser.add_argument_group("model and optimizer")
+        g.add_argument("--model", choices=MODELS, default="FFG",
+                       help="posterior: FFG (fully factorized Gaussian), MVG (matrix-variate Gaussian), MAP")
+        g.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                       help="default follows --model: FFG->noisy_adam, MVG->noisy_kfac, MAP->adam")
+        g.add_argument("--arch", choices=ARCHS, default=None,
+                       help="default by data set: MNIST/FashionMNIST->mlp, CIFAR10->lenet5")
+        g.add_argument("--hidden", type=_hidden_sizes, nargs="+", default=None, metavar="SIZES",
+                       help="mlp hidden layer sizes, e.g. 100 or 400,400 (default 100)")
+        g.add_argument("--initial_size", type=int, default=None,
+                       help="flattened input size (default C*H*W of the data set; must match it)")
+        g.add_argument("--label_size", type=int, default=None,
+                       help="number of classes (default from the data set; must match it)")
+        g.add_argument("--n", type=int, default=None,
+                       help="training-set size used in the ELBO (default: real size, or --subset)")
+        g.add_argument("--eps", type=float, default=1e-8, help="numerical epsilon")
+        g.add_argument("--kl_weight", type=float, default=1.0, help="weight of the KL term")
+        g.add_argument("--prior_var", type=float, default=None, help="prior variance (default: per optimizer)")
+        g.add_argument("--damping", type=float, default=None, help="damping (default: per optimizer)")
+        g.add_argument("--init_precision", type=float, default=None,
+                       help="initial posterior precision (default: per optimizer)")
+        g.add_argument("--t_stats", type=int, default=1, help="iterations between curvature-statistics updates")
+        g.add_argument("--t_inv", type=int, default=20, help="iterations between curvature inversions")
+        g.add_argument("--fisher", choices=("example", "batch", "true"), default=None,
+                       help="Fisher approximation (default: per optimizer)")
+        g.add_argument("--damping_mode", choices=("factored", "exact"), default=None,
+                       help="K-FAC damping (default: per optimizer)")
+        g.add_argument("--kl_clip", type=float, default=None, help="KL clipping of the update (default: none)")
+        g.add_argument("--momentum", type=float, default=None, help="momentum (default: per optimizer)")
+        g.add_argument("--train_samples", type=int, default=1, help="Monte Carlo samples per training step")
+        g.add_argument("--test_samples", type=int, default=10,
+                       help="Monte Carlo samples at evaluation (0 = use the mean weights)")
+
+        g = parser.add_argument_group("data")
+        g.add_argument("--dataset", choices=tuple(DATASETS), default="MNIST")
+        g.add_argument("--data_root", default=None,
+                       help="folder with the data sets (default: $DATA_ROOT, then ./data)")
+        g.add_argument("--batch_size", type=int, default=100)
+        g.add_argument("--subset", type=int, default=None,
+                       help="use only N training examples (first N after a seeded shuffle)")
+
+        g = parser.add_argument_group("run")
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        g.add_argument("--num_threads", type=int, default=None,
+                       help="torch intra-op threads (default: torch's default)")
+        g.add_argument("--ckpt_dir", default="checkpoints", help="where runs are saved")
+        g.add_argument("--name", default=None, help="experiment name (a folder under --ckpt_dir)")
+        g.add_argument("--no_progress", action="store_true", help="disable progress bars")
+
+        g = parser.add_argument_group("visdom")
+        g.add_argument("--display_server", default="http://localhost")
+        g.add_argument("--display_port", type=int, default=8097)
+        g.add_argument("--env", default="main", help="visdom environment")
+        g.add_argument("--no_visdom", action="store_true", help="do not send plots to visdom")
+        return parser
+
+    def build_parser(self) -> argparse.ArgumentParser:
+        """A fresh parser with all of this class's flags."""
+        script = "train.py" if self.is_train else "test.py"
+        parser = _ArgumentParser(prog=script, allow_abbrev=False,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        return self.initialize(parser)
+
+    # -- parsing ------------------------------------------------------------
+
+    def gather_options(self, argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
+        """Parse ``argv``; return the namespace and the names given explicitly."""
+        self.parser = self.build_parser()
+        opt = self.parser.parse_args(argv)
+        if opt.hidden is not None:  # nargs="+" of comma lists: --hidden 400,400 or --hidden 400 400
+            opt.hidden = [s for group in opt.hidden for s in group]
+        probe = self.build_parser()
+        for action in probe._actions:  # a flag absent from argv leaves no attribute
+            action.default = argparse.SUPPRESS
+        explicit = set(vars(probe.parse_args(argv)))
+        return opt, explicit
+
+    def parse(self, argv: list[str] | None = None) -> argparse.Namespace:
+        """Parse, fill in derived defaults and validate; exits 2 with one line on error."""
+        opt, explicit = self.gather_options(argv)
+        assert self.parser is not None
+        try:
+            opt.is_train = self.is_train
+            opt.explicit = sorted(explicit)
+            self._check_ranges(opt)
+            self.resolve(opt, explicit)
+            self._check_consistency(opt)
+        except UserError as e:
+            self.parser.error(str(e))
+        return opt
+
+    # -- hooks --------------------------------------------------------------
+
+    def resolve(self, opt: argparse.Namespace, explicit: set[str]) -> None:
+        """Fill in derived defaults (subclasses extend this)."""
+        info = DATASETS[opt.dataset]
+        if opt.hidden is None:
+            opt.hidden = [100]
+        if opt.optimizer is None:
+            opt.optimizer = DEFAULT_OPTIMIZER[opt.model]
+        if opt.arch is None:
+            opt.arch = DEFAULT_ARCH[opt.dataset]
+        if opt.initial_size is None:
+            opt.initial_size = info.input_size
+        if opt.label_size is None:
+            opt.label_size = info.num_classes
+        if opt.n is None:
+            opt.n = opt.subset if opt.subset is not None else info.train_size
+        opt.device = _resolve_device(opt.device)
+
+    def _check_ranges(self, opt: argparse.Namespace) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise UserError(msg)
+
+        need(opt.batch_size >= 1, f"--batch_size must be a positive integer, got {opt.batch_size}")
+        need(opt.eps > 0, f"--eps must be > 0, got {opt.eps}")
+        need(opt.kl_weight >= 0, f"--kl_weight must be >= 0, got {opt.kl_weight}")
+        for flag in ("prior_var", "init_precision", "kl_clip"):
+            v = getattr(opt, flag)
+            need(v is None or v > 0, f"--{flag} must be > 0, got {v}")
+        need(opt.damping is None or opt.damping >= 0, f"--damping must be >= 0, got {opt.damping}")
+        need(opt.momentum is None or 0 <= opt.momentum < 1, f"--momentum must be in [0, 1), got {opt.momentum}")
+        for flag in ("t_stats", "t_inv", "train_samples"):
+            v = getattr(opt, flag)
+            need(v >= 1, f"--{flag} must be a positive integer, got {v}")
+        need(opt.test_samples >= 0, f"--test_samples must be >= 0 (0 = mean weights), got {opt.test_samples}")
+        need(opt.num_threads is None or opt.num_threads >= 1,
+             f"--num_threads must be a positive integer, got {opt.num_threads}")
+        need(1 <= opt.display_port <= 65535, f"--display_port must be in 1..65535, got {opt.display_port}")
+        need(opt.n is None or opt.n >= 1, f"--n must be a positive integer, got {opt.n}")
+        train_size = DATASETS[opt.dataset].train_size
+        need(opt.subset is None or 1 <= opt.subset <= train_size,
+             f"--subset must be between 1 and {train_size} (the {opt.dataset} training-set size), "
+             f"got {opt.subset}")
+        need(not opt.name or ("/" not in opt.name and opt.name not in (".", "..")),
+             f"--name must be a plain folder name (no '/'), got {opt.name!r}")
+
+    def _check_consistency(self, opt: argparse.Namespace) -> None:
+        allowed = COMPATIBLE_OPTIMIZERS[opt.model]
+        if opt.optimizer not in allowed:
+            needs = {o: m for m, opts in COMPATIBLE_OPTIMIZERS.items() for o in opts}[opt.optimizer]
+            raise UserError(
+                f"--model {opt.model} cannot be trained with --optimizer {opt.optimizer} "
+                f"({opt.optimizer} trains --model {needs}); use --optimizer {' or '.join(allowed)}"
+            )
+        info = DATASETS[opt.dataset]
+        if opt.initial_size != info.input_size:
+            c, s = info.in_channels, info.image_size
+            raise UserError(
+                f"--initial_size {opt.initial_size} does not match {opt.dataset} inputs "
+                f"({c}x{s}x{s} = {info.input_size}); omit --initial_size"
+            )
+        if opt.label_size != info.num_classes:
+            raise UserError(
+                f"--label_size {opt.label_size} does not match {opt.dataset} "
+                f"({info.num_classes} classes); omit --label_size"
+            )
+
+
+class TrainOptions(BaseOptions):
+    """Flags of train.py."""
+
+    is_train = True
+
+    def initialize(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Add the shared flags plus the training flags."""
+        parser = super().initialize(parser)
+        g = parser.add_argument_group("training")
+        g.add_argument("--lr", type=float, default=None, help="learning rate (default: per optimizer)")
+        g.add_argument("--epoch", type=int, default=20, help="number of epochs to train")
+        g.add_argument("--lr_schedule", choices=("none", "step", "exponential", "cosine"), default="none",
+                       help="learning-rate schedule (the seed's MVG run used: step, x0.1 every 30 epochs)")
+        g.add_argument("--lr_decay", type=float, default=0.1,
+                       help="factor per --lr_step epochs (step) or per epoch (exponential)")
+        g.add_argument("--lr_step", type=int, default=30, help="epochs between step decays")
+        g.add_argument("--resume", action="store_true",
+                       help="continue the run --name from its latest checkpoint")
+        g.add_argument("--log_interval", type=int, default=100, help="iterations between iteration records")
+        g.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR10 only)")
+        return parser
+
+    def _check_ranges(self, opt: argparse.Namespace) -> None:
+        super()._check_ranges(opt)
+        if opt.lr is not None and not opt.lr > 0:
+            raise UserError(f"--lr must be > 0, got {opt.lr}")
+        if opt.epoch <= 0:
+            raise UserError(f"--epoch (number of epochs to train) must be a positive integer, got {opt.epoch}")
+        if not opt.lr_decay > 0:
+            raise UserError(f"--lr_decay must be > 0, got {opt.lr_decay}")
+        if opt.lr_step < 1:
+            raise UserError(f"--lr_step must be a positive integer, got {opt.lr_step}")
+        if opt.log_interval < 1:
+            raise UserError(f"--log_interval must be a positive integer, got {opt.log_interval}")
+        if opt.augment and opt.dataset != "CIFAR10":
+            raise UserError(f"--augment is only supported for CIFAR10, not {opt.dataset}; drop --augment")
+
+    def resolve(self, opt: argparse.Namespace, explicit: set[str]) -> None:
+        """Derived defaults plus ``name``/``run_dir``; checks ``--resume`` has something to resume."""
+        super().resolve(opt, explicit)
+        if opt.name is None:
+            opt.name = f"{opt.dataset}_{opt.model}_{opt.optimizer}_{opt.arch}"
+        run_dir = Path(opt.ckpt_dir) / opt.name
+        opt.run_dir = str(run_dir)
+        if opt.resume and latest_epoch(run_dir) is None:
+            raise UserError(
+                f"--resume: no checkpoints in {run_dir}; drop --resume to start a new run, "
+                "or pass the --name of the run to continue"
+            )
+
+
+class TestOptions(BaseOptions):
+    """Flags of test.py."""
+
+    is_train = False
+
+    def initialize(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Add the shared flags plus the evaluation flags."""
+        parser = super().initialize(parser)
+        g = parser.add_argument_group("evaluation")
+        g.add_argument("--epoch", type=int, default=None, help="checkpoint epoch to load (default: latest)")
+        g.add_argument("--ood_dataset", choices=tuple(DATASETS), default=None,
+                       help="also score out-of-distribution detection against this data set")
+        return parser
+
+    def _check_ranges(self, opt: argparse.Namespace) -> None:
+        super()._check_ranges(opt)
+        if opt.epoch is not None and opt.epoch <= 0:
+            raise UserError(f"--epoch must be a positive integer, got {opt.epoch}")
+
+    def resolve(self, opt: argparse.Namespace, explicit: set[str]) -> None:
+        """Find the run and epoch, take the model-defining options from its opt.json."""
+        ckpt_dir = Path(opt.ckpt_dir)
+        if opt.name is None:
+            run_dir = latest_run(ckpt_dir, opt.model if "model" in explicit else None)
+            opt.name = run_dir.name
+        else:
+            run_dir = ckpt_dir / opt.name
+            if not list_epochs(run_dir):
+                runs = ", ".join(r.name for r in list_runs(ckpt_dir)) or "none"
+                raise UserError(
+                    f"no checkpoints for run {opt.name!r} in {ckpt_dir} (runs with checkpoints: {runs}); "
+                    "pass one of them with --name"
+                )
+        opt.run_dir = str(run_dir)
+        saved = read_options(run_dir)
+        if saved is not None:
+            for key in RUN_KEYS + _INHERITED_AT_TEST:
+                if key not in saved:
+                    continue
+                if key in explicit:
+                    if key in _FIXED_AT_TEST and saved[key] != getattr(opt, key):
+                        raise UserError(
+                            f"run {opt.name!r} was trained with --{key} {_fmt(saved[key])}, not "
+                            f"{_fmt(getattr(opt, key))}; drop --{key}"
+                            + (" (use --ood_dataset for another data set)" if key == "dataset" else "")
+                        )
+                    continue
+                setattr(opt, key, saved[key])
+        super().resolve(opt, explicit)
+        epochs = list_epochs(run_dir)
+        if opt.epoch is None:
+            opt.epoch = epochs[-1]
+        elif opt.epoch not in epochs:
+            raise UserError(
+                f"run {opt.name!r} has no checkpoint for epoch {opt.epoch}; available: "
+                f"{', '.join(map(str, epochs))}"
+            )
+        if opt.ood_dataset is not None:
+            ood, ind = DATASETS[opt.ood_dataset], DATASETS[opt.dataset]
+            if opt.ood_dataset == opt.dataset:
+                raise UserError(f"--ood_dataset must differ from the run's data set {opt.dataset}")
+            if ood.shape != ind.shape:
+                fits = [n for n, i in DATASETS.items() if i.shape == ind.shape and n != opt.dataset]
+                raise UserError(
+                    f"--ood_dataset {opt.ood_dataset} has {'x'.join(map(str, ood.shape))} inputs but the "
+                    f"model takes {opt.dataset}'s {'x'.join(map(str, ind.shape))}; choose "
+                    + (" or ".join(fits) if fits else "another data set")
+                )
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+# ---------------------------------------------------------------------------
+# printing and saving
+
+
+def format_options(opt: argparse.Namespace) -> str:
+    """The options as the seed's human-readable table (non-defaults marked)."""
+    cls = TrainOptions if getattr(opt, "is_train", True) else TestOptions
+    defaults = cls().build_parser()
+    known = {a.dest for a in defaults._actions}
+    lines = ["----------------- Options ---------------"]
+    for k, v in sorted(vars(opt).items()):
+        comment = ""
+        default = defaults.get_default(k)
+        if k in known and v != default:
+            comment = f"\t[default: {default}]"
+        lines.append(f"{k:>25}: {str(v):<30}{comment}")
+    lines.append("----------------- End -------------------")
+    return "\n".join(lines)
+
+
+def print_options(opt: argparse.Namespace) -> None:
+    """Print :func:`format_options` to stdout."""
+    print(format_options(opt))
+
+
+def save_options(opt: argparse.Namespace, run_dir: str | Path) -> None:
+    """Write ``opt.txt`` (human table) and ``opt.json`` into ``run_dir`` atomically."""
+    run_dir = Path(run_dir)
+    write_text_atomic(run_dir / "opt.txt", format_options(opt) + "\n")
+    write_text_atomic(run_dir / "opt.json", json.dumps(vars(opt), indent=2, sort_keys=True, default=str) + "\n")

@@ -1,0 +1,63 @@
+"""Evaluate a trained run: accuracy, log loss and calibration of the MC predictive.
+
+    python test.py --epoch=20                      # the most recently trained run
+    python test.py --model=MVG --epoch=20          # the latest MVG run
+    python test.py --name=MNIST_FFG_noisy_adam_mlp --test_samples=100 --ood_dataset=FashionMNIST
+
+The model is rebuilt from the options saved with the run; only evaluation flags are needed.
+Prints a table and one JSON line (``{"name": ..., "test_acc": ...}``) for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from data import load_split
+from option_parser import TestOptions
+from util.checkpoint import checkpoint_path, load_checkpoint
+from util.errors import UserError, run_cli
+from util.evaluation import evaluate, ood_auroc, predict
+from util.experiment import make_model
+
+
+def main(argv: list[str] | None = None) -> None:
+    opt = TestOptions().parse(argv)
+    if opt.num_threads:
+        torch.set_num_threads(opt.num_threads)
+    device = torch.device(opt.device)
+    path = checkpoint_path(opt.run_dir, opt.epoch)
+    ckpt = load_checkpoint(path, map_location=device)
+    model = make_model(opt).to(device)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError) as e:
+        raise UserError(f"checkpoint {path} does not match a {opt.model} {opt.arch} for {opt.dataset} "
+                        f"({str(e).splitlines()[0][:120]}); was it written by another run?") from None
+    torch.manual_seed(opt.seed)
+
+    test_x, test_y = load_split(opt.dataset, False, opt.data_root, device)
+    metrics, probs = evaluate(model, test_x, test_y, opt.test_samples)
+    result = {"name": opt.name, "epoch": opt.epoch, "model": opt.model, "optimizer": opt.optimizer,
+              "arch": opt.arch, "dataset": opt.dataset, "test_samples": opt.test_samples,
+              "test_acc": metrics["acc"], "test_nll": metrics["nll"], "test_ece": metrics["ece"]}
+    if opt.ood_dataset:
+        ood_x, _ = load_split(opt.ood_dataset, False, opt.data_root, device)
+        result["ood_dataset"] = opt.ood_dataset
+        result["ood_auroc"] = ood_auroc(probs, predict(model, ood_x, opt.test_samples))
+
+    samples = f"{opt.test_samples} weight samples" if opt.test_samples else "mean weights"
+    print(f"{opt.name} epoch {opt.epoch} ({Path(path)}), predictive over {samples}:")
+    print(f"  test accuracy  {100 * result['test_acc']:.2f}%")
+    print(f"  test log loss  {result['test_nll']:.4f}")
+    print(f"  test ECE       {result['test_ece']:.4f}")
+    if opt.ood_dataset:
+        print(f"  OOD AUROC      {result['ood_auroc']:.4f}  (predictive entropy, {opt.dataset} vs {opt.ood_dataset})")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

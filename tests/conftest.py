@@ -1,0 +1,136 @@
+"""Shared test fixtures and helpers.
+
+* ``data_root``: the real MNIST/FashionMNIST folder (``$DATA_ROOT`` if it has
+  MNIST, else ``../shared/data`` from the repository root); tests that use it
+  are skipped when it is absent.
+* ``mnist_test``: the real MNIST test split (loaded once per session).
+* ``no_data_env``: runs the test in an empty temporary cwd with ``$DATA_ROOT``
+  unset, so ``./data`` and the environment cannot leak in.
+* ``write_idx``, ``write_fake_mnist``, ``write_fake_cifar``: tiny data files in
+  the real on-disk formats.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _real_data_root() -> Path | None:
+    from data.datasets import has_data
+
+    env = os.environ.get("DATA_ROOT")
+    for cand in ([Path(env)] if env else []) + [SHARED_DATA]:
+        if has_data("MNIST", cand):
+            return cand
+    return None
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root."""
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """Folder holding the real MNIST (and FashionMNIST) raw files; skips if absent."""
+    root = _real_data_root()
+    if root is None:
+        pytest.skip(f"real data not found (set $DATA_ROOT or provide {SHARED_DATA})")
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_test(data_root: Path):
+    """The real MNIST test split as (images, labels) tensors."""
+    from data import load_split
+
+    return load_split("MNIST", train=False, data_root=data_root, download=False)
+
+
+@pytest.fixture
+def no_data_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Empty cwd, no ``$DATA_ROOT``: only explicit roots can be found."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("DATA_ROOT", raising=False)
+    return work
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """Write a uint8 array in the IDX format (big-endian header) used by MNIST."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">I", 0x0800 | array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    path.write_bytes(header + array.tobytes())
+    return path
+
+
+def write_fake_mnist(root: Path, name: str = "MNIST", n_train: int = 20, n_test: int = 10, seed: int = 0) -> Path:
+    """A tiny MNIST-format data set under ``root/<name>/raw``; returns ``root``."""
+    rng = np.random.default_rng(seed)
+    raw = root / name / "raw"
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    return root
+
+
+def write_fake_cifar(root: Path, per_batch: int = 4, n_test: int = 6, seed: int = 0) -> dict:
+    """A tiny CIFAR-10 python-pickle data set under ``root/cifar-10-batches-py``.
+
+    Returns the arrays written: ``{"train": (data N x 3072, labels), "test": ...}``.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    train_data, train_labels = [], []
+    for i in range(1, 6):
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = [int(x) for x in rng.integers(0, 10, per_batch)]
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({"batch_label": f"training batch {i} of 5", "labels": labels, "data": data,
+                         "filenames": [f"img{i}_{j}.png" for j in range(per_batch)]}, f, protocol=2)
+        train_data.append(data)
+        train_labels += labels
+    test_data = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
+    test_labels = [int(x) for x in rng.integers(0, 10, n_test)]
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"batch_label": "testing batch 1 of 1", "labels": test_labels, "data": test_data,
+                     "filenames": [f"t{j}.png" for j in range(n_test)]}, f, protocol=2)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                     "horse", "ship", "truck"], "num_cases_per_batch": per_batch,
+                     "num_vis": 3072}, f, protocol=2)
+    return {
+        "train": (np.concatenate(train_data), np.array(train_labels)),
+        "test": (test_data, np.array(test_labels)),
+    }
+
+
+class DataFiles:
+    """The file writers above, as a fixture (works whether or not tests/ is a package)."""
+
+    write_idx = staticmethod(write_idx)
+    write_fake_mnist = staticmethod(write_fake_mnist)
+    write_fake_cifar = staticmethod(write_fake_cifar)
+
+
+@pytest.fixture
+def datafiles() -> type[DataFiles]:
+    """Helpers that write tiny MNIST (IDX) and CIFAR-10 (pickle) files."""
+    return DataFiles

@@ -1,0 +1,337 @@
+"""Bayesian layers: sampling distribution (FFG and MVG), train/eval behaviour, gradients,
+the seeds' architectures and the MC predictive."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models
+from models import BayesianConv2d, BayesianLayer, BayesianLinear
+from optimizers import NoisyKFAC
+from optimizers.noisy_kfac import factored_decomposition
+
+
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def draw(layer: BayesianLayer, n: int, batch: int = 10_000) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``n`` independent ``layer.sample_weight()`` draws, vectorised with vmap (different noise each)."""
+    ws, bs = [], []
+    with torch.no_grad():
+        for _ in range(n // batch):
+            w, b = torch.vmap(lambda _: layer.sample_weight(), randomness="different")(torch.zeros(batch))
+            ws.append(w)
+            bs.append(b)
+    layer.last_noise = None
+    return torch.cat(ws), (torch.cat(bs) if bs[0] is not None else None)
+
+
+def as_matrix(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """[weight.view(out, -1) | bias] for a batch of draws (n, out, ...)."""
+    m = w.reshape(w.shape[0], w.shape[1], -1)
+    return torch.cat([m, b[..., None]], dim=-1) if b is not None else m
+
+
+def random_spd(n: int, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(n, n + 2, generator=gen)
+    return x @ x.T / (n + 2) + 0.05 * torch.eye(n)
+
+
+def assert_std_matches(layer: BayesianLayer, n: int = 20_000, rel: float = 0.03) -> None:
+    w, b = draw(layer, n)
+    torch.testing.assert_close(w.std(0), layer.weight_std(), rtol=rel, atol=0)
+    if layer.bias is not None:
+        torch.testing.assert_close(b.std(0), layer.bias_std(), rtol=rel, atol=0)
+    torch.testing.assert_close(w.mean(0), layer.weight.detach(), rtol=0, atol=5 * layer.weight_std().max() / n**0.5)
+
+
+def make_layer(kind: str, posterior: str) -> BayesianLayer:
+    if kind == "linear":
+        return BayesianLinear(4, 3, bias=True, posterior=posterior)
+    return BayesianConv2d(2, 3, (3, 2), bias=True, posterior=posterior)
+
+
+# ------------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_ffg_sample_std(kind):
+    torch.manual_seed(0)
+    layer = make_layer(kind, "FFG")
+    layer.set_ffg_posterior(0.1 + torch.rand_like(layer.weight), 0.1 + torch.rand_like(layer.bias))
+    torch.testing.assert_close(layer.weight_std(), layer.weight_sigma)
+    assert_std_matches(layer)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_mvg_sample_std_from_random_cholesky_factors(kind):
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    layer = make_layer(kind, "MVG")
+    out, n_in = layer.matrix_shape
+    A, S = random_spd(n_in, gen), random_spd(out, gen)
+    dec = factored_decomposition(A, S, 0.1, 0.1)
+    layer.set_mvg_posterior(dec["out_scale"].float(), dec["in_scale"].float(), 0.7)
+    assert not torch.allclose(layer.weight_std(), layer.weight_std().flatten()[0].expand_as(layer.weight))
+    assert_std_matches(layer)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_mvg_sample_std_generic_scales(kind):
+    """Any U, V, R: Var[W_ij] = sum_kl U_ik^2 R_kl^2 V_lj^2 (the docstring's closed form)."""
+    torch.manual_seed(2)
+    layer = make_layer(kind, "MVG")
+    out, n_in = layer.matrix_shape
+    U, V, R = torch.randn(out, out), torch.randn(n_in, n_in) / n_in**0.5, 0.2 + torch.rand(out, n_in)
+    layer.set_mvg_posterior(U, V, R)
+    var = torch.einsum("ik,kl,lj->ij", U**2, R**2, V**2)
+    ref = var.sqrt()
+    torch.testing.assert_close(layer.weight_std(), ref[:, :-1].reshape_as(layer.weight))
+    torch.testing.assert_close(layer.bias_std(), ref[:, -1])
+    assert_std_matches(layer)
+
+
+def kfac_model(posterior: str = "MVG") -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(BayesianConv2d(2, 3, 3, padding=1, posterior=posterior), nn.ReLU(), nn.Flatten(),
+                         BayesianLinear(3 * 4 * 4, 3, posterior=posterior))
+
+
+@pytest.mark.parametrize("mode", ["factored", "exact"])
+def test_mvg_sample_std_after_noisy_kfac_step(mode):
+    model = kfac_model()
+    opt = NoisyKFAC(model, lr=0.01, num_data=2000, kl_weight=1.0, prior_var=1.0, damping_mode=mode)
+    x, y = torch.randn(64, 2, 4, 4), torch.randint(0, 3, (64,))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for _, layer in models.bayesian_layers(model):
+        std = layer.weight_std()
+        assert std.max() / std.min() > 1.2  # a genuinely non-isotropic posterior
+        assert_std_matches(layer)
+
+
+# --------------------------------------------------------- MVG covariance vs the Kronecker form
+def small_mvg_model() -> nn.Module:
+    torch.manual_seed(4)
+    return nn.Sequential(BayesianLinear(2, 3, posterior="MVG"), nn.Tanh(), BayesianLinear(3, 2, posterior="MVG"))
+
+
+def kfac_step(model, mode, kl_weight=0.5, num_data=10, prior_var=1.0):
+    opt = NoisyKFAC(model, lr=0.05, num_data=num_data, kl_weight=kl_weight, prior_var=prior_var, damping=0.1,
+                    damping_mode=mode)
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, 2, generator=gen) * 2, torch.randint(0, 2, (6,), generator=gen)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    return opt
+
+
+def reference_cov(A, S, mode, c2, gamma_in):
+    """(lambda/N) (A^g (x) S^g)^-1 (factored) or (lambda/N) (A (x) S + gamma_in I)^-1 (exact); column-major vec."""
+    if mode == "factored":
+        pi = math.sqrt((torch.trace(A).item() / A.shape[0]) / (torch.trace(S).item() / S.shape[0]))
+        Ag = A + pi * math.sqrt(gamma_in) * torch.eye(A.shape[0])
+        Sg = S + math.sqrt(gamma_in) / pi * torch.eye(S.shape[0])
+        return c2 * torch.linalg.inv(torch.kron(Ag, Sg))
+    return c2 * torch.linalg.inv(torch.kron(A, S) + gamma_in * torch.eye(A.shape[0] * S.shape[0]))
+
+
+@pytest.mark.parametrize("mode", ["factored", "exact"])
+def test_mvg_covariance_matches_kronecker_inverse(float64, mode):
+    model = small_mvg_model()
+    opt = kfac_step(model, mode)
+    layer = model[0]
+    A, S = opt.state[layer.weight]["A"].clone(), opt.state[layer.weight]["S"].clone()
+    assert A.shape == (3, 3) and S.shape == (3, 3)
+    c2, gamma_in = 0.5 / 10, 0.5 / (10 * 1.0)
+    ref = reference_cov(A, S, mode, c2, gamma_in)
+    n = 200_000
+    w, b = draw(layer, n, batch=50_000)
+    noise = as_matrix(w, b) - torch.cat([layer.weight, layer.bias[:, None]], 1).detach()
+    vec = noise.transpose(1, 2).reshape(n, -1)  # column-major vec(W)
+    cov = vec.T @ vec / n
+    err = (cov - ref).abs().max()
+    assert err < 0.05 * ref.abs().max(), (err, ref.abs().max())
+    # the check is sharp enough to see the off-diagonal (Kronecker) structure
+    assert ref.abs().max() * 0.05 < (ref - torch.diag(ref.diagonal())).abs().max()
+    # marginal std == sqrt(diag) of the same reference
+    std = ref.diagonal().sqrt().reshape(3, 3).T
+    torch.testing.assert_close(layer.weight_std(), std[:, :-1], rtol=1e-10, atol=0)
+    torch.testing.assert_close(layer.bias_std(), std[:, -1], rtol=1e-10, atol=0)
+
+
+def test_mvg_weight_std_factored_closed_form(float64):
+    model = small_mvg_model()
+    opt = kfac_step(model, "factored", kl_weight=0.3, num_data=7, prior_var=2.0)
+    c2, gamma_in = 0.3 / 7, 0.3 / (7 * 2.0)
+    for layer in (model[0], model[2]):
+        A, S = opt.state[layer.weight]["A"], opt.state[layer.weight]["S"]
+        pi = math.sqrt((torch.trace(A).item() / A.shape[0]) / (torch.trace(S).item() / S.shape[0]))
+        Ainv = torch.linalg.inv(A + pi * math.sqrt(gamma_in) * torch.eye(A.shape[0]))
+        Sinv = torch.linalg.inv(S + math.sqrt(gamma_in) / pi * torch.eye(S.shape[0]))
+        std = (c2 * Sinv.diagonal()[:, None] * Ainv.diagonal()[None, :]).sqrt()
+        torch.testing.assert_close(layer.weight_std(), std[:, :-1], rtol=1e-10, atol=0)
+        torch.testing.assert_close(layer.bias_std(), std[:, -1], rtol=1e-10, atol=0)
+
+
+# ----------------------------------------------------------------------- train / eval / grad
+@pytest.mark.parametrize("posterior", ["FFG", "MVG"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_train_samples_eval_uses_mean(kind, posterior):
+    torch.manual_seed(5)
+    layer = make_layer(kind, posterior)
+    if posterior == "FFG":
+        layer.set_ffg_posterior(torch.full_like(layer.weight, 0.3), torch.full_like(layer.bias, 0.3))
+    else:
+        layer.set_mvg_posterior(torch.eye(3), torch.eye(layer.matrix_shape[1]), 0.3)
+    x = torch.randn(5, 4) if kind == "linear" else torch.randn(5, 2, 6, 5)
+    mean_out = F.linear(x, layer.weight, layer.bias) if kind == "linear" else F.conv2d(x, layer.weight, layer.bias)
+    layer.train()
+    y1, y2 = layer(x), layer(x)
+    assert not torch.allclose(y1, y2)
+    assert not torch.allclose(y1, mean_out)
+    layer.eval()
+    e1, e2 = layer(x), layer(x)
+    assert torch.equal(e1, e2)
+    torch.testing.assert_close(e1, mean_out, rtol=0, atol=0)
+    with models.sampling(layer):
+        assert not torch.allclose(layer(x), mean_out)
+    assert torch.equal(layer(x), e1)
+
+
+def test_linear_gradient_lands_on_mean_at_sampled_weights(float64):
+    torch.manual_seed(6)
+    layer = BayesianLinear(4, 3, posterior="FFG")
+    layer.set_ffg_posterior(torch.full_like(layer.weight, 0.5), torch.full_like(layer.bias, 0.5))
+    x = torch.randn(5, 4)
+    out = layer(x)
+    (0.5 * out.square().sum()).backward()
+    wn, bn = layer.last_noise
+    assert not wn.requires_grad and wn.abs().min() > 0
+    W, b = layer.weight.detach() + wn, layer.bias.detach() + bn
+    y = x @ W.T + b  # forward by hand at the sampled weights
+    torch.testing.assert_close(out.detach(), y)
+    torch.testing.assert_close(layer.weight.grad, y.T @ x)  # d/dW 0.5 |x W^T + b|^2
+    torch.testing.assert_close(layer.bias.grad, y.sum(0))
+    # the mean's gradient is NOT the gradient at the mean
+    y_mean = x @ layer.weight.detach().T + layer.bias.detach()
+    assert not torch.allclose(layer.weight.grad, y_mean.T @ x)
+
+
+@pytest.mark.parametrize("posterior", ["FFG", "MVG"])
+def test_conv_gradient_lands_on_mean_at_sampled_weights(float64, posterior):
+    torch.manual_seed(7)
+    layer = BayesianConv2d(2, 3, 3, stride=2, padding=1, posterior=posterior)
+    if posterior == "FFG":
+        layer.set_ffg_posterior(torch.full_like(layer.weight, 0.5), torch.full_like(layer.bias, 0.5))
+    else:
+        layer.set_mvg_posterior(torch.randn(3, 3), torch.randn(19, 19) / 4, 0.5)
+    x = torch.randn(2, 2, 5, 5)
+    out = layer(x)
+    (out.sin().sum()).backward()
+    wn, bn = layer.last_noise
+    W = (layer.weight.detach() + wn).requires_grad_()
+    b = (layer.bias.detach() + bn).requires_grad_()
+    ref = F.conv2d(x, W, b, stride=2, padding=1)
+    torch.testing.assert_close(out.detach(), ref.detach())
+    gW, gb = torch.autograd.grad(ref.sin().sum(), [W, b])
+    torch.testing.assert_close(layer.weight.grad, gW)
+    torch.testing.assert_close(layer.bias.grad, gb)
+
+
+# -------------------------------------------------------------------------- architectures
+EXPECTED = {
+    # arch: [(type, in, out)] for (in_channels, image_size): conv5 -> pool2 -> conv5 -> pool2
+    "mlp": lambda c, s: [("lin", c * s * s, 100), ("lin", 100, 10)],
+    "covnet": lambda c, s: [("conv", c, 6), ("conv", 6, 16), ("lin", 16 * (((s - 4) // 2 - 4) // 2) ** 2, 10)],
+    "lenet5": lambda c, s: [("conv", c, 6), ("conv", 6, 16), ("lin", 16 * (((s - 4) // 2 - 4) // 2) ** 2, 120),
+                            ("lin", 120, 84), ("lin", 84, 10)],
+}
+
+
+@pytest.mark.parametrize("posterior", ["MAP", "FFG", "MVG"])
+@pytest.mark.parametrize("arch", ["mlp", "covnet", "lenet5"])
+@pytest.mark.parametrize("shape", [(1, 28), (3, 32)], ids=["mnist", "cifar"])
+def test_build_model(arch, posterior, shape):
+    c, s = shape
+    torch.manual_seed(0)
+    model = models.build_model(arch, posterior, c, s, 10)
+    x = torch.randn(2, c, s, s)
+    assert model(x).shape == (2, 10)
+    model.eval()
+    assert model(x).shape == (2, 10)
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    expected = EXPECTED[arch](c, s)
+    assert len(layers) == len(expected)
+    for m, (kind, n_in, n_out) in zip(layers, expected):
+        if kind == "lin":
+            assert isinstance(m, nn.Linear) and (m.in_features, m.out_features) == (n_in, n_out)
+        else:
+            assert isinstance(m, nn.Conv2d) and (m.in_channels, m.out_channels) == (n_in, n_out)
+            assert m.kernel_size == (5, 5) and m.stride == (1, 1) and m.padding == (0, 0)
+        if posterior == "MAP":
+            assert not isinstance(m, BayesianLayer)
+        else:
+            assert isinstance(m, BayesianLinear if kind == "lin" else BayesianConv2d)
+            assert m.posterior == posterior
+    if arch != "mlp":
+        assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 2
+
+
+def test_build_model_mlp_hidden_and_errors():
+    model = models.build_model("mlp", "FFG", 1, 8, 4, hidden=(7, 5))
+    sizes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+    assert sizes == [(64, 7), (7, 5), (5, 4)]
+    with pytest.raises(ValueError):
+        models.build_model("resnet", "FFG", 1, 28, 10)
+    with pytest.raises(ValueError):
+        models.build_model("mlp", "Laplace", 1, 28, 10)
+    with pytest.raises(ValueError):
+        models.build_model("covnet", "FFG", 1, 12, 10)
+
+
+# ----------------------------------------------------------------------------- predictive
+def test_predictive(float64):
+    torch.manual_seed(8)
+    model = models.build_model("mlp", "FFG", 1, 4, 3, hidden=(5,))
+    layers = [m for _, m in models.bayesian_layers(model)]
+    for m in layers:
+        m.set_ffg_posterior(torch.full_like(m.weight, 0.8), torch.full_like(m.bias, 0.8))
+    model.train()
+    x = torch.randn(6, 1, 4, 4)
+
+    def forward(params):
+        (w1, b1), (w2, b2) = params
+        return F.relu(x.flatten(1) @ w1.T + b1) @ w2.T + b2
+
+    mean = [(m.weight.detach(), m.bias.detach()) for m in layers]
+    p0 = models.predictive(model, x, 0)
+    torch.testing.assert_close(p0, F.softmax(forward(mean), -1))
+    assert model.training  # mode restored
+
+    torch.manual_seed(9)
+    p = models.predictive(model, x, 4)
+    assert model.training
+    torch.testing.assert_close(p.sum(-1), torch.ones(6))
+    assert not torch.allclose(p, p0, atol=1e-3)
+    # the same draws by hand: per sample, per layer (forward order): weight noise then bias noise
+    torch.manual_seed(9)
+    probs = []
+    for _ in range(4):
+        params = [(w + 0.8 * torch.randn(w.shape), b + 0.8 * torch.randn(b.shape)) for w, b in mean]
+        probs.append(F.softmax(forward(params), -1))
+    torch.testing.assert_close(p, torch.stack(probs).mean(0))
+
+    model.eval()
+    models.predictive(model, x, 2)
+    assert not model.training and not any(m.sample_in_eval for m in layers)

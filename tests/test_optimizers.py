@@ -1,0 +1,493 @@
+"""Noisy Adam, VOGN and Noisy K-FAC against hand-written implementations of MATH.md's updates.
+
+The references below are written from MATH.md only: per-example gradients by a loop over
+single examples, Kronecker factors by explicit outer-product sums, inverses with
+``torch.linalg.inv`` / ``torch.kron``. The library and the reference see the same noise:
+the test reseeds the RNG before the forward and re-draws ``eps`` itself.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models
+from models import BayesianLinear
+from optimizers import VOGN, NoisyAdam, NoisyKFAC
+
+RTOL, ATOL = 1e-8, 1e-12
+
+
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def close(got, ref, msg=""):
+    torch.testing.assert_close(got, ref, rtol=RTOL, atol=ATOL, msg=msg)
+
+
+def tiny_net(posterior: str, seed: int = 0) -> nn.Module:
+    """4-3-2 network with bias, float64."""
+    torch.manual_seed(seed)
+    return nn.Sequential(BayesianLinear(4, 3, posterior=posterior), nn.Tanh(),
+                         BayesianLinear(3, 2, posterior=posterior)).double()
+
+
+def tiny_data():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 4, generator=gen, dtype=torch.float64) * 1.5
+    return x, torch.tensor([0, 1, 1, 0, 1])
+
+
+def per_example(params, x, y):
+    """For each example i at weights ``params = [(W1, b1), (W2, b2)]``: the gradients of its own
+    loss ``[gW1, gb1, gW2, gb2]``, the layer inputs with the homogeneous 1 ``[a1, a2]`` and the
+    pre-activation gradients ``[ds1, ds2]``."""
+    out = []
+    for i in range(x.shape[0]):
+        leaves = [t.detach().clone().requires_grad_() for pair in params for t in pair]
+        W1, b1, W2, b2 = leaves
+        s1 = x[i] @ W1.T + b1
+        h = torch.tanh(s1)
+        s2 = h @ W2.T + b2
+        loss = -torch.log_softmax(s2, -1)[y[i]]
+        grads = torch.autograd.grad(loss, leaves + [s1, s2])
+        one = torch.ones(1)
+        out.append((list(grads[:4]), [torch.cat([x[i], one]), torch.cat([h.detach(), one])], list(grads[4:])))
+    return out
+
+
+def mean(ts):
+    return sum(ts) / len(ts)
+
+
+# ===================================================================== FFG: Noisy Adam, VOGN
+class RefDiagonal:
+    """MATH.md's FFG update (Noisy Adam; VOGN = prior term at the mean)."""
+
+    def __init__(self, params, lr, beta1, beta2, num_data, kl_weight, prior_var, damping, init_precision,
+                 prior_at_sample, fisher):
+        self.mu = [p.detach().clone() for p in params]
+        self.lr, self.b1, self.b2, self.damping = lr, beta1, beta2, damping
+        self.c2 = kl_weight / num_data
+        self.gin = kl_weight / (num_data * prior_var)
+        f0 = 0.0 if init_precision is None else max(0.0, init_precision * kl_weight / num_data - self.gin)
+        self.m = [torch.zeros_like(p) for p in self.mu]
+        self.f = [torch.full_like(p, f0) for p in self.mu]
+        self.prior_at_sample, self.fisher, self.k = prior_at_sample, fisher, 0
+
+    def sigma(self):
+        return [(self.c2 / (f + self.gin)).sqrt() for f in self.f]
+
+    def step(self, x, y, noises):
+        """``noises``: one list [nW1, nb1, nW2, nb2] per MC sample (forward/backward pass)."""
+        self.k += 1
+        gs, ss = [], []
+        for noise in noises:
+            w = [m + n for m, n in zip(self.mu, noise)]
+            per = per_example([(w[0], w[1]), (w[2], w[3])], x, y)
+            g = [mean([p[0][j] for p in per]) for j in range(4)]
+            gs.append(g)
+            ss.append([mean([p[0][j].square() for p in per]) for j in range(4)])
+        g = [mean([gk[j] for gk in gs]) for j in range(4)]
+        s = [mean([sk[j] for sk in ss]) for j in range(4)] if self.fisher == "example" else [t.square() for t in g]
+        for j in range(4):
+            w_prior = self.mu[j] + noises[-1][j] if self.prior_at_sample else self.mu[j]
+            v = g[j] + self.gin * w_prior
+            self.m[j] = self.b1 * self.m[j] + (1 - self.b1) * v
+            self.f[j] = self.b2 * self.f[j] + (1 - self.b2) * s[j]
+            m_hat = self.m[j] / (1 - self.b1 ** self.k)
+            self.mu[j] = self.mu[j] - self.lr * m_hat / (self.f[j] + self.gin + self.damping)
+
+
+DIAG_CONFIGS = {
+    "noisy_adam_example": (NoisyAdam, dict(lr=0.05, betas=(0.9, 0.99), num_data=20, kl_weight=0.5, prior_var=2.0,
+                                           damping=0.01, init_precision=10.0, fisher="example"), True),
+    "noisy_adam_batch": (NoisyAdam, dict(lr=0.05, betas=(0.8, 0.9), num_data=20, kl_weight=0.5, prior_var=2.0,
+                                         damping=0.0, init_precision=10.0, fisher="batch"), True),
+    "vogn_momentum0": (VOGN, dict(lr=0.05, momentum=0.0, beta2=0.9, num_data=20, kl_weight=1.0, prior_var=0.5,
+                                  damping=0.01, init_precision=50.0), False),
+    "vogn_momentum0.9": (VOGN, dict(lr=0.05, momentum=0.9, beta2=0.9, num_data=20, kl_weight=0.8, prior_var=0.5,
+                                    damping=0.0, init_precision=50.0), False),
+    "vogn_prior_init": (VOGN, dict(lr=0.05, momentum=0.9, beta2=0.9, num_data=20, kl_weight=1.0, prior_var=0.5,
+                                   init_precision=None), False),
+}
+
+
+def make_ref_diag(params, cls, kw, prior_at_sample):
+    if cls is NoisyAdam:
+        b1, b2 = kw["betas"]
+    else:
+        b1, b2 = kw["momentum"], kw["beta2"]
+    return RefDiagonal(params, kw["lr"], b1, b2, kw["num_data"], kw["kl_weight"], kw["prior_var"],
+                       kw.get("damping", 0.0), kw["init_precision"], prior_at_sample, kw.get("fisher", "example"))
+
+
+def ffg_stds(layers):
+    return [t for layer in layers for t in (layer.weight_std(), layer.bias_std())]
+
+
+def ffg_forward_backward(model, x, y, seed, ref):
+    """Reseeded forward/backward; returns the noise the layers used, checked against sigma * eps."""
+    layers = [model[0], model[2]]
+    torch.manual_seed(seed)
+    F.cross_entropy(model(x), y).backward()
+    noise = [t.clone() for layer in layers for t in layer.last_noise]
+    torch.manual_seed(seed)
+    eps = [torch.randn(p.shape) for p in model.parameters()]  # weight, bias per layer, forward order
+    for n, s, e in zip(noise, ref.sigma(), eps):
+        close(n, s * e, "sampled noise != sigma * eps")
+    return noise
+
+
+@pytest.mark.parametrize("config", list(DIAG_CONFIGS))
+def test_diagonal_first_steps_match_reference(float64, config):
+    cls, kw, prior_at_sample = DIAG_CONFIGS[config]
+    model = tiny_net("FFG")
+    x, y = tiny_data()
+    params = list(model.parameters())
+    opt = cls(model, **kw)
+    ref = make_ref_diag(params, cls, kw, prior_at_sample)
+    layers = [model[0], model[2]]
+    for s, r in zip(ffg_stds(layers), ref.sigma()):
+        close(s, r, "initial posterior std")
+    for k in (1, 2):
+        opt.zero_grad()
+        noise = ffg_forward_backward(model, x, y, 100 + k, ref)
+        opt.step()
+        ref.step(x, y, [noise])
+        for j, p in enumerate(params):
+            close(p.detach(), ref.mu[j], f"mean {j} step {k}")
+            close(opt.state[p]["exp_avg"], ref.m[j], f"m {j} step {k}")
+            close(opt.state[p]["fisher"], ref.f[j], f"f {j} step {k}")
+            assert opt.state[p]["step"].item() == k
+        for s, r in zip(ffg_stds(layers), ref.sigma()):
+            close(s, r, f"posterior std step {k}")
+
+
+def test_vogn_multiple_mc_samples(float64):
+    """Two forward/backward passes before one step = one step on the averaged gradient and statistic."""
+    cls, kw, _ = DIAG_CONFIGS["vogn_momentum0.9"]
+    model = tiny_net("FFG")
+    x, y = tiny_data()
+    params = list(model.parameters())
+    opt = cls(model, **kw)
+    ref = make_ref_diag(params, cls, kw, False)
+    for k, seeds in ((1, (11, 12)), (2, (13,)), (3, (14, 15))):
+        opt.zero_grad()
+        noises = [ffg_forward_backward(model, x, y, s, ref) for s in seeds]
+        opt.step()
+        ref.step(x, y, noises)
+        for j, p in enumerate(params):
+            close(p.detach(), ref.mu[j], f"mean {j} step {k}")
+            close(opt.state[p]["fisher"], ref.f[j], f"f {j} step {k}")
+        for s, r in zip(ffg_stds([model[0], model[2]]), ref.sigma()):
+            close(s, r)
+
+
+# ============================================================================ MVG: Noisy K-FAC
+class RefKFAC:
+    """MATH.md's Noisy K-FAC step with momentum and KL clip, written directly."""
+
+    def __init__(self, layers, lr, momentum, num_data, kl_weight, prior_var, damping, stat_decay, t_stats, t_inv,
+                 damping_mode, kl_clip, init_precision):
+        self.M = [torch.cat([m.weight.detach(), m.bias.detach()[:, None]], 1).clone() for m in layers]
+        self.lr, self.mom, self.damping, self.beta = lr, momentum, damping, stat_decay
+        self.t_stats, self.t_inv, self.mode, self.kl_clip = t_stats, t_inv, damping_mode, kl_clip
+        self.c2 = kl_weight / num_data
+        self.gin = kl_weight / (num_data * prior_var)
+        self.init_std = init_precision ** -0.5
+        self.A = [None] * len(layers)
+        self.S = [None] * len(layers)
+        self.dec = None  # the factors at the last refresh
+        self.buf = [torch.zeros_like(m) for m in self.M]
+        self.k = 0
+        self.nus = []
+
+    @staticmethod
+    def damped(A, S, gamma):
+        pi = math.sqrt((torch.trace(A).item() / A.shape[0]) / (torch.trace(S).item() / S.shape[0]))
+        return A + pi * math.sqrt(gamma) * torch.eye(A.shape[0]), S + math.sqrt(gamma) / pi * torch.eye(S.shape[0])
+
+    def std(self, ell):
+        if self.dec is None:
+            return torch.full_like(self.M[ell], self.init_std)
+        A, S = self.dec[ell]
+        if self.mode == "factored":
+            Ag, Sg = self.damped(A, S, self.gin)
+            return (self.c2 * torch.linalg.inv(Sg).diagonal()[:, None] * torch.linalg.inv(Ag).diagonal()[None]).sqrt()
+        cov = self.c2 * torch.linalg.inv(torch.kron(A, S) + self.gin * torch.eye(A.shape[0] * S.shape[0]))
+        return cov.diagonal().sqrt().reshape(A.shape[0], S.shape[0]).T  # column-major vec
+
+    def noise(self, ell, eps):
+        """The factored sampler W - M = sqrt(lambda/N) L_S^-T E L_A^-1 (None where it is not unique)."""
+        if self.dec is None:
+            return self.init_std * eps
+        if self.mode != "factored":
+            return None
+        Ag, Sg = self.damped(*self.dec[ell], self.gin)
+        LA, LS = torch.linalg.cholesky(Ag), torch.linalg.cholesky(Sg)
+        return math.sqrt(self.c2) * torch.linalg.inv(LS).T @ eps @ torch.linalg.inv(LA)
+
+    def precondition(self, ell, V):
+        A, S = self.dec[ell]
+        gamma = self.gin + self.damping
+        if self.mode == "factored":
+            Ag, Sg = self.damped(A, S, gamma)
+            return torch.linalg.inv(Sg) @ V @ torch.linalg.inv(Ag)
+        F_ = torch.kron(A, S) + gamma * torch.eye(A.shape[0] * S.shape[0])
+        d = torch.linalg.inv(F_) @ V.T.reshape(-1)  # column-major vec
+        return d.reshape(A.shape[0], S.shape[0]).T
+
+    def step(self, x, y, noise):
+        self.k += 1
+        k = self.k
+        W = [m + n for m, n in zip(self.M, noise)]
+        per = per_example([(w[:, :-1], w[:, -1]) for w in W], x, y)
+        use_stats = (k - 1) % self.t_stats == 0
+        Ds, Vs = [], []
+        for ell in range(len(W)):
+            G = mean([torch.outer(p[2][ell], p[1][ell]) for p in per])
+            Ab = mean([torch.outer(p[1][ell], p[1][ell]) for p in per])
+            Sb = mean([torch.outer(p[2][ell], p[2][ell]) for p in per])
+            if use_stats:
+                if self.A[ell] is None:
+                    self.A[ell], self.S[ell] = Ab, Sb
+                else:
+                    self.A[ell] = self.beta * self.A[ell] + (1 - self.beta) * Ab
+                    self.S[ell] = self.beta * self.S[ell] + (1 - self.beta) * Sb
+            Vs.append(G + self.gin * W[ell])
+        if self.dec is None or (k - 1) % self.t_inv == 0:
+            self.dec = [(A.clone(), S.clone()) for A, S in zip(self.A, self.S)]
+        Ds = [self.precondition(ell, V) for ell, V in enumerate(Vs)]
+        nu = 1.0
+        if self.kl_clip is not None:
+            vg = sum(self.lr**2 * (D * V).sum().item() for D, V in zip(Ds, Vs))
+            nu = min(1.0, math.sqrt(self.kl_clip / vg))
+        self.nus.append(nu)
+        for ell, D in enumerate(Ds):
+            self.buf[ell] = self.mom * self.buf[ell] + nu * D
+            self.M[ell] = self.M[ell] - self.lr * self.buf[ell]
+
+
+KFAC_COMMON = dict(lr=0.1, num_data=20, kl_weight=0.5, prior_var=2.0, stat_decay=0.8, init_precision=10.0)
+KFAC_CONFIGS = {
+    "factored": dict(damping_mode="factored", damping=0.01, momentum=0.9, kl_clip=None, t_stats=1, t_inv=1),
+    "factored_nodamp_clip_tinv2": dict(damping_mode="factored", damping=0.0, momentum=0.5, kl_clip=1e-3, t_stats=1,
+                                       t_inv=2),
+    "factored_clip_tstats2": dict(damping_mode="factored", damping=0.05, momentum=0.9, kl_clip=1e-3, t_stats=2,
+                                  t_inv=1),
+    "exact": dict(damping_mode="exact", damping=0.01, momentum=0.9, kl_clip=None, t_stats=1, t_inv=1),
+    "exact_clip_tinv2_tstats2": dict(damping_mode="exact", damping=0.01, momentum=0.0, kl_clip=1e-3, t_stats=2,
+                                     t_inv=2),
+    "exact_nodamp": dict(damping_mode="exact", damping=0.0, momentum=0.9, kl_clip=None, t_stats=1, t_inv=1),
+}
+
+
+def as_matrix(w, b):
+    return torch.cat([w.reshape(w.shape[0], -1), b[:, None]], 1)
+
+
+@pytest.mark.parametrize("config", list(KFAC_CONFIGS))
+def test_noisy_kfac_first_steps_match_reference(float64, config):
+    kw = {**KFAC_COMMON, **KFAC_CONFIGS[config]}
+    model = tiny_net("MVG")
+    x, y = tiny_data()
+    layers = [model[0], model[2]]
+    opt = NoisyKFAC(model, **kw)
+    ref = RefKFAC(layers, **kw)
+    for ell, layer in enumerate(layers):
+        close(as_matrix(layer.weight_std(), layer.bias_std()), ref.std(ell))
+    for k in (1, 2, 3):
+        seed = 200 + k
+        opt.zero_grad()
+        torch.manual_seed(seed)
+        F.cross_entropy(model(x), y).backward()
+        noise = [as_matrix(*layer.last_noise) for layer in layers]
+        torch.manual_seed(seed)
+        eps = [torch.randn(layer.matrix_shape) for layer in layers]
+        for ell, layer in enumerate(layers):
+            expected = ref.noise(ell, eps[ell])
+            if expected is None:  # exact damping: the eigenbasis' signs are not unique; use the library's basis
+                st = opt.state[layer.weight]
+                A, S = ref.dec[ell]
+                for Q, d, Fm in ((st["QA"], st["dA"], A), (st["QS"], st["dS"], S)):
+                    close(Q.T @ Q, torch.eye(Q.shape[0]))
+                    torch.testing.assert_close(Q @ torch.diag(d) @ Q.T, Fm, rtol=1e-8, atol=1e-10)
+                mid = eps[ell] / (st["dS"][:, None] * st["dA"][None] + ref.gin).sqrt()
+                expected = math.sqrt(ref.c2) * st["QS"] @ mid @ st["QA"].T
+            close(noise[ell], expected, f"noise layer {ell} step {k}")
+        opt.step()
+        ref.step(x, y, noise)
+        for ell, layer in enumerate(layers):
+            st = opt.state[layer.weight]
+            close(as_matrix(layer.weight.detach(), layer.bias.detach()), ref.M[ell], f"mean {ell} step {k}")
+            close(st["A"], ref.A[ell], f"A {ell} step {k}")
+            close(st["S"], ref.S[ell], f"S {ell} step {k}")
+            close(st["momentum_buffer"], ref.buf[ell], f"momentum {ell} step {k}")
+            close(as_matrix(layer.weight_std(), layer.bias_std()), ref.std(ell), f"std {ell} step {k}")
+            assert st["step"].item() == k
+    if kw["kl_clip"] is not None:
+        assert min(ref.nus) < 1.0, "the KL clip never engaged: the test would not see it"
+    assert opt.kronecker_factors().keys() == {"0", "2"}
+
+
+def test_noisy_kfac_true_fisher(float64):
+    kw = {**KFAC_COMMON, **KFAC_CONFIGS["factored"]}
+    x, y = tiny_data()
+    model_t, model_e = tiny_net("MVG"), tiny_net("MVG")
+    opt_t = NoisyKFAC(model_t, fisher="true", **kw)
+    opt_e = NoisyKFAC(model_e, fisher="empirical", **kw)
+    opt_t.zero_grad()
+    opt_e.zero_grad()
+    torch.manual_seed(7)
+    logits = model_t(x)
+    noise = [as_matrix(*m.last_noise) for m in (model_t[0], model_t[2])]
+    sampled = [as_matrix(m.weight.detach(), m.bias.detach()) + n for m, n in zip((model_t[0], model_t[2]), noise)]
+    rng = torch.get_rng_state()
+    opt_t.true_fisher_backward(logits)
+    assert all(p.grad is None for p in model_t.parameters())
+    F.cross_entropy(logits, y).backward()
+    torch.manual_seed(7)
+    logits_e = model_e(x)
+    opt_e.true_fisher_backward(logits_e)  # a no-op with the empirical Fisher
+    F.cross_entropy(logits_e, y).backward()
+    for p_t, p_e in zip(model_t.parameters(), model_e.parameters()):
+        assert torch.equal(p_t.grad, p_e.grad)
+    # the labels the library drew from the predictive
+    torch.set_rng_state(rng)
+    y_s = torch.multinomial(F.softmax(logits.detach().float(), dim=-1), 1).squeeze(-1)
+    assert not torch.equal(y_s, y)
+    opt_t.step()
+    opt_e.step()
+    per = per_example([(w[:, :-1], w[:, -1]) for w in sampled], x, y_s)
+    for ell, (m_t, m_e) in enumerate(zip((model_t[0], model_t[2]), (model_e[0], model_e[2]))):
+        A_t, S_t = opt_t.state[m_t.weight]["A"], opt_t.state[m_t.weight]["S"]
+        A_e, S_e = opt_e.state[m_e.weight]["A"], opt_e.state[m_e.weight]["S"]
+        close(A_t, A_e)
+        if ell == 1:  # the last layer always sees the label change
+            assert not torch.allclose(S_t, S_e, rtol=1e-3)
+        close(S_t, mean([torch.outer(p[2][ell], p[2][ell]) for p in per]), f"S_true layer {ell}")
+
+
+def test_bad_combinations_raise():
+    with pytest.raises(ValueError, match="NoisyKFAC.*'0'"):
+        NoisyKFAC(tiny_net("FFG"))
+    with pytest.raises(ValueError, match="NoisyAdam.*'0'"):
+        NoisyAdam(tiny_net("MVG"))
+    with pytest.raises(ValueError, match="VOGN.*'0'"):
+        VOGN(tiny_net("MVG"))
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="'1'.*Linear"):
+        NoisyAdam(plain)
+    mixed = models.build_model("mlp", "FFG", 1, 2, 2, hidden=(3,))
+    mixed[3] = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="'3'"):
+        VOGN(mixed)
+    with pytest.raises(ValueError, match="no Bayesian layers"):
+        NoisyAdam(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match="'1'.*BatchNorm1d"):
+        NoisyAdam(nn.Sequential(BayesianLinear(2, 3), nn.BatchNorm1d(3)))
+
+
+@pytest.mark.parametrize("mode", ["factored", "exact"])
+def test_singular_factors_stay_finite(mode):
+    """Input feature 0 always 0 and hidden unit 1 dead: A and S are singular, damping saves them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(BayesianLinear(5, 4, posterior="MVG"), nn.ReLU(), BayesianLinear(4, 3, posterior="MVG"))
+    with torch.no_grad():
+        model[0].weight[1].zero_()
+        model[0].bias[1] = -5.0
+    opt = NoisyKFAC(model, lr=0.05, num_data=60000, damping=0.0, damping_mode=mode, t_inv=1)
+    gen = torch.Generator().manual_seed(1)
+    for k in range(6):
+        x = torch.randn(16, 5, generator=gen)
+        x[:, 0] = 0.0
+        y = torch.randint(0, 3, (16,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if k == 0:
+            A0, S0 = opt.state[model[0].weight]["A"], opt.state[model[0].weight]["S"]
+            A2 = opt.state[model[2].weight]["A"]
+            assert A0[0].abs().max() == 0 and S0[1].abs().max() == 0 and A2[1].abs().max() == 0
+            assert torch.linalg.eigvalsh(A0.double()).min() < 1e-12
+        for layer in (model[0], model[2]):
+            w, b = layer.sample_weight()
+            assert torch.isfinite(w).all() and torch.isfinite(b).all()
+            assert torch.isfinite(layer.weight_std()).all() and torch.isfinite(layer.bias_std()).all()
+            assert torch.isfinite(layer.weight).all() and torch.isfinite(layer.bias).all()
+            layer.last_noise = None
+
+
+# ================================================================================ state_dict
+RESUME_CONFIGS = {
+    "noisy_adam": ("FFG", lambda m: NoisyAdam(m, lr=1e-2, num_data=100)),
+    "noisy_adam_batch": ("FFG", lambda m: NoisyAdam(m, lr=1e-2, num_data=100, fisher="batch")),
+    "vogn": ("FFG", lambda m: VOGN(m, lr=1e-2, momentum=0.9, num_data=100)),
+    "kfac_factored": ("MVG", lambda m: NoisyKFAC(m, lr=1e-2, num_data=100, t_inv=3, t_stats=2, kl_clip=1e-2)),
+    "kfac_exact": ("MVG", lambda m: NoisyKFAC(m, lr=1e-2, num_data=100, t_inv=3, t_stats=2, damping_mode="exact")),
+    "kfac_true_fisher": ("MVG", lambda m: NoisyKFAC(m, lr=1e-2, num_data=100, t_inv=3, t_stats=2, fisher="true")),
+}
+
+
+def train(model, opt, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        logits = model(x)
+        opt.true_fisher_backward(logits)
+        F.cross_entropy(logits, y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("config", list(RESUME_CONFIGS))
+def test_state_dict_resume_is_bit_exact(config):
+    posterior, make_opt = RESUME_CONFIGS[config]
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 1, 4, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(10)]
+
+    def build(seed):
+        torch.manual_seed(seed)
+        return models.build_model("mlp", posterior, 1, 4, 3, hidden=(6,))
+
+    model_a = build(0)
+    opt_a = make_opt(model_a)
+    torch.manual_seed(123)
+    train(model_a, opt_a, batches)
+    rng_a = torch.get_rng_state()
+
+    model_b = build(0)
+    opt_b = make_opt(model_b)
+    torch.manual_seed(123)
+    train(model_b, opt_b, batches[:5])
+    buf = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(), "rng": torch.get_rng_state()}, buf)
+    del model_b, opt_b
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    model_c = build(999)  # fresh objects, different initial weights
+    opt_c = make_opt(model_c)
+    model_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"])
+    train(model_c, opt_c, batches[5:])
+
+    sa, sc = model_a.state_dict(), model_c.state_dict()
+    assert sa.keys() == sc.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sc[key]), key
+    for p_a, p_c in zip(model_a.parameters(), model_c.parameters()):
+        st_a, st_c = opt_a.state[p_a], opt_c.state[p_c]
+        assert st_a.keys() == st_c.keys()
+        for key in st_a:
+            assert torch.equal(st_a[key], st_c[key]), key
+    assert torch.equal(torch.get_rng_state(), rng_a)

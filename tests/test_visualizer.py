@@ -1,0 +1,312 @@
+"""Fast tests of util.visualizer (and util.visdom_server's helpers).
+
+The servers started here are real visdom servers on free loopback ports,
+started without the web assets (the API does not need them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import visdom  # noqa: F401  (imported up front so timings below measure the network only)
+
+from util import visdom_server
+from util.visualizer import Visualizer, _series
+from util.visualizer import main as replay_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ITER = {"kind": "iter", "epoch": 1, "iteration": 300, "epoch_float": 0.5, "loss": 0.31, "acc": 0.91, "lr": 0.001}
+EPOCH = {
+    "kind": "epoch",
+    "epoch": 1,
+    "iteration": 600,
+    "train_loss": 0.3,
+    "train_acc": 0.9,
+    "test_acc": 0.89,
+    "test_nll": 0.35,
+    "test_ece": 0.02,
+    "lr": 0.001,
+    "sec_per_epoch": 4.2,
+    "optimizer": "noisy-kfac",  # non-numeric: ignored
+    "diverged": False,  # bool: ignored
+    "kl": float("nan"),  # not finite: ignored
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A visdom server subprocess on a free loopback port."""
+
+    def __init__(self, env_path: Path) -> None:
+        self.port = free_port()
+        self.env_path = env_path
+        self.url = f"http://127.0.0.1:{self.port}"
+        code = "from visdom.server.run_server import main; main()"
+        cmd = [sys.executable, "-c", code, "-port", str(self.port), "-env_path", f"{env_path}/"]
+        cmd += ["-bind_local", "-logging_level", "WARNING"]
+        self.log = open(env_path / "server.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        if not visdom_server.wait_for_server(self.url, timeout=60):
+            self.stop()
+            pytest.fail(f"visdom server did not start: {(env_path / 'server.log').read_text()[-2000:]}")
+
+    def saved_env(self, env: str) -> dict:
+        """Ask the server to save ``env`` and return its JSON."""
+        import requests
+
+        requests.post(f"{self.url}/save", data=json.dumps({"data": [env]}), timeout=5).raise_for_status()
+        return json.loads((self.env_path / f"{env}.json").read_text())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("visdom_env"))
+    yield srv
+    srv.stop()
+
+
+def traces(env_json: dict, win: str) -> dict[str, int]:
+    """Trace name -> number of points of window ``win``."""
+    return {t["name"]: len(t["x"]) for t in env_json["jsons"][win]["content"]["data"]}
+
+
+# --- record -> series mapping ---------------------------------------------------------
+
+
+def test_series_of_iter_record() -> None:
+    points = {(win, trace): (x, y) for win, trace, x, y, _ in _series(ITER, "runA")}
+    assert points == {
+        ("iter_loss", "runA"): (0.5, 0.31),
+        ("iter_acc", "runA"): (0.5, 0.91),
+        ("iter_lr", "runA"): (0.5, 0.001),
+    }
+    titles = {win: opts["title"] for win, _, _, _, opts in _series(ITER, "runA")}
+    assert titles["iter_loss"] == "train loss (per interval)"
+
+
+def test_series_of_epoch_record_plots_every_finite_number() -> None:
+    series = _series(EPOCH, "runA")
+    wins = {(win, trace) for win, trace, *_ in series}
+    assert wins == {
+        ("train_loss", "runA"),
+        ("epoch_accuracy", "runA (train)"),
+        ("epoch_accuracy", "runA (test)"),
+        ("test_nll", "runA"),
+        ("test_ece", "runA"),
+        ("lr", "runA"),
+        ("sec_per_epoch", "runA"),
+    }
+    assert all(x == 1.0 for _, _, x, _, _ in series)
+    assert all(opts["xlabel"] == "epoch" and opts["title"] for *_, opts in series)
+
+
+# --- no server / server lost -----------------------------------------------------------
+
+
+def log_everything(vis: Visualizer, n: int = 20) -> None:
+    import torch
+
+    vis.log_options({"lr": 0.001, "name": vis.name})
+    for i in range(n):
+        vis.log_record({**ITER, "iteration": i, "epoch_float": i / n})
+        vis.log_record({**EPOCH, "epoch": i})
+        vis.log_posterior(i, {"fc1": torch.rand(100)}, {"fc1.A": torch.rand(5)})
+    vis.save()
+
+
+def test_no_server_warns_once_and_never_raises(capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()  # nothing listens there
+    start = time.monotonic()
+    vis = Visualizer(server="http://127.0.0.1", port=port, env="t", name="r")
+    log_everything(vis)
+    assert time.monotonic() - start < 2.0
+    assert not vis.enabled
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"warning: no visdom server at http://127.0.0.1:{port} ")
+    assert "python -m util.visdom_server" in lines[0] and "metrics.jsonl" in lines[0]
+
+
+def test_disabled_is_silent(capsys: pytest.CaptureFixture[str]) -> None:
+    vis = Visualizer(port=free_port(), enabled=False)
+    log_everything(vis, n=2)
+    assert not vis.enabled
+    assert capsys.readouterr() == ("", "")
+
+
+def test_server_killed_mid_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    srv = Server(tmp_path)
+    try:
+        vis = Visualizer(server="http://127.0.0.1", port=srv.port, env="killed", name="r")
+        assert vis.enabled
+        for i in range(3):
+            vis.log_record({**ITER, "epoch_float": i / 3})
+        assert traces(srv.saved_env("killed"), "iter_loss") == {"r": 3}
+    finally:
+        srv.stop()
+    start = time.monotonic()
+    log_everything(vis)
+    assert time.monotonic() - start < 2.0
+    assert not vis.enabled
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"warning: lost the visdom server at http://127.0.0.1:{srv.port}")
+
+
+def test_hung_server_stalls_at_most_one_timeout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    srv = Server(tmp_path)
+    try:
+        vis = Visualizer(server="http://127.0.0.1", port=srv.port, env="hung", name="r", timeout=1.0)
+        assert vis.enabled
+        os.kill(srv.proc.pid, signal.SIGSTOP)  # accepts connections, never answers
+        start = time.monotonic()
+        log_everything(vis, n=5)
+        elapsed = time.monotonic() - start
+    finally:
+        os.kill(srv.proc.pid, signal.SIGCONT)
+        srv.stop()
+    assert elapsed < 2.0
+    assert not vis.enabled
+    assert len(capsys.readouterr().err.splitlines()) == 1
+
+
+# --- plots on a live server -------------------------------------------------------------
+
+
+def test_runs_share_windows_with_one_trace_each(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    for name in ("runA", "runB"):
+        vis = Visualizer(server="http://127.0.0.1", port=server.port, env="shared", name=name)
+        vis.log_options({"name": name, "lr": 0.01})
+        for i in range(4):
+            vis.log_record({**ITER, "epoch_float": i / 4, "loss": 1.0 / (i + 1)})
+        for epoch in (1, 2):
+            vis.log_record({**EPOCH, "epoch": epoch})
+            stds = {"fc1": torch.rand(300) * 0.1, "fc2": torch.full((10,), 0.05)}
+            vis.log_posterior(epoch, stds, {"fc1.A": torch.rand(20), "fc1.G": torch.tensor([])})
+        assert vis.enabled
+    assert capsys.readouterr() == ("", "")
+
+    env = server.saved_env("shared")
+    wins = env["jsons"]
+    assert traces(env, "iter_loss") == {"runA": 4, "runB": 4}
+    assert traces(env, "epoch_accuracy") == {f"{r} ({s})": 2 for r in ("runA", "runB") for s in ("train", "test")}
+    for win in ("train_loss", "test_nll", "test_ece", "lr", "sec_per_epoch"):
+        assert traces(env, win) == {"runA": 2, "runB": 2}, win
+    # posterior: replaced in place each epoch, one trace per run
+    assert traces(env, "posterior_std_fc1") == {"runA": 50, "runB": 50}
+    assert set(traces(env, "posterior_std_fc2")) == {"runA", "runB"}
+    assert traces(env, "spectrum_fc1.A") == {"runA": 20, "runB": 20}
+    assert "spectrum_fc1.G" not in wins  # empty spectrum: no window
+    assert wins["posterior_std_fc1"]["title"] == "posterior std: fc1 (epoch 2)"
+    assert wins["spectrum_fc1.A"]["content"]["layout"]["yaxis"]["type"] == "log"
+    assert wins["iter_loss"]["title"] == "train loss (per interval)"
+    assert wins["options_runA"]["type"] == "text" and "<b>lr</b>" in wins["options_runA"]["content"]
+
+
+def test_replay_cli_is_idempotent(server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "myrun"
+    run_dir.mkdir()
+    records = [{**ITER, "epoch_float": i / 10, "loss": 1 / (i + 1)} for i in range(10)]
+    records += [{**EPOCH, "epoch": e} for e in (1, 2, 3)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
+    (run_dir / "opt.json").write_text(json.dumps({"name": "replayed", "lr": 0.001}))
+    argv = [str(run_dir), "--server", "http://127.0.0.1", "--port", str(server.port), "--env", "replay"]
+    assert replay_main(argv) == 0
+    assert replay_main(argv) == 0  # twice: traces replaced, not doubled
+    env = server.saved_env("replay")
+    assert traces(env, "iter_loss") == {"replayed": 10}
+    assert traces(env, "test_nll") == {"replayed": 3}
+    assert "options_replayed" in env["jsons"]
+    out, err = capsys.readouterr()
+    assert err == "" and "replayed 13 records" in out
+
+
+def test_replay_cli_without_server_fails_cleanly(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(ITER) + "\n")
+    cmd = [sys.executable, "-m", "util.visualizer", str(tmp_path), "--port", str(free_port())]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("warning: no visdom server")
+
+
+# --- util.visdom_server helpers -------------------------------------------------------
+
+
+def test_server_command_binds_loopback_only_for_loopback_names() -> None:
+    cmd = visdom_server.server_command(8097, "127.0.0.1", "/tmp/envs/")
+    assert cmd[1:] == ["-m", "visdom.server", "-port", "8097", "--hostname", "127.0.0.1"] + [
+        "-env_path",
+        "/tmp/envs/",
+        "-bind_local",
+    ]
+    assert "-bind_local" in visdom_server.server_command(8097, "localhost", "/tmp/e/")
+    assert "-bind_local" not in visdom_server.server_command(8097, "0.0.0.0", "/tmp/e/")
+
+
+def test_assets_listed_where_build_py_wants_them(tmp_path: Path) -> None:
+    missing = visdom_server.missing_assets(tmp_path)
+    assert "fonts/glyphicons-halflings-regular.svg#glyphicons_halflingsregular" in missing
+    assert "js/plotly-plotly.min.js" in missing
+    assert "js/mathjax/2.7.5/MathJax.js" in missing
+    assert "fonts/classnames" in missing
+    assert missing[-1] == "version.built"
+
+
+def _run_server_main(tmp_path: Path, path_env: str) -> subprocess.CompletedProcess[str]:
+    code = (
+        "import sys, pathlib; from util import visdom_server as v;"
+        f"v.visdom_static_dir = lambda: pathlib.Path({str(tmp_path / 'static')!r});"
+        "sys.exit(v.main(['--install-only']))"
+    )
+    env = {**os.environ, "PATH": path_env}
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_missing_npm_is_one_clear_line(tmp_path: Path) -> None:
+    proc = _run_server_main(tmp_path, str(tmp_path / "empty-bin"))
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: 'npm' not found on PATH")
+
+
+def test_npm_failure_is_one_clear_line(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "npm"
+    fake.write_text(
+        "#!/bin/sh\necho 'npm error code E404' >&2\n"
+        'echo "npm error 404 No match found for version 3.1.1" >&2\nexit 1\n'
+    )
+    fake.chmod(0o755)
+    proc = _run_server_main(tmp_path, str(bin_dir))
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("visdom assets: fetching")]
+    assert lines == ["error: npm pack jquery@3.1.1 failed: npm error 404 No match found for version 3.1.1"]

@@ -1,0 +1,225 @@
+"""Train a Bayesian neural network by natural-gradient variational inference.
+
+    python train.py --model=FFG --batch_size=100 --lr=1e-3 --dataset=MNIST       # Noisy Adam
+    python train.py --model=MVG --batch_size=100 --lr=1e-2 --dataset=MNIST --n=60000   # Noisy K-FAC
+    python train.py --model=FFG --optimizer=vogn --arch=covnet                   # VOGN
+    python train.py --model=MAP                                                   # Adam baseline
+
+Each step samples weights from the posterior (the layers do it in train mode), back-propagates
+the mini-batch loss while the optimizer's hooks capture the curvature, then ``optimizer.step()``
+updates the means, the curvature and the posterior scale. Every epoch: evaluate the MC
+predictive on the test set, append to ``<ckpt_dir>/<name>/metrics.jsonl``, stream to visdom,
+and write ``epoch_<N>.pt`` atomically. ``--resume`` continues bit-for-bit (CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import InMemoryLoader, load_split, take_subset
+from models import bayesian_layers
+from optimizers import NGVIOptimizer, NoisyKFAC
+from option_parser import TrainOptions, print_options, save_options
+from util import distributed
+from util.checkpoint import CHECKPOINT_FORMAT, checkpoint_path, latest_epoch, list_epochs, load_checkpoint, save_atomic
+from util.errors import UserError, run_cli
+from util.evaluation import evaluate
+from util.experiment import finite, make_model, make_optimizer, make_scheduler
+from util.visualizer import Visualizer
+
+
+class Diverged(UserError):
+    """The loss or the weights became non-finite."""
+
+
+def posterior_summaries(model, optimizer) -> tuple[dict, dict]:
+    """Marginal posterior std of every Bayesian layer, and the K-FAC factors' eigenvalues."""
+    stds = {name: layer.weight_std().flatten().cpu() for name, layer in bayesian_layers(model)}
+    spectra = {}
+    if isinstance(optimizer, NoisyKFAC):
+        for name, (A, S) in optimizer.kronecker_factors().items():
+            spectra[f"{name}.A"] = torch.linalg.eigvalsh(A.double()).cpu()
+            spectra[f"{name}.S"] = torch.linalg.eigvalsh(S.double()).cpu()
+    return stds, spectra
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_metrics(path: Path, up_to_epoch: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` that belong to epochs ``<= up_to_epoch`` (for ``--resume``)."""
+    if not path.exists():
+        return []
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("epoch", 0) <= up_to_epoch:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut by a kill mid-write
+            continue
+    return keep
+
+
+def main(argv: list[str] | None = None) -> None:
+    opt = TrainOptions().parse(argv)
+    ctx, device = distributed.setup(opt.device)
+    try:
+        train(opt, ctx, device)
+    finally:
+        distributed.cleanup(ctx)
+
+
+def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
+    if opt.num_threads:
+        torch.set_num_threads(opt.num_threads)
+    run_dir = Path(opt.run_dir)
+    if not opt.resume and list_epochs(run_dir):
+        raise UserError(f"run {opt.name!r} already has checkpoints in {run_dir} (epochs "
+                        f"{', '.join(map(str, list_epochs(run_dir)))}); pass --resume to continue it "
+                        "or --name for a new run")
+    if ctx.is_main:
+        print_options(opt)
+
+    # -- data: whole splits on the device, batches by indexing a seeded permutation ----------
+    train_x, train_y = load_split(opt.dataset, True, opt.data_root, device)
+    train_x, train_y = take_subset(train_x, train_y, opt.subset, opt.seed)
+    test_x, test_y = load_split(opt.dataset, False, opt.data_root, device)
+    loader = InMemoryLoader(train_x, train_y, opt.batch_size, shuffle=True, seed=opt.seed, augment=opt.augment,
+                            rank=ctx.rank, world_size=ctx.world_size)
+
+    # -- model, optimizer, schedule ----------------------------------------------------------
+    torch.manual_seed(opt.seed)  # same initial means on every rank
+    model = make_model(opt).to(device)
+    optimizer = make_optimizer(opt, model)
+    scheduler = make_scheduler(opt, optimizer)
+    bayesian = isinstance(optimizer, NGVIOptimizer)
+    torch.manual_seed(opt.seed + 1000 * ctx.rank)  # each rank draws its own weight noise
+
+    start_epoch, iteration = 1, 0
+    metrics_path = run_dir / "metrics.jsonl"
+    if opt.resume:
+        last = latest_epoch(run_dir)
+        ckpt = load_checkpoint(checkpoint_path(run_dir, last), map_location=device)
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise UserError(f"checkpoint {checkpoint_path(run_dir, last)} does not fit this run's model/optimizer "
+                            f"({str(e).splitlines()[0][:120]}); resume with the options it was trained with") from None
+        set_rng_state(ckpt["rng"][ctx.rank] if ctx.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        start_epoch, iteration = ckpt["epoch"] + 1, ckpt["iteration"]
+        if ctx.is_main:
+            metrics_path.write_text("".join(line + "\n" for line in read_metrics(metrics_path, ckpt["epoch"])))
+            print(f"resuming {opt.name} from epoch {ckpt['epoch']}")
+    elif ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_options(opt, run_dir)
+        metrics_path.write_text("")
+
+    vis = Visualizer(opt.display_server, opt.display_port, opt.env, opt.name,
+                     enabled=ctx.is_main and not opt.no_visdom)
+    vis.log_options({k: v for k, v in vars(opt).items() if k != "explicit"})
+
+    def log(record: dict) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        vis.log_record(record)
+
+    samples_per_step = opt.train_samples if bayesian else 1
+    for epoch in range(start_epoch, opt.epoch + 1):
+        model.train()
+        loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        sums = {"loss": 0.0, "correct": 0, "seen": 0}
+        window = {"loss": 0.0, "correct": 0, "seen": 0}
+        bar = tqdm(loader, desc=f"epoch {epoch}/{opt.epoch}", disable=opt.no_progress or not ctx.is_main,
+                   leave=False, file=sys.stdout, dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar, 1):
+            optimizer.zero_grad()
+            for _ in range(samples_per_step):
+                logits = model(x)  # train mode: a fresh weight sample per forward
+                if bayesian:
+                    optimizer.true_fisher_backward(logits)
+                loss = F.cross_entropy(logits, y)
+                loss.backward()
+            loss_value = loss.item()
+            if distributed.broadcast_flag(not math.isfinite(loss_value), ctx):
+                raise Diverged(f"training diverged at epoch {epoch}, step {step} (loss = {loss_value}); "
+                               f"{_last_good(run_dir)}; lower --lr or raise --damping")
+            if not bayesian:
+                distributed.average_gradients(model)
+            optimizer.step()
+            iteration += 1
+            correct = int((logits.argmax(1) == y).sum())
+            for acc in (sums, window):
+                acc["loss"] += loss_value * len(y)
+                acc["correct"] += correct
+                acc["seen"] += len(y)
+            if step % opt.log_interval == 0 and ctx.is_main:
+                rate = sums["seen"] * ctx.world_size / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{window['loss'] / window['seen']:.3f}",
+                                acc=f"{window['correct'] / window['seen']:.3f}",
+                                lr=f"{optimizer.param_groups[0]['lr']:.2e}", samples_s=f"{rate:.0f}")
+                log({"kind": "iter", "epoch": epoch, "iteration": iteration,
+                     "epoch_float": epoch - 1 + step / len(loader), "loss": window["loss"] / window["seen"],
+                     "acc": window["correct"] / window["seen"], "lr": optimizer.param_groups[0]["lr"]})
+                window = {"loss": 0.0, "correct": 0, "seen": 0}
+        bar.close()
+        seconds = time.perf_counter() - t0
+        if not finite(model):
+            raise Diverged(f"training diverged in epoch {epoch}: the weights are not finite; {_last_good(run_dir)}; "
+                           "lower --lr or raise --damping")
+
+        # -- evaluate, log, checkpoint ---------------------------------------------------
+        test, _ = evaluate(model, test_x, test_y, opt.test_samples)
+        record = {"kind": "epoch", "epoch": epoch, "iteration": iteration,
+                  "train_loss": sums["loss"] / sums["seen"], "train_acc": sums["correct"] / sums["seen"],
+                  "test_acc": test["acc"], "test_nll": test["nll"], "test_ece": test["ece"],
+                  "lr": optimizer.param_groups[0]["lr"], "sec_per_epoch": seconds}
+        scheduler.step()
+        rngs = [rng_state()]
+        if ctx.enabled:
+            rngs = [None] * ctx.world_size
+            torch.distributed.all_gather_object(rngs, rng_state())
+        if ctx.is_main:
+            print(f"epoch {epoch:3d}  train loss {record['train_loss']:.4f}  acc {record['train_acc']:.4f}  |  "
+                  f"test acc {test['acc']:.4f}  nll {test['nll']:.4f}  ece {test['ece']:.4f}  |  {seconds:.1f}s",
+                  flush=True)
+            log(record)
+            if bayesian:
+                vis.log_posterior(epoch, *posterior_summaries(model, optimizer))
+            save_atomic({"format_version": CHECKPOINT_FORMAT, "epoch": epoch, "iteration": iteration,
+                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "rng": rngs,
+                         "options": {k: v for k, v in vars(opt).items() if k != "explicit"}, "metrics": record},
+                        checkpoint_path(run_dir, epoch))
+    if ctx.is_main:
+        print(f"done: checkpoints in {run_dir}; evaluate with: python test.py --name {opt.name} --epoch {opt.epoch}")
+
+
+def _last_good(run_dir: Path) -> str:
+    last = latest_epoch(run_dir)
+    return f"the last good checkpoint is {checkpoint_path(run_dir, last)}" if last else "no checkpoint was written"
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,83 @@
+"""Data-parallel training on ``torch.distributed`` (launched by ``torchrun``).
+
+Each rank draws its own weight noise (seeded from ``--seed`` and the rank), so K ranks give K
+Monte-Carlo samples per step. The natural-gradient optimizers average gradients, curvature
+statistics and the prior's weight sample across ranks themselves, in one bucketed all-reduce
+per step (``NGVIOptimizer.all_reduce_mean``); the deterministic baselines use
+``average_gradients`` below. Only rank 0 logs, writes checkpoints and talks to visdom.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from util.errors import UserError
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str) -> tuple[DistContext, torch.device]:
+    """Join the process group when launched by ``torchrun``; return the context and this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistContext(), torch.device(device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs; "
+                            "lower --nproc_per_node")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+        # ranks sharing a machine split its cores; oversubscribed BLAS threads spin and crawl
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    return DistContext(rank, world_size, local_rank), dev
+
+
+def cleanup(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def average_gradients(model: nn.Module) -> None:
+    """Average ``.grad`` over ranks in one flat all-reduce (for Adam/SGD; the NGVI optimizers do their own)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_flag(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank if ``flag`` is true on any rank (e.g. a non-finite loss)."""
+    if not ctx.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
