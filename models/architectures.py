@@ -12,6 +12,7 @@ baseline trained with Adam or SGD); ``"FFG"`` / ``"MVG"`` build the Bayesian lay
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
 
@@ -40,24 +41,27 @@ def build_model(arch: str, posterior: str, in_channels: int, image_size: int, nu
     linear, conv = _layers(posterior)
     if arch == "mlp":
         sizes = [in_channels * image_size * image_size, *hidden]
-        body: list[nn.Module] = [nn.Flatten()]
-        for a, b in itertools.pairwise(sizes):
-            body += [linear(a, b), nn.ReLU()]
-        return nn.Sequential(*body, linear(sizes[-1], num_classes))
+        layers: dict[str, nn.Module] = {"flatten": nn.Flatten()}
+        for i, (a, b) in enumerate(itertools.pairwise(sizes), 1):
+            layers[f"fc{i}"], layers[f"relu{i}"] = linear(a, b), nn.ReLU()
+        layers[f"fc{len(sizes)}"] = linear(sizes[-1], num_classes)
+        return nn.Sequential(OrderedDict(layers))
     if arch in ("covnet", "lenet5"):
         side = _conv_out(_conv_out(image_size, 5) // 2, 5) // 2
         if side < 1:
             raise ValueError(f"{arch} needs images of at least 16x16 pixels, got {image_size}x{image_size}")
-        features = [
-            conv(in_channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
-            conv(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(),
-        ]
+        layers = {
+            "conv1": conv(in_channels, 6, 5), "relu1": nn.ReLU(), "pool1": nn.MaxPool2d(2),
+            "conv2": conv(6, 16, 5), "relu2": nn.ReLU(), "pool2": nn.MaxPool2d(2),
+            "flatten": nn.Flatten(),
+        }
         flat = 16 * side * side
         if arch == "covnet":
-            return nn.Sequential(*features, linear(flat, num_classes))
-        return nn.Sequential(*features, linear(flat, 120), nn.ReLU(), linear(120, 84), nn.ReLU(),
-                             linear(84, num_classes))
+            layers["fc1"] = linear(flat, num_classes)
+        else:
+            layers.update(fc1=linear(flat, 120), relu3=nn.ReLU(), fc2=linear(120, 84), relu4=nn.ReLU(),
+                          fc3=linear(84, num_classes))
+        return nn.Sequential(OrderedDict(layers))
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 

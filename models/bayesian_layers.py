@@ -38,13 +38,15 @@ class BayesianLayer:
     posterior: str
     sample_in_eval: bool
     last_noise: tuple[Tensor, Tensor | None] | None
+    mean_noise: tuple[Tensor, Tensor | None] | None
 
     def _init_posterior(self, posterior: str, init_std: float) -> None:
         if posterior not in POSTERIORS:
             raise ValueError(f"posterior must be one of {POSTERIORS}, got {posterior!r}")
         self.posterior = posterior
         self.sample_in_eval = False
-        self.last_noise = None
+        self.last_noise = self.mean_noise = None
+        self.noise_count = 0
         w = self.weight
         out = w.shape[0]
         if posterior == "FFG":
@@ -99,9 +101,20 @@ class BayesianLayer:
             return self._split_matrix(self.out_scale @ e @ self.in_scale)
 
     def sample_weight(self) -> tuple[Tensor, Tensor | None]:
-        """One fresh ``(weight, bias)`` sample; differentiable w.r.t. the means."""
+        """One fresh ``(weight, bias)`` sample; differentiable w.r.t. the means.
+
+        With autograd on, the noise is kept in ``last_noise`` and averaged into ``mean_noise``
+        (over the samples since the optimizer last consumed it, for the prior term ``gamma_in * w``).
+        """
         wn, bn = self.sample_noise()
-        self.last_noise = (wn, bn)
+        if torch.is_grad_enabled():
+            self.last_noise = (wn, bn)
+            if self.mean_noise is None:
+                self.mean_noise, self.noise_count = (wn, bn), 1
+            else:
+                self.noise_count += 1
+                self.mean_noise = tuple(old + (new - old) / self.noise_count if new is not None else None
+                                        for old, new in zip(self.mean_noise, (wn, bn)))
         w = self.weight + wn
         b = self.bias + bn if self.bias is not None else None
         return w, b

@@ -183,8 +183,8 @@ class NoisyKFAC(NGVIOptimizer):
             if layer.bias is not None and bias_grad is None:
                 bias_grad = torch.zeros_like(layer.bias)
             G = self._as_matrix(layer, layer.weight.grad, bias_grad) / passes
-            noise = self._as_matrix(layer, *layer.last_noise) if layer.last_noise is not None else None
-            layer.last_noise = None
+            noise = self._as_matrix(layer, *layer.mean_noise) if layer.mean_noise is not None else None
+            layer.mean_noise = None
             work.append((layer, group, G, stats, noise))
         # data-parallel: average gradients, factors and weight samples over ranks in one bucket
         self.all_reduce_mean([t for _, _, G, stats, noise in work for t in (G, *(stats or ()), noise) if t is not None])
@@ -194,6 +194,9 @@ class NoisyKFAC(NGVIOptimizer):
             state = self.state[layer.weight]
             state["step"] += 1
             k = int(state["step"].item())
+            if stats is None and "A" not in state and self.capture.fisher == "true":
+                raise RuntimeError("NoisyKFAC(fisher='true') took no statistics: call "
+                                   "optimizer.true_fisher_backward(logits) before loss.backward()")
             if stats is not None:
                 if "A" not in state:
                     state["A"], state["S"] = stats[0].clone(), stats[1].clone()

@@ -335,3 +335,17 @@ def test_predictive(float64):
     model.eval()
     models.predictive(model, x, 2)
     assert not model.training and not any(m.sample_in_eval for m in layers)
+
+
+def test_mean_noise_averages_the_samples_since_the_last_step():
+    """The prior term of Noisy Adam / Noisy K-FAC uses the mean noise of all MC samples of a step."""
+    layer = models.BayesianLinear(3, 2, posterior="FFG", init_std=0.5)
+    layer.train()
+    seen = []
+    for _ in range(3):
+        layer(torch.randn(4, 3)).sum().backward()
+        seen.append(layer.last_noise[0].clone())
+    torch.testing.assert_close(layer.mean_noise[0], torch.stack(seen).mean(0))
+    with torch.no_grad():  # evaluation-time samples do not count
+        layer(torch.randn(4, 3))
+    torch.testing.assert_close(layer.mean_noise[0], torch.stack(seen).mean(0))
