@@ -172,7 +172,8 @@ class BaseOptions:
         g.add_argument("--seed", type=int, default=0)
         g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
         g.add_argument("--num_threads", type=int, default=None,
-                       help="torch intra-op threads (default: torch's default)")
+                       help="torch intra-op threads (default: torch's default; under torchrun on CPU, "
+                            "the cores divided by the ranks per machine)")
         g.add_argument("--ckpt_dir", default="checkpoints", help="where runs are saved")
         g.add_argument("--name", default=None, help="experiment name (a folder under --ckpt_dir)")
         g.add_argument("--no_progress", action="store_true", help="disable progress bars")

@@ -125,7 +125,10 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
         except (KeyError, RuntimeError, ValueError) as e:
             raise UserError(f"checkpoint {checkpoint_path(run_dir, last)} does not fit this run's model/optimizer "
                             f"({str(e).splitlines()[0][:120]}); resume with the options it was trained with") from None
-        set_rng_state(ckpt["rng"][ctx.rank] if ctx.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if ctx.rank < len(ckpt["rng"]):
+            set_rng_state(ckpt["rng"][ctx.rank])
+        else:  # resumed on more ranks than were saved: a new rank still draws its own noise
+            torch.manual_seed(opt.seed + 1000 * ctx.rank + ckpt["epoch"])
         start_epoch, iteration = ckpt["epoch"] + 1, ckpt["iteration"]
         if ctx.is_main:
             metrics_path.write_text("".join(line + "\n" for line in read_metrics(metrics_path, ckpt["epoch"])))
@@ -185,6 +188,9 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
                 window = {"loss": 0.0, "correct": 0, "seen": 0}
         bar.close()
         seconds = time.perf_counter() - t0
+        # the epoch's training loss and accuracy over all ranks' shards, not rank 0's alone
+        sums["loss"], sums["correct"], sums["seen"] = distributed.sum_over_ranks(
+            [sums["loss"], sums["correct"], sums["seen"]], ctx)
         if not finite(model):
             raise Diverged(f"training diverged in epoch {epoch}: the weights are not finite; {_last_good(run_dir)}; "
                            "lower --lr or raise --damping")

@@ -90,6 +90,31 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _crash_requested(path: Path) -> bool:
+    """Test hook: ``$NGVI_TEST_CRASH_BEFORE_RENAME`` set to a checkpoint's file name (e.g.
+    ``epoch_2.pt``) crashes only the write of that file; any other non-empty value crashes every
+    checkpoint write."""
+    value = os.environ.get(CRASH_ENV)
+    if not value:
+        return False
+    return value == path.name or not _EPOCH_RE.match(value)
+
+
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """``exc`` if it is an OSError, else the OSError it was raised from or while handling.
+
+    ``torch.save`` turns a failed write (disk full, file too large) into a RuntimeError from
+    its zip writer's cleanup, raised while the OSError is being handled.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _write_atomic(path: Path, write: Callable[[BinaryIO], object], what: str, crash_hook: bool) -> None:
     path = Path(path)
     tmp: str | None = None
@@ -100,13 +125,16 @@ def _write_atomic(path: Path, write: Callable[[BinaryIO], object], what: str, cr
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        if crash_hook and os.environ.get(CRASH_ENV):
+        if crash_hook and _crash_requested(path):
             os._exit(77)  # test hook: simulate a kill between write and rename
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(path.parent)
-    except OSError as e:
-        reason = e.strerror or one_line(e)
+    except Exception as e:
+        os_error = _os_error(e)
+        if os_error is None:
+            raise
+        reason = os_error.strerror or one_line(os_error)
         raise UserError(
             f"could not write {what} {path} ({reason}); the previous {what} is intact; "
             "free disk space or choose a writable --ckpt_dir"
@@ -127,7 +155,8 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     but plain containers/tensors, and :class:`UserError` if the file cannot be
     written (disk full, read-only); the previous file is left untouched and the
     temp file removed.  If ``$NGVI_TEST_CRASH_BEFORE_RENAME`` is set the process
-    exits with status 77 after writing the temp file and before the rename.
+    exits with status 77 after writing the temp file and before the rename (set it
+    to a file name such as ``epoch_2.pt`` to crash only when writing that file).
     """
     if isinstance(obj, dict) and "format_version" not in obj:
         obj = {"format_version": CHECKPOINT_FORMAT, **obj}

@@ -50,9 +50,17 @@ def setup(device: str) -> tuple[DistContext, torch.device]:
         dev = torch.device("cpu")
         # ranks sharing a machine split its cores; oversubscribed BLAS threads spin and crawl
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, available_cores() // local_world))
     dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
     return DistContext(rank, world_size, local_rank), dev
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. ``taskset``), else all of the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def cleanup(ctx: DistContext) -> None:
@@ -74,10 +82,26 @@ def average_gradients(model: nn.Module) -> None:
         offset += g.numel()
 
 
+def _collective_device() -> torch.device:
+    """Where small tensors for a collective must live: this rank's GPU under nccl, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def broadcast_flag(flag: bool, ctx: DistContext) -> bool:
     """True on every rank if ``flag`` is true on any rank (e.g. a non-finite loss)."""
     if not ctx.enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0])
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def sum_over_ranks(values: list[float], ctx: DistContext) -> list[float]:
+    """Element-wise sums of ``values`` over the ranks (e.g. the epoch's loss and counts), in float64."""
+    if not ctx.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t)
+    return t.tolist()

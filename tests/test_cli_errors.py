@@ -1,0 +1,212 @@
+"""Bad input at the command line: ``python train.py`` / ``python test.py`` in subprocesses.
+
+Each case must end with exit status 2 and exactly one stderr line, ``error: <what to do>``, and
+no traceback (``test_options.py`` checks the same flags in-process; here the real scripts run).
+Covered: bad flag values (``--optimizer rmsprop``, ``--batch_size 0``, a negative ``--lr``),
+``--device cuda`` without CUDA, ``--model MVG --optimizer vogn``, missing data (the download fails),
+a truncated IDX data file, a data file of the wrong image size, ``--resume`` with nothing to
+resume, and checkpoints that are truncated, random bytes, from another model or of an older
+format.
+
+The data are tiny MNIST-format files; the runs' checkpoints are written here in-process the
+way ``train.py`` writes them. The scripts start together (a few at a time) since start-up
+(importing torch) is most of their cost.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_fake_mnist, write_idx
+
+from option_parser import TrainOptions, save_options
+from util.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
+from util.errors import UserError
+from util.experiment import make_model, make_optimizer, make_scheduler
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Case:
+    script: str
+    argv: tuple[str, ...]
+    expected: str  # a substring of the error line
+    env: tuple[tuple[str, str], ...] = ()
+    preamble: str | None = None  # the start of lines allowed before the error line
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+def _cases(root: Path) -> dict[str, Case]:
+    ckpt, data = root / "ckpt", root / "data"
+    good = ("--ckpt_dir", str(ckpt), "--data_root", str(data / "good"), "--no_visdom", "--no_progress")
+    run = str(ckpt / "truncated" / "epoch_1.pt")
+    t10k = str(data / "truncated" / "MNIST" / "raw" / "t10k-images-idx3-ubyte")
+    train_images = str(data / "wrong_size" / "MNIST" / "raw" / "train-images-idx3-ubyte")
+    return {
+        # -- train.py: flags ---------------------------------------------------------------
+        "train_bad_choice": Case("train.py", ("--optimizer", "rmsprop", *good),
+                                 "argument --optimizer: invalid choice: 'rmsprop'"),
+        "train_batch_size_0": Case("train.py", ("--batch_size", "0", *good),
+                                   "error: --batch_size must be a positive integer, got 0"),
+        "train_negative_lr": Case("train.py", ("--lr", "-0.01", *good), "error: --lr must be > 0, got -0.01"),
+        "train_cuda_without_cuda": Case(
+            "train.py", ("--device", "cuda", *good),
+            "error: --device cuda: CUDA is not available on this machine; use --device cpu or auto",
+            env=(("CUDA_VISIBLE_DEVICES", ""),)),
+        "train_mvg_with_vogn": Case(
+            "train.py", ("--model", "MVG", "--optimizer", "vogn", *good),
+            "error: --model MVG cannot be trained with --optimizer vogn (vogn trains --model FFG); "
+            "use --optimizer noisy_kfac"),
+        "train_resume_nothing": Case("train.py", ("--resume", "--name", "nothing", *good),
+                                     f"error: --resume: no checkpoints in {ckpt / 'nothing'}; drop --resume"),
+        # -- train.py: data ----------------------------------------------------------------
+        "train_missing_data": Case(
+            "train.py", ("--ckpt_dir", str(ckpt), "--data_root", str(data / "empty"), "--no_visdom"),
+            "error: MNIST data not found (download failed: ", preamble="downloading MNIST to "),
+        "train_truncated_idx": Case(
+            "train.py", ("--ckpt_dir", str(ckpt), "--data_root", str(data / "truncated"), "--no_visdom"),
+            f"error: data file {t10k} is corrupted or truncated (100 bytes; "),
+        "train_wrong_image_size": Case(
+            "train.py", ("--ckpt_dir", str(ckpt), "--data_root", str(data / "wrong_size"), "--no_visdom"),
+            f"error: data file {train_images} has images of shape (20, 32, 32), expected N x 28 x 28 uint8"),
+        # -- train.py --resume: checkpoints --------------------------------------------------
+        "train_resume_truncated": Case("train.py", ("--resume", "--name", "truncated", *good),
+                                       f"error: checkpoint {run} is corrupted ("),
+        "train_resume_other_model": Case(
+            "train.py", ("--resume", "--name", "other_model", *good),
+            f"error: checkpoint {ckpt / 'other_model' / 'epoch_1.pt'} does not fit this run's model/optimizer ("),
+        # -- test.py -----------------------------------------------------------------------
+        "test_missing_checkpoint": Case("test.py", ("--ckpt_dir", str(ckpt), "--name", "good", "--epoch", "3"),
+                                        "error: run 'good' has no checkpoint for epoch 3; available: 1"),
+        "test_random_bytes": Case("test.py", ("--ckpt_dir", str(ckpt), "--name", "random"),
+                                  f"error: checkpoint {ckpt / 'random' / 'epoch_1.pt'} is corrupted ("),
+        "test_other_model": Case(
+            "test.py", ("--ckpt_dir", str(ckpt), "--name", "other_model"),
+            f"error: checkpoint {ckpt / 'other_model' / 'epoch_1.pt'} does not match a FFG mlp for MNIST ("),
+        "test_old_format": Case(
+            "test.py", ("--ckpt_dir", str(ckpt), "--name", "old_format"),
+            f"error: checkpoint {ckpt / 'old_format' / 'epoch_1.pt'} has format_version 0 but this code reads "
+            f"format {CHECKPOINT_FORMAT}"),
+    }
+
+
+def _write_run(ckpt: Path, name: str, data_root: Path, *flags: str, **overrides) -> Path:
+    """A run folder with ``opt.json`` and an ``epoch_1.pt`` laid out like train.py's."""
+    opt = TrainOptions().parse(["--ckpt_dir", str(ckpt), "--name", name, "--data_root", str(data_root),
+                                "--device", "cpu", *flags])
+    torch.manual_seed(0)
+    model = make_model(opt)
+    optimizer = make_optimizer(opt, model)
+    scheduler = make_scheduler(opt, optimizer)
+    run_dir = Path(opt.run_dir)
+    save_options(opt, run_dir)
+    state = {"format_version": CHECKPOINT_FORMAT, "epoch": 1, "iteration": 1, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": [{"torch": torch.get_rng_state()}],
+             "options": {k: v for k, v in vars(opt).items() if k != "explicit"}, "metrics": {}}
+    save_atomic({**state, **overrides}, run_dir / "epoch_1.pt")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Data roots and checkpoint runs, good and bad, under one folder."""
+    root = tmp_path_factory.mktemp("cli")
+    data, ckpt = root / "data", root / "ckpt"
+    write_fake_mnist(data / "good")
+    write_fake_mnist(data / "truncated")
+    t10k = data / "truncated" / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    t10k.write_bytes(t10k.read_bytes()[:100])
+    write_fake_mnist(data / "wrong_size")
+    write_idx(data / "wrong_size" / "MNIST" / "raw" / "train-images-idx3-ubyte",
+              np.random.default_rng(0).integers(0, 256, (20, 32, 32)))
+    (data / "empty").mkdir()
+
+    _write_run(ckpt, "good", data / "good")
+    for name in ("truncated", "random", "other_model", "old_format"):
+        shutil.copytree(ckpt / "good", ckpt / name)
+    path = ckpt / "truncated" / "epoch_1.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    (ckpt / "random" / "epoch_1.pt").write_bytes(np.random.default_rng(1).bytes(4096))
+    other = _write_run(ckpt, "other_tmp", data / "good", "--hidden", "50")  # same opt.json, other weights
+    shutil.copyfile(other / "epoch_1.pt", ckpt / "other_model" / "epoch_1.pt")
+    shutil.rmtree(other)
+    save_atomic({**load_checkpoint(ckpt / "good" / "epoch_1.pt"), "format_version": 0},
+                ckpt / "old_format" / "epoch_1.pt")
+    return root
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="module")
+def results(setup: Path) -> dict[str, Result]:
+    """Every case's outcome; the scripts run a few at a time, from an empty folder."""
+    cwd = setup / "cwd"
+    cwd.mkdir()
+    proxy = f"http://127.0.0.1:{_closed_port()}"  # downloads fail at once, never reach the network
+    base = {k: v for k, v in os.environ.items() if k not in ("DATA_ROOT", "NGVI_TEST_CRASH_BEFORE_RENAME")}
+    base.update(HTTP_PROXY=proxy, HTTPS_PROXY=proxy, http_proxy=proxy, https_proxy=proxy, NO_PROXY="", no_proxy="")
+
+    def run(case: Case) -> Result:
+        proc = subprocess.run([sys.executable, str(REPO / case.script), *case.argv], cwd=cwd,
+                              env={**base, **dict(case.env)}, capture_output=True, text=True, timeout=300)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    cases = _cases(setup)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outcomes = dict(zip(cases, pool.map(run, cases.values())))
+    return outcomes
+
+
+@pytest.mark.parametrize("case", list(_cases(Path())))  # the names; the paths come from `setup`
+def test_bad_input_is_one_error_line_exit_2(setup: Path, results: dict[str, Result], case: str) -> None:
+    spec, result = _cases(setup)[case], results[case]
+    report = f"exit {result.returncode}\nstderr:\n{result.stderr[-3000:]}"
+    assert result.returncode == 2, report
+    assert "Traceback" not in result.stderr, report
+    lines = result.stderr.splitlines()
+    assert lines and lines[-1].startswith("error: "), report
+    assert all(spec.preamble and line.startswith(spec.preamble) for line in lines[:-1]), report
+    assert spec.expected in lines[-1], report
+    assert "usage:" not in result.stderr
+
+
+def test_good_run_loads(setup: Path) -> None:
+    """The corrupted cases above are copies of this run: it is a checkpoint test.py can use."""
+    ckpt = load_checkpoint(setup / "ckpt" / "good" / "epoch_1.pt")
+    opt = TrainOptions().parse(["--data_root", str(setup / "data" / "good"), "--device", "cpu"])
+    make_model(opt).load_state_dict(ckpt["model"])
+
+
+def test_image_size_too_small_for_arch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No built-in data set is too small for an architecture (all are >= 28x28), so this one is not
+    reachable from the command line; make_model still turns it into a one-line UserError."""
+    from data.datasets import DATASETS, DatasetInfo
+
+    monkeypatch.setitem(DATASETS, "Tiny", DatasetInfo(1, 12, 10, 100, (0.5,), (0.5,)))
+    opt = TrainOptions().parse(["--arch", "covnet", "--device", "cpu"])
+    opt.dataset = "Tiny"
+    with pytest.raises(UserError) as e:
+        make_model(opt)
+    assert str(e.value) == "covnet needs images of at least 16x16 pixels, got 12x12; choose another --arch"
