@@ -29,7 +29,16 @@ from models import bayesian_layers
 from optimizers import NGVIOptimizer, NoisyKFAC
 from option_parser import TrainOptions, print_options, save_options
 from util import distributed
-from util.checkpoint import CHECKPOINT_FORMAT, checkpoint_path, latest_epoch, list_epochs, load_checkpoint, save_atomic
+from util.checkpoint import (
+    CHECKPOINT_FORMAT,
+    checkpoint_path,
+    latest_epoch,
+    list_epochs,
+    load_checkpoint,
+    remove_stale_temp_files,
+    save_atomic,
+    write_text_atomic,
+)
 from util.errors import UserError, run_cli
 from util.evaluation import evaluate
 from util.experiment import finite, make_model, make_optimizer, make_scheduler
@@ -131,7 +140,8 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
             torch.manual_seed(opt.seed + 1000 * ctx.rank + ckpt["epoch"])
         start_epoch, iteration = ckpt["epoch"] + 1, ckpt["iteration"]
         if ctx.is_main:
-            metrics_path.write_text("".join(line + "\n" for line in read_metrics(metrics_path, ckpt["epoch"])))
+            write_text_atomic(metrics_path, "".join(line + "\n" for line in read_metrics(metrics_path, ckpt["epoch"])))
+            remove_stale_temp_files(run_dir)
             print(f"resuming {opt.name} from epoch {ckpt['epoch']}")
     elif ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -143,8 +153,12 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
     vis.log_options({k: v for k, v in vars(opt).items() if k != "explicit"})
 
     def log(record: dict) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot append to {metrics_path} ({e.strerror}); free disk space, then continue "
+                            f"with --resume ({_last_good(run_dir)})") from None
         vis.log_record(record)
 
     samples_per_step = opt.train_samples if bayesian else 1

@@ -371,6 +371,7 @@ def test_kill_between_temp_write_and_rename_then_resume(runs: dict) -> None:
     resumed = finished(runs, "crashed_resumed")
     assert "resuming crashed from epoch 1" in resumed.result.stdout
     assert resumed.epochs == [1, 2, 3] and resumed.broken == []
+    assert temp_files(runs["crashed_dir"]) == [], "--resume must clear the killed write's temp file"
     assert comparable(runs["crashed_dir"]) == comparable(runs["reference_dir"])
     assert_same_state(runs["crashed_dir"], runs["reference_dir"], EPOCHS)
 

@@ -20,6 +20,7 @@ lists) so a checkpoint that could not be loaded safely is never written.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -41,6 +42,7 @@ __all__ = [
     "list_runs",
     "load_checkpoint",
     "read_options",
+    "remove_stale_temp_files",
     "save_atomic",
     "write_text_atomic",
 ]
@@ -168,6 +170,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically; :class:`UserError` on OSError."""
     data = text.encode("utf-8")
     _write_atomic(Path(path), lambda f: f.write(data), "file", crash_hook=False)
+
+
+def remove_stale_temp_files(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete temp files left by a process killed between writing and renaming; returns them."""
+    stale = sorted(Path(run_dir).glob(".*.tmp"))
+    for path in stale:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return stale
 
 
 def list_epochs(run_dir: str | os.PathLike) -> list[int]:
