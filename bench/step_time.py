@@ -13,14 +13,17 @@ method, so NoisyKFAC's decompositions are amortised exactly (one refresh per blo
 method's ms/step is the median over rounds of block time / 20, the rounds interleaving all
 methods in a shuffled order (``bench.common.interleaved``). Each ratio is to Adam's median.
 
-Threads: measured with torch's default thread count (what ``train.py`` uses unless
-``--num_threads``), then with 1 thread (less sensitive to other processes on a shared machine);
-the top-level JSON entries are the default-thread ones, both are under ``by_threads``.
+Threads: measured with 1 thread first, then with torch's default thread count (what
+``train.py`` uses unless ``--num_threads``; 2 on the 2-core benchmark machine). The headline
+(top-level JSON entries, PASS/MISS) is the 1-thread run: on a shared machine, multi-threaded
+OpenMP regions stall whenever another process holds one of the cores (on the benchmark machine,
+Adam's mlp step took 0.9 ms with 1 thread and 5-235 ms with 2), so the 2-thread numbers measure
+the machine's load more than the methods. Both runs are under ``by_threads``.
 
 The FLOP ratio beside each time ratio is an analytic count (``flop_model``): 2 FLOPs per MAC,
 forward + backward = 3x forward (2x for the first layer), plus each method's extra work.
 
-Usage: ``python bench/step_time.py [--quick] [--repeats R] [--threads 0,1] [--out PATH]``;
+Usage: ``python bench/step_time.py [--quick] [--repeats R] [--threads 1,0] [--out PATH]``;
 writes ``bench/results/step_time.json``.
 """
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import statistics
 import sys
 import time
 from argparse import Namespace
@@ -36,6 +40,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ivon  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from common import (  # noqa: E402
     RESULTS,
     LayerShape,
@@ -47,14 +54,10 @@ from common import (  # noqa: E402
     table,
     write_json,
 )
-
-import ivon  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from models import build_model  # noqa: E402
-from util.experiment import make_optimizer  # noqa: E402
+from util.experiment import DEFAULTS, make_optimizer  # noqa: E402
 
 METHODS = ("Adam", "NoisyAdam", "NoisyAdamBatch", "VOGN", "NoisyKFAC", "IVON")
 #: arch -> (channels, image size, batch size, N)
@@ -63,10 +66,11 @@ ARCHS = {"mlp": (1, 28, 100, 60000), "lenet5": (3, 32, 128, 50000)}
 TARGETS = {"NoisyAdam": {"mlp": 1.5, "lenet5": 1.5}, "NoisyAdamBatch": {"mlp": 1.15, "lenet5": 1.15},
            "VOGN": {"mlp": 1.5, "lenet5": 1.5}, "NoisyKFAC": {"mlp": 4.0, "lenet5": 2.0}}
 T_INV = 20
+QUICK_BATCH = 8
 
 
 # -- what is timed --------------------------------------------------------------------------------
-def build(method: str, arch: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+def build(method: str, arch: str, t_inv: int = T_INV) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The model (same initial means for every method) and optimizer of ``method``."""
     channels, size, _, n = ARCHS[arch]
     posterior = {"Adam": "MAP", "IVON": "MAP", "NoisyKFAC": "MVG"}.get(method, "FFG")
@@ -77,13 +81,16 @@ def build(method: str, arch: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     name = {"Adam": "adam", "NoisyKFAC": "noisy_kfac", "VOGN": "vogn"}.get(method, "noisy_adam")
     flags = Namespace(optimizer=name, lr=None, momentum=None, eps=1e-8, n=n, kl_weight=1.0, prior_var=None,
                       damping=None, init_precision=None, fisher="batch" if method == "NoisyAdamBatch" else None,
-                      t_stats=1, t_inv=T_INV, damping_mode=None, kl_clip=None)
+                      t_stats=1, t_inv=t_inv, damping_mode=None, kl_clip=None)
     return model, make_optimizer(flags, model)
 
 
-def block_of_steps(method: str, arch: str, batches: list[tuple[Tensor, Tensor]]) -> Callable[[], float]:
-    """A function running ``T_INV`` training steps of ``method``; returns the last loss."""
-    model, optimizer = build(method, arch)
+def block_of_steps(method: str, arch: str, batches: list[tuple[Tensor, Tensor]], steps: int = T_INV
+                   ) -> Callable[[], float]:
+    """A function running ``steps`` training steps of ``method`` (NoisyKFAC: ``t_inv = steps``).
+
+    Returns the last loss."""
+    model, optimizer = build(method, arch, t_inv=steps)
     model.train()
     data = itertools.cycle(batches)
 
@@ -107,9 +114,9 @@ def block_of_steps(method: str, arch: str, batches: list[tuple[Tensor, Tensor]])
     one = ivon_step if method == "IVON" else step
 
     def block() -> float:
-        for _ in range(T_INV):
+        for _ in range(steps):
             loss = one()
-        return float(loss)
+        return float(loss.detach())
 
     return block
 
@@ -125,7 +132,8 @@ def decomposition_flops(n: int, extra_damping: bool) -> float:
     return n**3 / 3 + n**3 + (n**3 / 3 + 2 * n**3 / 3 if extra_damping else 2 * n**3)
 
 
-def flop_model(method: str, shapes: list[LayerShape], extra_damping: bool = True) -> float:
+def flop_model(method: str, shapes: list[LayerShape],
+               extra_damping: bool = DEFAULTS["noisy_kfac"]["damping"] > 0) -> float:
     """FLOPs of one step of ``method`` (elementwise ops counted as 1 FLOP per entry, randn too)."""
     total = forward_backward_flops(shapes)
     params = sum(s.params for s in shapes)
@@ -155,28 +163,38 @@ def flop_model(method: str, shapes: list[LayerShape], extra_damping: bool = True
 
 
 # -- driver -----------------------------------------------------------------------------------------
-def measure(arch: str, rounds: int, warmup: int) -> dict[str, list[float]]:
+def measure(arch: str, rounds: int, warmup: int, steps: int = T_INV) -> dict[str, list[float]]:
     """Seconds per step of every method on ``arch`` (one sample per round)."""
     channels, size, batch, _ = ARCHS[arch]
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(batch, channels, size, size, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
                for _ in range(4)]
-    blocks = {m: block_of_steps(m, arch, batches) for m in METHODS}
+    blocks = {m: block_of_steps(m, arch, batches, steps) for m in METHODS}
     losses = {m: blocks[m]() for m in METHODS}  # first block: lazy initialisation, not timed
     bad = [m for m, v in losses.items() if not math.isfinite(v)]
     if bad:
         raise RuntimeError(f"{arch}: non-finite loss for {bad}")
     samples = interleaved(blocks, rounds=rounds, warmup=warmup)
-    return {m: [t / T_INV for t in ts] for m, ts in samples.items()}
+    return {m: [t / steps for t in ts] for m, ts in samples.items()}
+
+
+def quartiles_ms(ts: list[float]) -> list[float]:
+    q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+    return [1e3 * q[0], 1e3 * q[2]]
 
 
 def summarise(samples: dict[str, dict[str, list[float]]]) -> dict:
+    """Ratio of medians (the headline), plus quartiles and the median of per-round ratios (a check)."""
     raw = {a: {m: 1e3 * median(ts) for m, ts in s.items()} for a, s in samples.items()}
     ratio = {a: {m: raw[a][m] / raw[a]["Adam"] for m in METHODS if m != "Adam"} for a in raw}
-    return {**ratio, "raw_ms": raw, "rounds": {a: len(s["Adam"]) for a, s in samples.items()}}
+    paired = {a: {m: median([t / t0 for t, t0 in zip(s[m], s["Adam"])]) for m in METHODS if m != "Adam"}
+              for a, s in samples.items()}
+    iqr = {a: {m: quartiles_ms(ts) for m, ts in s.items()} for a, s in samples.items()}
+    return {**ratio, "raw_ms": raw, "iqr_ms": iqr, "paired_ratio": paired,
+            "rounds": {a: len(s["Adam"]) for a, s in samples.items()}}
 
 
-def report(result: dict, flops: dict, threads: int) -> None:
+def report(result: dict, flops: dict, threads: int, steps: int) -> None:
     for arch in ARCHS:
         _, _, batch, _ = ARCHS[arch]
         rows = []
@@ -187,23 +205,30 @@ def report(result: dict, flops: dict, threads: int) -> None:
             rows.append([m, result["raw_ms"][arch][m], r, flops[arch][m], "" if target is None else f"<= {target}",
                          verdict])
         print(f"\n{arch}, batch {batch}, {threads} thread(s), median of {result['rounds'][arch]} blocks of "
-              f"{T_INV} steps")
+              f"{steps} steps")
         print(table(["method", "ms/step", "time x Adam", "FLOP x Adam", "target", ""], rows))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="one round, one thread setting (smoke test)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke test: one round of 2-step blocks (NoisyKFAC t_inv=2), batch {QUICK_BATCH}, "
+                        "one thread setting")
     p.add_argument("--repeats", type=int, default=30, help="timed blocks of 20 steps per method")
+    p.add_argument("--repeats_other", type=int, default=5,
+                   help="timed blocks per method for the thread settings after the first")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
-    p.add_argument("--threads", default="0,1", help="comma-separated thread counts; 0 = torch's default")
+    p.add_argument("--threads", default="1,0",
+                   help="comma-separated thread counts, the first one is the headline; 0 = torch's default")
     p.add_argument("--out", default=str(RESULTS / "step_time.json"))
     args = p.parse_args(argv)
     default_threads = torch.get_num_threads()
     thread_list = [int(t) or default_threads for t in args.threads.split(",")]
-    rounds, warmup = args.repeats, args.warmup
+    rounds, warmup, steps = args.repeats, args.warmup, T_INV
     if args.quick:
-        rounds, warmup, thread_list = 1, 0, thread_list[:1]
+        rounds, warmup, steps, thread_list = 1, 0, 2, thread_list[:1]
+        for arch, (channels, size, _, n) in ARCHS.items():
+            ARCHS[arch] = (channels, size, QUICK_BATCH, n)
 
     t_start = time.perf_counter()
     flops: dict[str, dict[str, float]] = {}
@@ -213,11 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         flops[arch] = {m: flop_model(m, shapes) / base for m in METHODS}
 
     by_threads = {}
-    for threads in thread_list:
+    for k, threads in enumerate(thread_list):
         torch.set_num_threads(threads)
-        samples = {arch: measure(arch, rounds, warmup) for arch in ARCHS}
+        n_rounds = rounds if k == 0 else args.repeats_other
+        samples = {arch: measure(arch, n_rounds, warmup, steps) for arch in ARCHS}
         by_threads[str(threads)] = summarise(samples)
-        report(by_threads[str(threads)], flops, threads)
+        report(by_threads[str(threads)], flops, threads, steps)
     torch.set_num_threads(default_threads)
 
     main_result = by_threads[str(thread_list[0])]
@@ -225,12 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         **{a: main_result[a] for a in ARCHS},
         "raw_ms": main_result["raw_ms"],
+        "iqr_ms": main_result["iqr_ms"],
+        "paired_ratio": main_result["paired_ratio"],
         "flop_ratio": {a: {m: r for m, r in f.items() if m != "Adam"} for a, f in flops.items()},
         "targets": TARGETS,
         "pass": verdicts,
         "by_threads": by_threads,
         "config": environment(threads=thread_list, default_threads=default_threads, repeats=rounds, warmup=warmup,
-                              steps_per_block=T_INV, quick=args.quick, batch={a: v[2] for a, v in ARCHS.items()},
+                              steps_per_block=steps, quick=args.quick, batch={a: v[2] for a, v in ARCHS.items()},
                               seconds=time.perf_counter() - t_start),
     }
     path = write_json(args.out, out)

@@ -1,0 +1,61 @@
+"""Smoke test of the benchmarks: ``bench/step_time.py`` and ``bench/per_example.py`` run with
+``--quick`` (in parallel subprocesses, 1 thread each) and write JSON with the documented keys.
+
+The quick numbers are not meaningful timings (one round; NoisyKFAC with ``t_inv = 2``), but the
+per-example statistics must still agree with the naive loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ARCHS = ("mlp", "lenet5")
+STEP_METHODS = ("NoisyAdam", "NoisyAdamBatch", "VOGN", "NoisyKFAC", "IVON")
+PER_EXAMPLE_METHODS = ("plain", "ours", "backpack", "torch.func", "naive loop")
+
+pytest.importorskip("backpack")
+pytest.importorskip("ivon")
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.slow
+def test_bench_scripts_quick(tmp_path: Path) -> None:
+    outs = {name: tmp_path / f"{name}.json" for name in ("step_time", "per_example")}
+    procs = {name: subprocess.Popen([sys.executable, str(REPO / "bench" / f"{name}.py"), "--quick", "--out", str(out)]
+                                    + (["--threads", "1"] if name == "step_time" else []),
+                                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name, out in outs.items()}
+    for name, proc in procs.items():
+        log, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"{name}.py failed:\n{log[-3000:]}"
+
+    step = json.loads(outs["step_time"].read_text())
+    for arch in ARCHS:
+        assert set(step[arch]) == set(STEP_METHODS)
+        assert all(_positive(step[arch][m]) for m in STEP_METHODS)
+        assert set(step["raw_ms"][arch]) == {"Adam", *STEP_METHODS}
+        assert set(step["flop_ratio"][arch]) == set(STEP_METHODS)
+        assert all(_positive(v) for v in step["flop_ratio"][arch].values())
+        assert set(step["pass"][arch]) == {"NoisyAdam", "NoisyAdamBatch", "VOGN", "NoisyKFAC"}
+    assert {"threads", "torch", "repeats"} <= set(step["config"])
+    assert set(step["by_threads"]) == {"1"}
+
+    per = json.loads(outs["per_example"].read_text())
+    for arch in ARCHS:
+        for m in PER_EXAMPLE_METHODS:
+            entry = per[arch][m]
+            assert all(_positive(entry[k]) for k in ("ms", "time_ratio", "peak_mb", "memory_ratio"))
+            if m != "plain":
+                assert entry["agrees"], f"{arch}/{m}: relative deviation {entry['max_rel_diff']} from the naive loop"
+        assert isinstance(per["pass"][arch], bool)
+    assert {"torch", "repeats", "memory"} <= set(per["config"])
