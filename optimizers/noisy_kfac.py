@@ -114,7 +114,7 @@ class NoisyKFAC(NGVIOptimizer):
     def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9, num_data: int = 60000,
                  kl_weight: float = 1.0, prior_var: float = 1.0, damping: float = 1e-3, stat_decay: float = 0.95,
                  t_stats: int = 1, t_inv: int = 20, damping_mode: str = "factored", fisher: str = "empirical",
-                 kl_clip: float | None = None, init_precision: float = 1e4) -> None:
+                 kl_clip: float | None = 1e-3, init_precision: float = 1e3) -> None:
         if damping_mode not in ("factored", "exact"):
             raise ValueError(f"damping_mode must be 'factored' or 'exact', got {damping_mode!r}")
         if t_stats < 1 or t_inv < 1:

@@ -18,8 +18,8 @@ from util.errors import UserError
 
 #: defaults used when a flag is left unset (``None``)
 DEFAULTS: dict[str, dict] = {
-    "noisy_adam": dict(lr=3e-3, momentum=0.9, prior_var=1.0, damping=0.0, init_precision=1e3, fisher="example"),
-    "vogn": dict(lr=1e-2, momentum=0.9, prior_var=0.1, damping=0.0, init_precision=1e3, fisher="example"),
+    "noisy_adam": dict(lr=3e-3, momentum=0.9, prior_var=1.0, damping=1e-3, init_precision=1e3, fisher="example"),
+    "vogn": dict(lr=1e-2, momentum=0.9, prior_var=1.0, damping=0.0, init_precision=1e3, fisher="example"),
     "noisy_kfac": dict(lr=1e-3, momentum=0.9, prior_var=1.0, damping=1e-3, init_precision=1e3, fisher="example",
                        kl_clip=1e-3, damping_mode="factored"),
     "adam": dict(lr=1e-3),
