@@ -7,12 +7,12 @@ PORT   ?= 8097
 
 .PHONY: setup train test lint visdom bench accuracy clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-bench.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools<81" wheel
 	# visdom 0.2.4 is an sdist whose build needs pkg_resources: build it against setuptools<81
 	$(PY) -m pip install -q --no-build-isolation "setuptools<81" visdom==0.2.4 "tornado<6.5"
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-bench.txt
 	touch $@
 
 setup: $(VENV)/.installed
@@ -35,13 +35,11 @@ visdom: setup
 	$(PY) -m util.visdom_server --port $(PORT)
 
 bench: setup
-	$(PY) -m pip install -q -r requirements-bench.txt
 	DATA_ROOT=$(DATA_ROOT) $(PY) bench/step_time.py
 	DATA_ROOT=$(DATA_ROOT) $(PY) bench/per_example.py
 	DATA_ROOT=$(DATA_ROOT) $(PY) bench/data_loading.py
 
 accuracy: setup
-	$(PY) -m pip install -q -r requirements-bench.txt
 	DATA_ROOT=$(DATA_ROOT) $(PY) bench/accuracy.py
 
 clean:
