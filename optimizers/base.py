@@ -19,7 +19,7 @@ gradients and statistics are averaged.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -87,16 +87,31 @@ class NGVIOptimizer(Optimizer):
 
     @property
     def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return is_distributed()
 
     def all_reduce_mean(self, tensors: list[Tensor]) -> None:
         """Average ``tensors`` in place over all ranks, in one bucketed all-reduce."""
-        if not self.distributed or not tensors:
-            return
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+        all_reduce_mean(tensors)
+
+    def _run_closure(self, closure: Callable[[], Tensor] | None) -> Tensor | None:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_mean(tensors: list[Tensor]) -> None:
+    """Average ``tensors`` in place over all ranks with one flat all-reduce (no-op on one process)."""
+    if not is_distributed() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()

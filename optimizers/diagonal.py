@@ -68,10 +68,7 @@ class DiagonalNGVI(NGVIOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Update means and Fisher estimates from the gradients since ``zero_grad``; resample scale."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         work = []
         for layer, group, params in self.layer_params():
             passes = self.capture.pop_passes(layer)

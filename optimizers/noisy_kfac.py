@@ -169,10 +169,7 @@ class NoisyKFAC(NGVIOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Update factors, decompositions, means, and the layers' posterior sampling scales."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         work = []
         for layer, group, _ in self.layer_params():
             if layer.weight.grad is None:

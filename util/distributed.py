@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from optimizers.base import all_reduce_mean
 from util.errors import UserError
 
 
@@ -70,16 +71,7 @@ def cleanup(ctx: DistContext) -> None:
 
 def average_gradients(model: nn.Module) -> None:
     """Average ``.grad`` over ranks in one flat all-reduce (for Adam/SGD; the NGVI optimizers do their own)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def _collective_device() -> torch.device:
