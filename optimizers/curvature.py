@@ -217,7 +217,7 @@ class CurvatureCapture:
         if stat is None:
             return None
         n = self.counts.pop(module)
-        return [s / n if s is not None else None for s in stat]
+        return stat if n == 1 else [s / n if s is not None else None for s in stat]
 
     def pop_passes(self, module: nn.Module) -> int:
         """How many ordinary backward passes reached ``module`` since the last call (at least 1)."""

@@ -45,10 +45,10 @@ class DiagonalNGVI(NGVIOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), num_data=num_data, kl_weight=kl_weight, prior_var=prior_var,
                         damping=damping, init_precision=init_precision, fisher=fisher)
         super().__init__(model, defaults, capture_kind="diag" if fisher == "example" else "none")
-        for layer, group, params in self.layer_params():
+        for _, group, params in self.layer_params():
             for p in params:
                 self._init_state(p, group)
-            self._refresh_posterior(layer, group, params)
+        self._refresh_posteriors()
 
     def _init_state(self, p: Tensor, group: dict) -> None:
         f0 = 0.0
@@ -60,10 +60,39 @@ class DiagonalNGVI(NGVIOptimizer):
             "fisher": torch.full_like(p, f0, memory_format=torch.preserve_format),
         }
 
-    def _refresh_posterior(self, layer, group: dict, params: list[Tensor]) -> None:
-        c2 = self.noise_scale(group) ** 2
-        stds = [(c2 / (self.state[p]["fisher"] + self.gamma_in(group))).sqrt() for p in params]
-        layer.set_ffg_posterior(*stds)
+    @torch.no_grad()
+    def _refresh_posteriors(self) -> None:
+        """``sigma = sqrt((lambda/N) / (f + gamma_in))`` into every layer's ``weight_sigma`` / ``bias_sigma``."""
+        for group in self.param_groups:
+            pairs = [(self.state[p]["fisher"], sigma) for layer, grp, params in self.layer_params() if grp is group
+                     for p, sigma in zip(params, (layer.weight_sigma, layer.bias_sigma))]
+            if not pairs:
+                continue
+            std = torch._foreach_add([f for f, _ in pairs], self.gamma_in(group))
+            torch._foreach_reciprocal_(std)
+            torch._foreach_mul_(std, self.noise_scale(group) ** 2)
+            torch._foreach_sqrt_(std)
+            torch._foreach_copy_([sigma for _, sigma in pairs], std)
+
+    def _update_group(self, group: dict, params: tuple[Tensor, ...], grads: tuple[Tensor, ...],
+                      stats: tuple[Tensor, ...], noises: tuple[Tensor | None, ...]) -> None:
+        """``v = g + gamma_in w``; ``m``, ``f`` running averages; ``mu -= lr m_hat / (f + gamma_in + gamma_ex)``."""
+        beta1, beta2 = group["betas"]
+        gamma_in = self.gamma_in(group)
+        states = [self.state[p] for p in params]
+        exp_avgs, fishers = [st["exp_avg"] for st in states], [st["fisher"] for st in states]
+        torch._foreach_add_([st["step"] for st in states], 1)
+        v = torch._foreach_add(grads, params, alpha=gamma_in)
+        sampled = [(x, n) for x, n in zip(v, noises) if n is not None]
+        if sampled:  # the prior term at the sampled weights w = mu + noise
+            torch._foreach_add_([x for x, _ in sampled], [n for _, n in sampled], alpha=gamma_in)
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, v, alpha=1 - beta1)
+        torch._foreach_mul_(fishers, beta2)
+        torch._foreach_add_(fishers, list(stats), alpha=1 - beta2)
+        bias_correction = 1 - beta1 ** states[0]["step"].item()
+        denom = torch._foreach_add(fishers, gamma_in + group["damping"])
+        torch._foreach_addcdiv_(list(params), exp_avgs, denom, value=-group["lr"] / bias_correction)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -77,7 +106,7 @@ class DiagonalNGVI(NGVIOptimizer):
             for i, p in enumerate(params):
                 if p.grad is None:
                     continue
-                g = p.grad / passes
+                g = p.grad / passes if passes > 1 else p.grad
                 s = stats[i] if stats is not None else g.square()
                 w_noise = noise[i] if (noise is not None and self.prior_at_sample) else None
                 work.append((layer, group, p, g, s, w_noise))
@@ -91,18 +120,9 @@ class DiagonalNGVI(NGVIOptimizer):
             for _, grp, _, g, s, _ in work:
                 if grp["fisher"] == "batch":
                     s.copy_(g.square())
-        for _, group, p, g, s, w_noise in work:
-            state = self.state[p]
-            beta1, beta2 = group["betas"]
-            gamma_in = self.gamma_in(group)
-            state["step"] += 1
-            w_prior = p + w_noise if w_noise is not None else p
-            v = g + gamma_in * w_prior
-            state["exp_avg"].mul_(beta1).add_(v, alpha=1 - beta1)
-            state["fisher"].mul_(beta2).add_(s, alpha=1 - beta2)
-            bias_correction = 1 - beta1 ** state["step"].item()
-            denom = state["fisher"] + (gamma_in + group["damping"])
-            p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias_correction)
-        for layer, group, params in self.layer_params():
-            self._refresh_posterior(layer, group, params)
+        for group in self.param_groups:  # one fused (foreach) kernel per operation and group
+            items = [w for w in work if w[1] is group]
+            if items:
+                self._update_group(group, *zip(*[w[2:] for w in items]))
+        self._refresh_posteriors()
         return loss
