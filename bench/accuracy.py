@@ -1,0 +1,726 @@
+"""Benchmark: predictive quality of Adam, Noisy Adam, Noisy K-FAC, VOGN and IVON.
+
+Tasks (a task is skipped, with a note, when its data set is not found):
+
+* ``mnist_mlp``: MNIST, 784-100-10 MLP; OOD set FashionMNIST (test split)
+* ``mnist_covnet``: MNIST, the seed's CovNet; OOD set FashionMNIST
+* ``fmnist_covnet``: FashionMNIST, CovNet; OOD set MNIST
+* ``cifar_lenet5``: CIFAR-10, LeNet-5 (only when ``cifar-10-batches-py`` is under the data root); no OOD set
+
+Every run trains one (task, method, seed, learning rate) for E epochs with ``train.py``'s step
+(same in-memory loader, seeded the same way, batch 100): the options are built by
+``option_parser.TrainOptions().parse([...])`` and turned into model and optimizer by
+``util.experiment.make_model`` / ``make_optimizer``, so a run is what ``train.py`` would do
+with those flags (the per-optimizer ``DEFAULTS`` for everything but ``--lr``). IVON is not a
+``train.py`` optimizer: it is ``ivon.IVON(params, lr, ess=N)`` (package defaults otherwise:
+``hess_init=1, weight_decay=1e-4, beta2=0.99999``) on the deterministic (MAP) model, each
+step inside ``optimizer.sampled_params(train=True)``.
+
+After every epoch the predictive on the test set is scored (accuracy, log loss = NLL, ECE with
+15 bins): the mean of the softmax over 10 weight samples for the Bayesian methods and IVON,
+the single network for Adam. At the end: OOD AUROC (predictive entropy; OOD inputs are the
+positives) and reliability bins. "s/epoch" is the training time of an epoch (evaluation
+excluded) on whatever machine ran it.
+
+Tuning sweep: on ``mnist_mlp`` with 1 seed, each method tries the learning rates in ``GRID``
+for ``--sweep_epochs`` epochs (default ``--epochs``: the lr is tuned for the length it is used
+at), training on the first 50,000 MNIST training images and scoring on the last 10,000 (a
+validation split; the test set is never used to tune); the lr with the lowest validation NLL
+is used for every task. ``--no_sweep`` uses the lrs an earlier sweep chose (stored in the
+JSON), else the defaults of ``util.experiment.DEFAULTS`` (IVON: 0.1).
+
+Results accumulate in ``bench/results/accuracy.json``, which is rewritten after every run; a run
+already there (same task, method, seed, lr, epochs, subset, and the same optimizer settings, so a
+change of ``util.experiment.DEFAULTS`` re-runs what it affects) is not run again, so an interrupted
+benchmark resumes where it stopped. From the JSON it writes ``docs/results.md`` (tables, sweep,
+published reference points, the commands) and ``bench/results/<task>_curves.png`` /
+``<task>_reliability.png``.
+
+Usage::
+
+    python bench/accuracy.py --data_root ../shared/data --quick      # ~20 s check: 1 epoch, 5000 examples, mlp
+    python bench/accuracy.py --data_root ../shared/data --sweep_only # the tuning sweep
+    python bench/accuracy.py --data_root ../shared/data --epochs 10 --conv_epochs 5 --seeds 3
+    python bench/accuracy.py --report_only                           # tables and plots from the JSON
+
+``--quick`` writes ``accuracy_quick.json`` and ``quick_*.png`` and prints the markdown instead of
+writing ``docs/results.md``, so it never mixes with the real results. Torch runs on 1 thread by
+default (``--threads``): on a small shared machine more threads oversubscribe the cores and were
+several times slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ivon  # noqa: E402
+import plots  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from common import REPO, RESULTS, environment  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from data import DATASETS, InMemoryLoader, find_data, load_split, take_subset  # noqa: E402
+from option_parser import TrainOptions  # noqa: E402
+from util.evaluation import ood_auroc, predict  # noqa: E402
+from util.experiment import DEFAULTS, finite, make_model, make_optimizer  # noqa: E402
+from util.metrics import accuracy, ece, nll, reliability_bins  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Task:
+    dataset: str
+    arch: str
+    ood: str | None  # out-of-distribution data set (its test split), or None
+
+
+TASKS = {
+    "mnist_mlp": Task("MNIST", "mlp", "FashionMNIST"),
+    "mnist_covnet": Task("MNIST", "covnet", "FashionMNIST"),
+    "fmnist_covnet": Task("FashionMNIST", "covnet", "MNIST"),
+    "cifar_lenet5": Task("CIFAR10", "lenet5", None),
+}
+#: method -> (posterior of the model, train.py --optimizer); IVON trains the MAP model itself
+METHODS = {
+    "Adam": ("MAP", "adam"),
+    "NoisyAdam": ("FFG", "noisy_adam"),
+    "NoisyKFAC": ("MVG", "noisy_kfac"),
+    "VOGN": ("FFG", "vogn"),
+    "IVON": ("MAP", None),
+}
+#: the learning rates the sweep tries: the default and factors of about 3 around it, extended
+#: downwards where a sweep chose the lowest value (Adam and VOGN, with 10 epochs)
+GRID = {
+    "Adam": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+    "NoisyAdam": [1e-3, 3e-3, 1e-2, 3e-2],
+    "NoisyKFAC": [3e-4, 1e-3, 3e-3, 1e-2],
+    "VOGN": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+    "IVON": [0.05, 0.1, 0.2, 0.5],
+}
+DEFAULT_LR = {"IVON": 0.1, **{m: DEFAULTS[o]["lr"] for m, (_, o) in METHODS.items() if o}}
+SWEEP_TASK = "mnist_mlp"
+BATCH_SIZE = 100
+TEST_SAMPLES = 10
+VALIDATION = 10000
+#: published numbers, shown beside ours and labeled as such (never produced by this script)
+PUBLISHED = {
+    "mnist": [
+        ("LeNet-5, deterministic", 99.1, 0.037, None,
+         "google/uncertainty-baselines, baselines/mnist README"),
+        ("LeNet-5, mean-field VI", 98.5, 0.048, 0.010,
+         "google/uncertainty-baselines, baselines/mnist README"),
+    ],
+    "cifar": [
+        ("VOGN, LeNet-5 with batch norm, 100 epochs", 69.0, None, None,
+         "a user report on team-approx-bayes/dl-with-bayes (about 69%)"),
+    ],
+}
+
+
+# -- one run -------------------------------------------------------------------------------------
+def options(task: Task, method: str, lr: float, n: int, seed: int, data_root: str | None, device: str,
+            augment: bool) -> argparse.Namespace:
+    """The options train.py would parse for this run."""
+    posterior, optimizer = METHODS[method]
+    argv = ["--model", posterior, "--optimizer", optimizer or "adam", "--dataset", task.dataset,
+            "--arch", task.arch, "--n", str(n), "--seed", str(seed), "--batch_size", str(BATCH_SIZE),
+            "--test_samples", str(TEST_SAMPLES), "--device", device, "--no_visdom", "--no_progress"]
+    if optimizer:
+        argv += ["--lr", repr(lr)]
+    if data_root:
+        argv += ["--data_root", data_root]
+    if augment and task.dataset == "CIFAR10":
+        argv += ["--augment"]
+    opt = TrainOptions().parse(argv)
+    opt.lr_ivon = lr if method == "IVON" else None
+    return opt
+
+
+@torch.no_grad()
+def ivon_predict(model: nn.Module, optimizer: ivon.IVON, images: Tensor, samples: int,
+                 batch_size: int = 1000) -> Tensor:
+    """IVON's predictive: the mean of the softmax over ``samples`` weight draws (log-mean-exp)."""
+    model.eval()
+    logps = []
+    for _ in range(samples):
+        with optimizer.sampled_params():
+            logps.append(torch.cat([F.log_softmax(model(images[i:i + batch_size]), dim=-1)
+                                    for i in range(0, images.shape[0], batch_size)]))
+    return (torch.logsumexp(torch.stack(logps), dim=0) - math.log(samples)).exp()
+
+
+def probabilities(method: str, model: nn.Module, optimizer, images: Tensor) -> Tensor:
+    if method == "IVON":
+        return ivon_predict(model, optimizer, images, TEST_SAMPLES)
+    return predict(model, images, 0 if method == "Adam" else TEST_SAMPLES)
+
+
+def scores(probs: Tensor, labels: Tensor) -> dict[str, float]:
+    return {"acc": accuracy(probs, labels), "nll": nll(probs, labels), "ece": ece(probs, labels)}
+
+
+def train_run(task: Task, method: str, lr: float, seed: int, epochs: int, train: tuple[Tensor, Tensor],
+              evaluation: tuple[Tensor, Tensor], ood: Tensor | None, args: argparse.Namespace,
+              label: str) -> dict:
+    """Train one run; the curves are scored on ``evaluation`` (test or validation split)."""
+    train_x, train_y = train
+    opt = options(task, method, lr, train_x.shape[0], seed, args.data_root, args.device, args.augment)
+    device = torch.device(opt.device)
+    loader = InMemoryLoader(train_x, train_y, opt.batch_size, shuffle=True, seed=opt.seed, augment=opt.augment)
+    torch.manual_seed(opt.seed)
+    model = make_model(opt).to(device)
+    if method == "IVON":
+        optimizer = ivon.IVON(model.parameters(), lr=lr, ess=train_x.shape[0], **IVON_DEFAULTS)
+    else:
+        optimizer = make_optimizer(opt, model)
+    torch.manual_seed(opt.seed)
+    bayesian = method not in ("Adam", "IVON")
+    curves: dict[str, list[float]] = {k: [] for k in ("train_loss", "test_acc", "test_nll", "test_ece",
+                                                      "sec_per_epoch")}
+    diverged = None
+    probs = None
+    for epoch in range(1, epochs + 1):
+        model.train()
+        loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        loss_sum, seen = 0.0, 0
+        for step, (x, y) in enumerate(loader, 1):
+            optimizer.zero_grad()
+            if method == "IVON":
+                with optimizer.sampled_params(train=True):
+                    optimizer.zero_grad()
+                    loss = F.cross_entropy(model(x), y)
+                    loss.backward()
+            else:
+                logits = model(x)
+                if bayesian:
+                    optimizer.true_fisher_backward(logits)
+                loss = F.cross_entropy(logits, y)
+                loss.backward()
+            value = loss.item()
+            if not math.isfinite(value):
+                diverged = f"loss {value} at epoch {epoch}, step {step}"
+                break
+            optimizer.step()
+            loss_sum += value * len(y)
+            seen += len(y)
+        seconds = time.perf_counter() - t0
+        if diverged is None and not finite(model):
+            diverged = f"non-finite weights after epoch {epoch}"
+        if diverged:
+            print(f"  {label}: DIVERGED ({diverged})", flush=True)
+            break
+        probs = probabilities(method, model, optimizer, evaluation[0])
+        s = scores(probs, evaluation[1])
+        for key, v in (("train_loss", loss_sum / seen), ("test_acc", s["acc"]), ("test_nll", s["nll"]),
+                       ("test_ece", s["ece"]), ("sec_per_epoch", seconds)):
+            curves[key].append(v)
+        print(f"  {label}  epoch {epoch}/{epochs}: train loss {loss_sum / seen:.4f} | eval acc {s['acc']:.4f} "
+              f"nll {s['nll']:.4f} ece {s['ece']:.4f} | {seconds:.1f}s", flush=True)
+
+    run = {"task_dataset": task.dataset, "arch": task.arch, "method": method, "seed": seed, "lr": lr,
+           "epochs": epochs, "n_train": train_x.shape[0], "diverged": diverged, "curves": curves,
+           "optimizer_settings": _settings(method, opt)}
+    if diverged or probs is None:
+        run["final"] = None
+        return run
+    final = {"acc": curves["test_acc"][-1], "nll": curves["test_nll"][-1], "ece": curves["test_ece"][-1],
+             "sec_per_epoch": statistics.mean(curves["sec_per_epoch"])}
+    run["reliability"] = reliability_bins(probs, evaluation[1], 15)
+    if ood is not None:
+        final["ood_auroc"] = ood_auroc(probs, probabilities(method, model, optimizer, ood))
+    run["final"] = final
+    return run
+
+
+#: IVON's settings besides lr and ess: the ``ivon`` package's defaults
+IVON_DEFAULTS = {k: v.default for k, v in inspect.signature(ivon.IVON).parameters.items()
+                 if k in ("hess_init", "weight_decay", "beta1", "beta2", "mc_samples")}
+
+
+def optimizer_settings(task: Task, method: str, lr: float, n: int, args: argparse.Namespace) -> dict:
+    """Everything the run's optimizer is built with (stored with the run; a stored run whose settings
+    differ from today's, e.g. after a change of ``util.experiment.DEFAULTS``, is run again)."""
+    return _settings(method, options(task, method, lr, n, 0, args.data_root, args.device, args.augment))
+
+
+def _settings(method: str, opt: argparse.Namespace) -> dict:
+    if method == "IVON":
+        return {"lr": float(opt.lr_ivon), "ess": opt.n, **IVON_DEFAULTS}
+    name = opt.optimizer
+    out = {"optimizer": name, "lr": opt.lr if opt.lr is not None else DEFAULTS[name]["lr"], "n": opt.n,
+           "batch_size": opt.batch_size, "kl_weight": opt.kl_weight, "train_samples": opt.train_samples,
+           "test_samples": 0 if method == "Adam" else opt.test_samples}
+    for k, v in DEFAULTS[name].items():
+        out.setdefault(k, v)
+    if name == "noisy_kfac":
+        out.update(t_stats=opt.t_stats, t_inv=opt.t_inv)
+    return out
+
+
+# -- bookkeeping -----------------------------------------------------------------------------------
+def _done(run: dict | None, settings: dict) -> bool:
+    """Whether a stored run is there and was built with ``settings``."""
+    if run is None:
+        return False
+    if run.get("optimizer_settings") != settings:
+        print(f"  re-running {run['method']} lr={run['lr']:g} seed={run['seed']}: its optimizer settings changed "
+              f"({_diff(run.get('optimizer_settings') or {}, settings)})", flush=True)
+        return False
+    return True
+
+
+def _diff(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new), key=str)
+    return ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k))
+
+
+def run_key(kind: str, task: str, method: str, seed: int, lr: float, epochs: int, subset: int | None) -> str:
+    return f"{kind}|{task}|{method}|seed={seed}|lr={lr:g}|epochs={epochs}|subset={subset}"
+
+
+def load_results(path: Path) -> dict:
+    if path.exists():
+        data = json.loads(path.read_text())
+        data.setdefault("runs", {})
+        data.setdefault("sweep", {})
+        data.setdefault("plans", {})
+        return data
+    return {"runs": {}, "sweep": {}, "plans": {}}
+
+
+def save_results(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+class Data:
+    """Each data set's splits, loaded once."""
+
+    def __init__(self, data_root: str | None, device: str) -> None:
+        self.root, self.device, self.cache = data_root, device, {}
+
+    def available(self, name: str) -> bool:
+        return find_data(name, self.root) is not None
+
+    def split(self, name: str, train: bool) -> tuple[Tensor, Tensor]:
+        if (name, train) not in self.cache:
+            self.cache[(name, train)] = load_split(name, train, self.root, self.device)
+        return self.cache[(name, train)]
+
+
+# -- the sweep and the main grid -------------------------------------------------------------------
+def sweep(args, data: Data, results: Path, store: dict) -> dict[str, float]:
+    task = TASKS[SWEEP_TASK]
+    x, y = data.split(task.dataset, True)
+    x, y = take_subset(x, y, args.subset, 0)
+    val = VALIDATION if x.shape[0] >= 3 * VALIDATION else x.shape[0] // 5
+    fit, held = (x[:-val], y[:-val]), (x[-val:], y[-val:])
+    info = {"task": SWEEP_TASK, "epochs": args.sweep_epochs, "seed": 0, "subset": args.subset,
+            "n_fit": fit[0].shape[0], "n_validation": val, "criterion": "validation NLL after the last epoch",
+            "grid": {m: GRID[m] for m in args.methods}, "runs": {}, "chosen": {}}
+    sw = store["sweep"].get(_sweep_id(args), {})
+    info["runs"] = sw.get("runs", {})
+    for method in args.methods:
+        for lr in GRID[method]:
+            key = run_key("sweep", SWEEP_TASK, method, 0, lr, args.sweep_epochs, args.subset)
+            if _done(info["runs"].get(key), optimizer_settings(task, method, lr, fit[0].shape[0], args)):
+                continue
+            print(f"sweep {method} lr={lr:g}", flush=True)
+            run = train_run(task, method, lr, 0, args.sweep_epochs, fit, held, None, args,
+                            f"sweep {SWEEP_TASK} {method} lr={lr:g}")
+            run.pop("reliability", None)
+            info["runs"][key] = run
+            store["sweep"][_sweep_id(args)] = info
+            save_results(results, store)
+        tried = [r for r in info["runs"].values() if r["method"] == method and r["final"] is not None
+                 and r["lr"] in GRID[method]]
+        if tried:
+            info["chosen"][method] = min(tried, key=lambda r: r["final"]["nll"])["lr"]
+    info["chosen"] = {m: info["chosen"][m] for m in METHODS if m in info["chosen"]}
+    store["sweep"][_sweep_id(args)] = info
+    store["chosen_lr"] = {**store.get("chosen_lr", {}), **info["chosen"]}
+    store["chosen_sweep"] = _sweep_id(args)
+    save_results(results, store)
+    return info["chosen"]
+
+
+def _sweep_id(args) -> str:
+    return f"{SWEEP_TASK}|epochs={args.sweep_epochs}|subset={args.subset}"
+
+
+def task_epochs(args, task: str) -> int:
+    return args.conv_epochs if TASKS[task].arch != "mlp" and args.conv_epochs else args.epochs
+
+
+def main_grid(args, data: Data, results: Path, store: dict, lrs: dict[str, float], tasks: list[str]) -> None:
+    command = _command()
+    for name in tasks:
+        task = TASKS[name]
+        epochs = task_epochs(args, name)
+        plan = {"epochs": epochs, "seeds": list(range(args.seeds)), "subset": args.subset,
+                "lrs": {m: lrs[m] for m in args.methods}, "command": command,
+                "lr_source": args.lr_source, "sweep": args.sweep_id}
+        old = store["plans"].get(name, {})
+        keep = {m: lr for m, lr in old.get("lrs", {}).items()
+                if m not in args.methods and old.get("epochs") == epochs and old.get("subset") == args.subset}
+        plan["lrs"] = {m: lr for m, lr in {**keep, **plan["lrs"]}.items()}
+        store["plans"][name] = plan
+        save_results(results, store)
+        train_x, train_y = data.split(task.dataset, True)
+        test = data.split(task.dataset, False)
+        ood = data.split(task.ood, False)[0] if task.ood else None
+        for seed in range(args.seeds):
+            fit = take_subset(train_x, train_y, args.subset, seed)
+            for method in args.methods:
+                key = run_key("test", name, method, seed, lrs[method], epochs, args.subset)
+                if _done(store["runs"].get(key), optimizer_settings(task, method, lrs[method], fit[0].shape[0], args)):
+                    continue
+                label = f"{name} {method} seed={seed} lr={lrs[method]:g}"
+                print(label, flush=True)
+                run = train_run(task, method, lrs[method], seed, epochs, fit, test, ood, args, label)
+                run["task"] = name
+                store["runs"][key] = run
+                save_results(results, store)
+        report(args, store, echo=False)
+
+
+def _command() -> str:
+    return "python bench/accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+# -- report ------------------------------------------------------------------------------------------
+def _ms(values: list[float], fmt: str, scale: float = 1.0) -> str:
+    values = [v * scale for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+
+
+def plan_runs(store: dict, task: str, plan: dict) -> dict[str, list[dict]]:
+    """The runs of ``plan`` that are done, per method (diverged ones included)."""
+    out = {}
+    for method, lr in plan["lrs"].items():
+        out[method] = [store["runs"][k] for seed in plan["seeds"]
+                       if (k := run_key("test", task, method, seed, lr, plan["epochs"], plan["subset"]))
+                       in store["runs"]]
+    return out
+
+
+def report(args, store: dict, echo: bool = True) -> str:
+    """Write the plots and the markdown (to ``--md``; ``--quick``: to stdout if ``echo``); return the markdown."""
+    prefix = "quick_" if args.quick else ""
+    md = ["# Results: predictive quality of the optimizers", "",
+          "Generated by `bench/accuracy.py` from `" + _rel(args.results) + "`; do not edit by hand.", "",
+          "Every number below is the mean ± standard deviation over seeds (the *n* column) of the run's "
+          "final epoch, on the **test split**. Test accuracy; NLL = log loss of the predictive (nats, lower is "
+          "better); ECE = expected calibration error, 15 equal-width bins; OOD AUROC = how well predictive "
+          "entropy tells the OOD test set (MNIST -> FashionMNIST, FashionMNIST -> MNIST) from the in-distribution "
+          "test set (0.5 = chance, higher is better); s/epoch = training seconds per epoch (evaluation excluded; "
+          "a shared machine, so only roughly comparable). Predictive: mean softmax over "
+          f"{TEST_SAMPLES} weight samples for NoisyAdam, NoisyKFAC, VOGN and IVON; the single network for Adam. "
+          f"Batch size {BATCH_SIZE}, 1 MC sample per training step, no learning-rate schedule, no data "
+          f"augmentation. Learning rates are tuned once, on {SWEEP_TASK} (sweep below), and reused unchanged "
+          "on the other tasks, which may train for fewer epochs: they are not tuned per task.", ""]
+    md += ["Reproduce (from the repository root; `--data_root` is the folder holding `MNIST/`, `FashionMNIST/` "
+           "and, for CIFAR-10, `cifar-10-batches-py/`; the runs already in the JSON are skipped, so an "
+           "interrupted benchmark resumes):", "", "```",
+           "python bench/accuracy.py --data_root ../shared/data --quick   # ~20 s check that it works "
+           "(writes accuracy_quick.json / quick_*.png)",
+           "python bench/accuracy.py --data_root ../shared/data --epochs 10 --conv_epochs 5 --seeds 3   "
+           "# sweep + all tasks",
+           "python bench/accuracy.py --report_only   # rewrite this page and the plots from the JSON",
+           "```", "", "The command each table below came from is printed with it.", ""]
+    env = store.get("environment", {})
+    if env:
+        md += [f"Machine: {env.get('cpu_count')} CPU cores, torch {env.get('torch')}, "
+               f"{env.get('torch_threads')} torch thread(s), device `{env.get('device', 'cpu')}`; the machine was "
+               f"shared with other jobs (1-minute load average {env.get('load_average_1min', 0):.1f} when the last "
+               "invocation started), so s/epoch is only a rough, noisy figure.", ""]
+    notes = store.get("skipped", {})
+    for name, plan in store["plans"].items():
+        runs = plan_runs(store, name, plan)
+        task = TASKS[name]
+        info = DATASETS[task.dataset]
+        n_train = plan["subset"] or info.train_size
+        md += [f"## {name}: {task.dataset}, `{task.arch}`", "",
+               f"{_n(plan['epochs'], 'epoch')}, {n_train} training examples, seeds {plan['seeds']}; "
+               f"learning rates {plan['lr_source']}. Command:", "", "```", plan["command"], "```", ""]
+        ood_col = f"OOD AUROC (→{task.ood})" if task.ood else "OOD AUROC"
+        md += [f"| method | posterior | lr | n | test acc % | NLL | ECE | {ood_col} | s/epoch |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for method, rs in runs.items():
+            done = [r for r in rs if r["final"] is not None]
+            div = len(rs) - len(done)
+            n = f"{len(done)}" + (f" (+{div} diverged)" if div else "")
+            f = [r["final"] for r in done]
+            posterior = "IVON (diag. Gaussian)" if method == "IVON" else METHODS[method][0]
+            md.append(f"| {method} | {posterior} | {plan['lrs'][method]:g} | {n} | "
+                      f"{_ms([x['acc'] for x in f], '.2f', 100)} | {_ms([x['nll'] for x in f], '.4f')} | "
+                      f"{_ms([x['ece'] for x in f], '.4f')} | {_ms([x.get('ood_auroc') for x in f], '.3f')} | "
+                      f"{_ms([x['sec_per_epoch'] for x in f], '.1f')} |")
+        ref = PUBLISHED["mnist"] if task.dataset == "MNIST" else PUBLISHED["cifar"] if task.dataset == "CIFAR10" \
+            else []
+        for what, acc, loss, cal, source in ref:
+            md.append(f"| *published, not ours: {what}* ({source}) | | | | *{acc:.1f}* | "
+                      f"{'*' + format(loss, '.3f') + '*' if loss else ''} | "
+                      f"{'*' + format(cal, '.3f') + '*' if cal else ''} | | |")
+        stale = [f"{r['method']} seed {r['seed']}" for rs in runs.values() for r in rs
+                 if r.get("optimizer_settings") != optimizer_settings(task, r["method"], r["lr"], r["n_train"], args)]
+        if stale:
+            md += ["", f"**Stale:** {', '.join(stale)} ran with optimizer settings that differ from today's "
+                   "`util.experiment.DEFAULTS`; run the command again to refresh them."]
+        md += [""] + _verdict(runs) + [""] + _other_lrs(store, name, plan, args)
+        have = {m: [r for r in rs if r["final"] is not None] for m, rs in runs.items()}
+        if any(have.values()):
+            title = f"{name} ({task.dataset}, {task.arch})"
+            c = plots.curves(title, have, args.out / f"{prefix}{name}_curves.png")
+            r = plots.reliability(title, {m: [x["reliability"] for x in rs] for m, rs in have.items()},
+                                  args.out / f"{prefix}{name}_reliability.png")
+            md += [f"![{name}: test accuracy and log loss vs epoch]({_rel(c, args.md)})", "",
+                   f"![{name}: reliability diagrams]({_rel(r, args.md)})", ""]
+    for name, why in notes.items():
+        md += [f"## {name}: not run", "", why, ""]
+    md += _settings_md(store)
+    md += _sweep_md(store)
+    md += ["## Published reference points (not produced by this benchmark)", "",
+           "| setting | test acc % | NLL | ECE | source |", "| --- | --- | --- | --- | --- |"]
+    for refs in PUBLISHED.values():
+        for what, acc, loss, cal, source in refs:
+            md.append(f"| {what} | {acc:.1f} | {loss if loss else ''} | {cal if cal else ''} | {source} |")
+    md += ["", "Those use a LeNet-5 (MNIST) and a LeNet-5 with batch norm trained for 100 epochs (CIFAR-10); "
+           "our `covnet` is the smaller seed CovNet (conv-pool-conv-pool-fc) and our runs are much shorter, "
+           "so they are context, not a like-for-like comparison.", ""]
+    text = "\n".join(md)
+    if args.quick:
+        if echo:
+            print(text)
+    else:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(text)
+    return text
+
+
+def _other_lrs(store: dict, name: str, plan: dict, args) -> list[str]:
+    """Complete runs of this task at learning rates other than the chosen ones (an earlier sweep's
+    choices), with today's settings: how sensitive the comparison is to the tuning."""
+    task, groups = TASKS[name], {}
+    for r in store["runs"].values():
+        if (r.get("task") != name or r["epochs"] != plan["epochs"] or r["method"] not in plan["lrs"]
+                or r["lr"] == plan["lrs"][r["method"]] or r["seed"] not in plan["seeds"]
+                or r.get("optimizer_settings") != optimizer_settings(task, r["method"], r["lr"], r["n_train"], args)):
+            continue
+        groups.setdefault((r["method"], r["lr"]), []).append(r)
+    rows = [(m, lr, rs) for (m, lr), rs in groups.items() if len(rs) == len(plan["seeds"])]
+    if not rows:
+        return []
+    md = ["Sensitivity to the learning rate: the same task and settings at the lr an earlier sweep chose "
+          "(complete runs kept in the JSON; not used above):", "",
+          "| method | lr | n | test acc % | NLL | ECE | OOD AUROC |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    order = list(METHODS)
+    for m, lr, rs in sorted(rows, key=lambda t: (order.index(t[0]), t[1])):
+        f = [r["final"] for r in rs if r["final"] is not None]
+        md.append(f"| {m} | {lr:g} | {len(f)} | {_ms([x['acc'] for x in f], '.2f', 100)} | "
+                  f"{_ms([x['nll'] for x in f], '.4f')} | {_ms([x['ece'] for x in f], '.4f')} | "
+                  f"{_ms([x.get('ood_auroc') for x in f], '.3f')} |")
+    return md + [""]
+
+
+def _verdict(runs: dict[str, list[dict]]) -> list[str]:
+    """Generated comparison of each Bayesian method with Adam (the deterministic baseline)."""
+    def mean(method: str, key: str) -> float | None:
+        vals = [r["final"].get(key) for r in runs.get(method, []) if r["final"] is not None]
+        vals = [v for v in vals if v is not None]
+        return statistics.mean(vals) if vals else None
+
+    if mean("Adam", "acc") is None:
+        return []
+    out = ["Against Adam (means over seeds): "]
+    parts = []
+    for method in runs:
+        if method == "Adam" or mean(method, "acc") is None:
+            continue
+        d_acc = 100 * (mean(method, "acc") - mean("Adam", "acc"))
+        parts.append(f"{method} accuracy {d_acc:+.2f} points, NLL x{mean(method, 'nll') / mean('Adam', 'nll'):.2f}, "
+                     f"ECE x{mean(method, 'ece') / max(mean('Adam', 'ece'), 1e-12):.2f}")
+    out[0] += "; ".join(parts) + "."
+    return out
+
+
+def _settings_md(store: dict) -> list[str]:
+    """Each method's optimizer settings, as stored with its runs (lr and N vary by task, so they are left out)."""
+    seen: dict[str, set[str]] = {}
+    planned = [r for name, plan in store["plans"].items() for rs in plan_runs(store, name, plan).values() for r in rs]
+    for r in planned:
+        shown = {k: v for k, v in r["optimizer_settings"].items() if k not in ("lr", "n", "ess", "optimizer")}
+        seen.setdefault(r["method"], set()).add(", ".join(f"{k}={v}" for k, v in sorted(shown.items())))
+    if not seen:
+        return []
+    md = ["## Optimizer settings", "",
+          "Besides the learning rate (tables above) and N = the training-set size (`--n` / IVON's `ess`), the runs "
+          "used these settings (`util.experiment.DEFAULTS` for the `train.py` optimizers, the `ivon` package's "
+          "defaults for IVON):", "", "| method | settings |", "| --- | --- |"]
+    for method in METHODS:
+        for text in sorted(seen.get(method, ())):
+            md.append(f"| {method} | {text} |")
+    return md + [""]
+
+
+def _sweep_md(store: dict) -> list[str]:
+    md = []
+    used = {plan.get("sweep") for plan in store["plans"].values()}
+    for sid, info in store["sweep"].items():
+        width = max(len(g) for g in info["grid"].values())
+        role = ("its choices are the learning rates of the tables above" if sid in used
+                else "an earlier sweep whose choices the tables above do **not** use")
+        md += [f"## Learning-rate sweep ({info['task']}, {_n(info['epochs'], 'epoch')}): {role}", "",
+               f"1 seed, {_n(info['epochs'], 'epoch')}, trained on {info['n_fit']} training examples and scored on "
+               f"the next {info['n_validation']} (a validation split held out of the **training** set; the test "
+               f"set is not used). Criterion: {info['criterion']}. Cells: validation NLL / accuracy %; "
+               "**bold** = chosen. Everything else is each optimizer's default "
+               "(`util.experiment.DEFAULTS`; IVON: the `ivon` package's defaults with `ess` = training-set size).",
+               "", "| method | " + " | ".join(f"lr {i + 1}" for i in range(width)) + " | chosen |",
+               "| --- " * (width + 2) + "|"]
+        for method, grid in info["grid"].items():
+            cells = []
+            for lr in grid:
+                key = run_key("sweep", info["task"], method, 0, lr, info["epochs"], info["subset"])
+                r = info["runs"].get(key)
+                if r is None:
+                    cell = f"{lr:g}: not run"
+                elif r["final"] is None:
+                    cell = f"{lr:g}: diverged"
+                else:
+                    cell = f"{lr:g}: {r['final']['nll']:.4f} / {100 * r['final']['acc']:.2f}"
+                    if info["chosen"].get(method) == lr:
+                        cell = f"**{cell}**"
+                cells.append(cell)
+            cells += [""] * (width - len(cells))
+            md.append(f"| {method} | " + " | ".join(cells) + f" | {info['chosen'].get(method, 'n/a')} |")
+        md.append("")
+    return md
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _rel(path: Path, start: Path | None = None) -> str:
+    path = Path(path).resolve()
+    base = (start.resolve().parent if start else REPO)
+    return os.path.relpath(path, base)
+
+
+# -- command line ------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="check that it works: 1 epoch, 5000 training examples, 1 seed, mnist_mlp, sweep of 1 epoch")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per run")
+    p.add_argument("--conv_epochs", type=int, default=None,
+                   help="epochs for the covnet/lenet5 tasks (default: --epochs)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. S-1")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--subset", type=int, default=None, help="use N training examples (a seeded subset)")
+    p.add_argument("--sweep_epochs", type=int, default=None,
+                   help="epochs of each sweep run (default: --epochs, the length of the mnist_mlp runs)")
+    p.add_argument("--no_sweep", action="store_true",
+                   help="skip the sweep: use the lrs a stored sweep chose, else the optimizers' defaults")
+    p.add_argument("--sweep_only", action="store_true", help="run the sweep and stop")
+    p.add_argument("--report_only", action="store_true", help="only write the tables and plots from the JSON")
+    p.add_argument("--data_root", default=None, help="folder with the data sets (default: $DATA_ROOT, then ./data)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    p.add_argument("--augment", action="store_true", help="random crop + flip on CIFAR-10")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (0: torch's default); 1 avoids oversubscribing a shared machine")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON and the PNGs")
+    p.add_argument("--md", type=Path, default=REPO / "docs" / "results.md", help="markdown report")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.epochs, args.conv_epochs, args.seeds, args.sweep_epochs = 1, None, 1, 1
+        args.subset = args.subset or 5000
+        args.tasks = "mnist_mlp"
+    if args.sweep_epochs is None:
+        args.sweep_epochs = args.epochs
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    args.methods = [m for m in args.methods.split(",") if m]
+    for t in args.tasks:
+        if t not in TASKS:
+            p.error(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
+    for m in args.methods:
+        if m not in METHODS:
+            p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if min(args.epochs, args.seeds, args.sweep_epochs) < 1:
+        p.error("--epochs, --seeds and --sweep_epochs must be >= 1")
+    args.results = args.out / ("accuracy_quick.json" if args.quick else "accuracy.json")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    store = load_results(args.results)
+    if args.report_only:
+        report(args, store)
+        print(f"wrote {args.md if not args.quick else 'stdout'} and plots under {args.out}")
+        return
+    store["environment"] = environment(device=args.device)  # after set_num_threads: records the threads
+    data = Data(args.data_root, args.device)
+    tasks = []
+    store.setdefault("skipped", {})
+    for name in args.tasks:
+        task = TASKS[name]
+        missing = [d for d in (task.dataset, task.ood) if d and not data.available(d)]
+        if missing:
+            why = (f"{', '.join(missing)} not found under --data_root / $DATA_ROOT / ./data; "
+                   f"give --data_root a folder with it to include {name}.")
+            print(f"skipping {name}: {why}", flush=True)
+            store["skipped"][name] = why
+        else:
+            store["skipped"].pop(name, None)
+            tasks.append(name)
+    t0 = time.perf_counter()
+    if args.no_sweep:
+        stored = store.get("chosen_lr", {})
+        lrs = {m: stored.get(m, DEFAULT_LR[m]) for m in METHODS}
+        args.sweep_id = store.get("chosen_sweep") if all(m in stored for m in args.methods) else None
+        args.lr_source = (f"chosen by the stored sweep `{args.sweep_id}` (below)" if args.sweep_id
+                          else "the optimizers' defaults (`--no_sweep`, no stored sweep)")
+    else:
+        if not data.available(TASKS[SWEEP_TASK].dataset):
+            raise SystemExit(f"the sweep needs {TASKS[SWEEP_TASK].dataset}; pass --data_root or --no_sweep")
+        chosen = sweep(args, data, args.results, store)
+        lrs = {m: chosen.get(m, DEFAULT_LR[m]) for m in METHODS}
+        args.sweep_id = _sweep_id(args)
+        args.lr_source = f"chosen by the {args.sweep_epochs}-epoch sweep on {SWEEP_TASK} (below)"
+        print("chosen learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()), flush=True)
+    if not args.sweep_only:
+        main_grid(args, data, args.results, store, lrs, tasks)
+    save_results(args.results, store)
+    report(args, store)
+    print(f"done in {time.perf_counter() - t0:.0f}s: {_rel(args.results)}"
+          + ("" if args.quick else f", {_rel(args.md)}") + f", plots under {_rel(args.out)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
