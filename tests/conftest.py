@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -134,3 +135,12 @@ class DataFiles:
 def datafiles() -> type[DataFiles]:
     """Helpers that write tiny MNIST (IDX) and CIFAR-10 (pickle) files."""
     return DataFiles
+
+
+@pytest.fixture
+def float64():
+    """Run the test with float64 as torch's default dtype (math checks against references)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

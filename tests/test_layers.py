@@ -16,14 +16,6 @@ from optimizers import NoisyKFAC
 from optimizers.noisy_kfac import factored_decomposition
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def draw(layer: BayesianLayer, n: int, batch: int = 10_000) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``n`` independent ``layer.sample_weight()`` draws, vectorised with vmap (different noise each)."""
     ws, bs = [], []

@@ -23,14 +23,6 @@ from optimizers import VOGN, NoisyAdam, NoisyKFAC
 RTOL, ATOL = 1e-8, 1e-12
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def close(got, ref, msg=""):
     torch.testing.assert_close(got, ref, rtol=RTOL, atol=ATOL, msg=msg)
 
