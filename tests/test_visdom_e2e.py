@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from visdom_helpers import free_port, saved_env, stop_process
 
 from util.visualizer import _series
 
@@ -70,12 +71,6 @@ torch.manual_seed(0)
 stds = {"fc1": torch.exp(torch.randn(784 * 100) * 0.3 - 3), "fc2": torch.exp(torch.randn(1000) * 0.2 - 2.5)}
 vis.log_posterior(1, stds, {"fc1.A": torch.logspace(0, -4, 785), "fc1.G": torch.logspace(0, -3, 100)})
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def non_loopback_ip() -> str | None:
@@ -123,19 +118,10 @@ class OfflineServer:
         return self.log_path.read_text()[-3000:]
 
     def saved_env(self, env: str) -> dict:
-        import requests
-
-        requests.post(f"{self.url}/save", data=json.dumps({"data": [env]}), timeout=10).raise_for_status()
-        return json.loads((self.env_path / f"{env}.json").read_text())
+        return saved_env(self.url, self.env_path, env)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         self.log.close()
 
 
@@ -259,13 +245,7 @@ class Chromium:
     def close(self) -> None:
         if self.ws is not None:
             self.ws.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         self.log.close()
 
 

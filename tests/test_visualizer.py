@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import visdom  # noqa: F401  (imported up front so timings below measure the network only)
+from visdom_helpers import free_port, saved_env
 
 from util import visdom_server
 from util.visualizer import Visualizer, _series
@@ -43,12 +43,6 @@ EPOCH = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """A visdom server subprocess on a free loopback port."""
 
@@ -66,11 +60,7 @@ class Server:
             pytest.fail(f"visdom server did not start: {(env_path / 'server.log').read_text()[-2000:]}")
 
     def saved_env(self, env: str) -> dict:
-        """Ask the server to save ``env`` and return its JSON."""
-        import requests
-
-        requests.post(f"{self.url}/save", data=json.dumps({"data": [env]}), timeout=5).raise_for_status()
-        return json.loads((self.env_path / f"{env}.json").read_text())
+        return saved_env(self.url, self.env_path, env, timeout=5)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
