@@ -60,7 +60,7 @@ __all__ = [
 
 MODELS = ("FFG", "MVG", "MAP")
 OPTIMIZERS = ("noisy_adam", "noisy_kfac", "vogn", "adam", "sgd")
-ARCHS = ("mlp", "covnet", "lenet5")
+ARCHS = ("mlp", "covnet", "lenet5", "resnet20")  # models.ARCHS (kept here so parsing needs no torch)
 DEFAULT_OPTIMIZER = {"FFG": "noisy_adam", "MVG": "noisy_kfac", "MAP": "adam"}
 DEFAULT_ARCH = {"MNIST": "mlp", "FashionMNIST": "mlp", "CIFAR10": "lenet5"}
 # Which optimizers can train which model (FFG: diagonal Gaussian posterior,
@@ -135,7 +135,7 @@ class BaseOptions:
         g.add_argument("--arch", choices=ARCHS, default=None,
                        help="default by data set: MNIST/FashionMNIST->mlp, CIFAR10->lenet5")
         g.add_argument("--hidden", type=_hidden_sizes, nargs="+", default=None, metavar="SIZES",
-                       help="mlp hidden layer sizes, e.g. 100 or 400,400 (default 100)")
+                       help="mlp hidden layer sizes, e.g. 100 or 400,400 (default 100; --arch mlp only)")
         g.add_argument("--initial_size", type=int, default=None,
                        help="flattened input size (default C*H*W of the data set; must match it)")
         g.add_argument("--label_size", type=int, default=None,
@@ -268,6 +268,9 @@ class BaseOptions:
              f"--name must be a plain folder name (no '/'), got {opt.name!r}")
 
     def _check_consistency(self, opt: argparse.Namespace) -> None:
+        if "hidden" in opt.explicit and opt.arch != "mlp":
+            raise UserError(f"--hidden sets the mlp's hidden sizes and does not apply to --arch {opt.arch}; "
+                            "drop --hidden or use --arch mlp")
         allowed = COMPATIBLE_OPTIMIZERS[opt.model]
         if opt.optimizer not in allowed:
             needs = {o: m for m, opts in COMPATIBLE_OPTIMIZERS.items() for o in opts}[opt.optimizer]

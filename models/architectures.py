@@ -1,9 +1,15 @@
-"""The three architectures of the seeds, buildable with any posterior.
+"""The seeds' three architectures and ResNet-20, buildable with any posterior.
 
 * ``mlp``: the first seed's MNIST network, 784-100-10 (hidden sizes configurable).
 * ``covnet``: the second seed's MNIST CovNet (Table 1): conv5x5(6)-pool-conv5x5(16)-pool-fc(10).
 * ``lenet5``: the second seed's CIFAR-10 LeNet-5 (Table 1):
   conv5x5(6)-pool-conv5x5(16)-pool-fc120-fc84-fc10.
+* ``resnet20``: He et al. 2016's CIFAR ResNet-20 (Sec. 4.2): conv3x3(16)-BN-ReLU, three stages of
+  three basic blocks (16, 32, 64 channels; the 2nd and 3rd stage halve the side with stride 2),
+  global average pooling, fc(10). Where a block changes the shape, the shortcut is a 1x1 convolution
+  with stride + BatchNorm (the paper's option B; its CIFAR net used option A, zero padding, which
+  has no parameters). Convolutions have no bias (BatchNorm's shift takes its place). Any input side
+  works (28x28 -> 7x7, 32x32 -> 8x8 before pooling).
 
 ``posterior="MAP"`` builds plain ``nn.Linear`` / ``nn.Conv2d`` layers (the deterministic
 baseline trained with Adam or SGD); ``"FFG"`` / ``"MVG"`` build the Bayesian layers.
@@ -16,11 +22,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from models.bayesian_layers import BayesianConv2d, BayesianLinear
 
-ARCHS = ("mlp", "covnet", "lenet5")
+ARCHS = ("mlp", "covnet", "lenet5", "resnet20")
 
 
 def _layers(posterior: str) -> tuple:
@@ -62,7 +70,53 @@ def build_model(arch: str, posterior: str, in_channels: int, image_size: int, nu
             layers.update(fc1=linear(flat, 120), relu3=nn.ReLU(), fc2=linear(120, 84), relu4=nn.ReLU(),
                           fc3=linear(84, num_classes))
         return nn.Sequential(OrderedDict(layers))
+    if arch == "resnet20":
+        return ResNet(conv, linear, in_channels, num_classes, blocks_per_stage=3)
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+
+
+class BasicBlock(nn.Module):
+    """He et al. 2016's basic block: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``."""
+
+    def __init__(self, conv, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = conv(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:  # option B: 1x1 projection
+            self.shortcut = nn.Sequential(OrderedDict(
+                conv=conv(in_planes, planes, 1, stride=stride, bias=False), bn=nn.BatchNorm2d(planes)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet with ``6 * blocks_per_stage + 2`` layers (3 blocks: ResNet-20)."""
+
+    def __init__(self, conv, linear, in_channels: int, num_classes: int, blocks_per_stage: int = 3,
+                 widths: Sequence[int] = (16, 32, 64)) -> None:
+        super().__init__()
+        self.conv1 = conv(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        stages, in_planes = [], widths[0]
+        for i, planes in enumerate(widths):
+            blocks = []
+            for j in range(blocks_per_stage):
+                blocks.append(BasicBlock(conv, in_planes, planes, stride=2 if i > 0 and j == 0 else 1))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = linear(widths[-1], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
 def bayesianize(model: nn.Module, posterior: str) -> nn.Module:

@@ -73,6 +73,10 @@ def _cases(root: Path) -> dict[str, Case]:
             "train.py", ("--model", "MVG", "--optimizer", "vogn", *good),
             "error: --model MVG cannot be trained with --optimizer vogn (vogn trains --model FFG); "
             "use --optimizer noisy_kfac"),
+        "train_hidden_with_resnet20": Case(
+            "train.py", ("--arch", "resnet20", "--hidden", "50", *good),
+            "error: --hidden sets the mlp's hidden sizes and does not apply to --arch resnet20; "
+            "drop --hidden or use --arch mlp"),
         "train_resume_nothing": Case("train.py", ("--resume", "--name", "nothing", *good),
                                      f"error: --resume: no checkpoints in {ckpt / 'nothing'}; drop --resume"),
         # -- train.py: data ----------------------------------------------------------------

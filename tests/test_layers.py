@@ -280,6 +280,32 @@ def test_build_model(arch, posterior, shape):
         assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 2
 
 
+@pytest.mark.parametrize("posterior", ["MAP", "FFG", "MVG"])
+@pytest.mark.parametrize("shape", [(1, 28), (3, 32)], ids=["mnist", "cifar"])
+def test_build_resnet20(posterior, shape):
+    """He et al. 2016's ResNet-20: 19 3x3 convs + fc (= 20 layers), 2 projection shortcuts, BN after each conv."""
+    c, s = shape
+    torch.manual_seed(0)
+    model = models.build_model("resnet20", posterior, c, s, 10)
+    x = torch.randn(2, c, s, s)
+    assert model(x).shape == (2, 10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [m.kernel_size for m in convs].count((3, 3)) == 19 and [m.kernel_size for m in convs].count((1, 1)) == 2
+    assert sorted({m.out_channels for m in convs}) == [16, 32, 64] and convs[0].in_channels == c
+    assert all(m.bias is None for m in convs)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == len(convs)
+    assert sum(m.stride == (2, 2) for m in convs) == 4  # 1st conv + shortcut of stages 2 and 3
+    fc = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in fc] == [(64, 10)]
+    kinds = {type(m) for m in [*convs, *fc]}
+    assert kinds == ({nn.Conv2d, nn.Linear} if posterior == "MAP" else {BayesianConv2d, BayesianLinear})
+    # the residual path is real: zeroing a block's second BN leaves the block x -> relu(shortcut(x))
+    block = model.layer1[0]
+    nn.init.zeros_(block.bn2.weight), nn.init.zeros_(block.bn2.bias)
+    h = torch.rand(2, 16, 5, 5)
+    torch.testing.assert_close(block(h), h)
+
+
 def test_build_model_mlp_hidden_and_errors():
     model = models.build_model("mlp", "FFG", 1, 8, 4, hidden=(7, 5))
     sizes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]

@@ -136,6 +136,8 @@ def test_device_cuda_when_available(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--augment"], "CIFAR10"),
         (["--hidden", "0"], "hidden sizes"),
         (["--hidden", "a,b"], "hidden sizes"),
+        (["--arch", "resnet20", "--hidden", "50"], "does not apply to --arch resnet20; drop --hidden"),
+        (["--arch", "covnet", "--hidden", "50"], "does not apply to --arch covnet"),
         (["--train_samples", "0"], "--train_samples"),
         (["--test_samples", "-1"], "--test_samples"),
         (["--prior_var", "0"], "--prior_var"),
