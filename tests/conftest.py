@@ -144,3 +144,30 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+def in_ci() -> bool:
+    """True under CI (``$CI`` set to anything but empty/0/false, as GitHub Actions and ``.ci/run`` do)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require(ok: bool, reason: str) -> None:
+    """Skip with ``reason`` when ``ok`` is false; under CI (``in_ci()``) fail instead.
+
+    A missing browser or benchmark peer must not turn CI green by skipping what it guards.
+    """
+    if ok:
+        return
+    if in_ci():
+        pytest.fail(f"{reason} (a failure under CI=$CI, where it must be present)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_module(name: str) -> object:
+    """``pytest.importorskip(name)``, except that under CI a missing module is a failure."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        require(False, f"module {name!r} is not installed ({e}); `make setup` installs it")

@@ -333,9 +333,13 @@ def test_loader_invariants(n: int, bs: int, ws: int, drop: bool, seed: int) -> N
         if drop and batches:
             assert batches[-1][1].shape[0] == bs
         counts.append(sum(b[1].shape[0] for b in batches))
-    if not drop:
-        covered = set(torch.cat([b[1] for ld in loaders for b in ld]).tolist())
-        assert covered == set(range(n))
+    seen = torch.cat([b[1] for ld in loaders for b in ld]) if any(counts) else torch.zeros(0, dtype=torch.long)
+    if drop:  # each rank: floor(n / ws) examples, then only whole batches; no example twice
+        assert counts == [(n // ws) // bs * bs] * ws
+        assert len(set(seen.tolist())) == seen.numel()
+    else:  # each rank: ceil(n / ws) examples (padded by wrapping round), every example at least once
+        assert counts == [-(-n // ws)] * ws
+        assert set(seen.tolist()) == set(range(n))
 
 
 def _reference_crop_flip(img: torch.Tensor, dy: int, dx: int, flip: bool, pad: int = 4) -> torch.Tensor:

@@ -92,8 +92,8 @@ class RefDiagonal:
             ss.append([mean([p[0][j].square() for p in per]) for j in range(4)])
         g = [mean([gk[j] for gk in gs]) for j in range(4)]
         s = [mean([sk[j] for sk in ss]) for j in range(4)] if self.fisher == "example" else [t.square() for t in g]
-        for j in range(4):
-            w_prior = self.mu[j] + noises[-1][j] if self.prior_at_sample else self.mu[j]
+        for j in range(4):  # the prior term at the mean of the samples' weights (Noisy Adam), or at mu (VOGN)
+            w_prior = self.mu[j] + mean([n[j] for n in noises]) if self.prior_at_sample else self.mu[j]
             v = g[j] + self.gin * w_prior
             self.m[j] = self.b1 * self.m[j] + (1 - self.b1) * v
             self.f[j] = self.b2 * self.f[j] + (1 - self.b2) * s[j]
@@ -166,21 +166,24 @@ def test_diagonal_first_steps_match_reference(float64, config):
             close(s, r, f"posterior std step {k}")
 
 
-def test_vogn_multiple_mc_samples(float64):
-    """Two forward/backward passes before one step = one step on the averaged gradient and statistic."""
-    cls, kw, _ = DIAG_CONFIGS["vogn_momentum0.9"]
+@pytest.mark.parametrize("config", list(DIAG_CONFIGS))
+def test_diagonal_multiple_mc_samples(float64, config):
+    """Several forward/backward passes before one step = one step on the averaged gradient and
+    statistic, with the prior term (Noisy Adam) at the mean of the samples' weights."""
+    cls, kw, prior_at_sample = DIAG_CONFIGS[config]
     model = tiny_net("FFG")
     x, y = tiny_data()
     params = list(model.parameters())
     opt = cls(model, **kw)
-    ref = make_ref_diag(params, cls, kw, False)
-    for k, seeds in ((1, (11, 12)), (2, (13,)), (3, (14, 15))):
+    ref = make_ref_diag(params, cls, kw, prior_at_sample)
+    for k, seeds in ((1, (11, 12)), (2, (13,)), (3, (14, 15, 16))):
         opt.zero_grad()
         noises = [ffg_forward_backward(model, x, y, s, ref) for s in seeds]
         opt.step()
         ref.step(x, y, noises)
         for j, p in enumerate(params):
             close(p.detach(), ref.mu[j], f"mean {j} step {k}")
+            close(opt.state[p]["exp_avg"], ref.m[j], f"m {j} step {k}")
             close(opt.state[p]["fisher"], ref.f[j], f"f {j} step {k}")
         for s, r in zip(ffg_stds([model[0], model[2]]), ref.sigma()):
             close(s, r)
