@@ -150,8 +150,8 @@ class BaseOptions:
                        help="initial posterior precision (default: per optimizer)")
         g.add_argument("--t_stats", type=int, default=1, help="iterations between curvature-statistics updates")
         g.add_argument("--t_inv", type=int, default=20, help="iterations between curvature inversions")
-        g.add_argument("--fisher", choices=("example", "batch", "true"), default=None,
-                       help="Fisher approximation (default: per optimizer)")
+        g.add_argument("--fisher", choices=("example", "batch", "hessian", "true"), default=None,
+                       help="curvature estimate (default: per optimizer)")
         g.add_argument("--damping_mode", choices=("factored", "exact"), default=None,
                        help="K-FAC damping (default: per optimizer)")
         g.add_argument("--kl_clip", type=float, default=None, help="KL clipping of the update (default: none)")

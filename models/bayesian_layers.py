@@ -16,7 +16,10 @@ written by the optimizer after every step (the "two-step update" of the first se
 
 In ``train()`` mode every forward pass draws a fresh weight sample ``w = mu + noise`` with the
 noise detached, so the gradient w.r.t. the sample lands on the mean's ``.grad``. In ``eval()``
-mode the layer uses the mean, unless ``sample_in_eval`` is set (MC prediction).
+mode the layer uses the mean, unless ``sample_in_eval`` is set (MC prediction). With
+``track_noise_grad`` set (the diagonal optimizers' ``fisher="hessian"``), a hook on each sample
+also averages ``g * noise`` over the backward passes (``pop_noise_grad``), where ``g`` is that
+pass's gradient w.r.t. the sample: the numerator of the reparameterisation Hessian estimate.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ class BayesianLayer:
         self.sample_in_eval = False
         self.last_noise = self.mean_noise = None
         self.noise_count = 0
+        self.track_noise_grad = False
+        self.noise_grad: list[Tensor | None] = [None, None]
+        self.noise_grad_count = [0, 0]
         w = self.weight
         out = w.shape[0]
         if posterior == "FFG":
@@ -117,7 +123,23 @@ class BayesianLayer:
                                         for old, new in zip(self.mean_noise, (wn, bn)))
         w = self.weight + wn
         b = self.bias + bn if self.bias is not None else None
+        if self.track_noise_grad and torch.is_grad_enabled():
+            for i, (t, n) in enumerate(((w, wn), (b, bn))):
+                if t is not None and t.requires_grad:
+                    t.register_hook(lambda g, i=i, n=n: self._add_noise_grad(i, g, n))
         return w, b
+
+    @torch.no_grad()
+    def _add_noise_grad(self, i: int, g: Tensor, noise: Tensor) -> None:
+        self.noise_grad_count[i] += 1
+        old, new = self.noise_grad[i], g * noise
+        self.noise_grad[i] = new if old is None else old.add_(new.sub_(old), alpha=1 / self.noise_grad_count[i])
+
+    def pop_noise_grad(self) -> tuple[Tensor | None, Tensor | None]:
+        """The mean of ``g * noise`` (weight, bias) over the backward passes since the last call."""
+        out = tuple(self.noise_grad)
+        self.noise_grad, self.noise_grad_count = [None, None], [0, 0]
+        return out
 
     def weight_std(self) -> Tensor:
         """Marginal posterior std of every weight entry (same shape as ``weight``)."""

@@ -79,6 +79,8 @@ class NGVIOptimizer(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self.capture.clear()
+        for _, layer in self.layers:
+            layer.pop_noise_grad()
 
     def true_fisher_backward(self, logits: Tensor) -> None:
         """With ``fisher="true"``, back-propagate labels sampled from the predictive into the hooks."""

@@ -1,13 +1,14 @@
 """Natural-gradient VI with a fully factorised Gaussian posterior: the mechanics shared by
 Noisy Adam (Zhang et al. 2018, Algorithm 1) and VOGN (Khan et al. 2018; the second seed).
 
-Per parameter, with ``s`` the Fisher estimate of the step (``mean_i g_i**2`` over the batch
-by default, ``g**2`` with ``fisher="batch"``) and ``g`` the gradient of the mean loss at the
-sampled weights ``w = mu + sigma * eps``::
+Per parameter, with ``s`` the curvature estimate of the step (``mean_i g_i**2`` over the batch
+by default, ``g**2`` with ``fisher="batch"``, the reparameterisation Hessian estimate
+``g * (w - mu) / sigma**2`` with ``fisher="hessian"``) and ``g`` the gradient of the mean loss
+at the sampled weights ``w = mu + sigma * eps``::
 
     v     = g + gamma_in * w_prior            # w_prior = w (Noisy Adam) or mu (VOGN)
     m     = beta1 m + (1 - beta1) v
-    f     = beta2 f + (1 - beta2) s
+    f     = beta2 f + (1 - beta2) s           # + (1 - beta2)**2 (f - s)**2 / (2 (f + gamma_in)) for "hessian"
     mu    = mu - lr * (m / (1 - beta1**k)) / (f + gamma_in + gamma_ex)
     sigma = sqrt((lambda / N) / (f + gamma_in))
 
@@ -26,6 +27,9 @@ from torch import Tensor, nn
 
 from optimizers.base import NGVIOptimizer
 
+#: the curvature estimators of the diagonal methods (MATH.md, "Noisy Adam and VOGN")
+FISHERS = ("example", "batch", "hessian")
+
 
 class DiagonalNGVI(NGVIOptimizer):
     """Shared implementation of the FFG optimizers; use ``NoisyAdam`` or ``VOGN``."""
@@ -36,8 +40,9 @@ class DiagonalNGVI(NGVIOptimizer):
     def __init__(self, model: nn.Module, lr: float, betas: tuple[float, float], num_data: int,
                  kl_weight: float = 1.0, prior_var: float = 1.0, damping: float = 0.0,
                  init_precision: float | None = None, fisher: str = "example") -> None:
-        if fisher not in ("example", "batch"):
-            raise ValueError(f"fisher must be 'example' (per-example squares) or 'batch', got {fisher!r}")
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher must be 'example' (per-example squares), 'batch' or 'hessian' "
+                             f"(reparameterisation estimate), got {fisher!r}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
         if init_precision is not None and init_precision <= 0:
@@ -45,6 +50,8 @@ class DiagonalNGVI(NGVIOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), num_data=num_data, kl_weight=kl_weight, prior_var=prior_var,
                         damping=damping, init_precision=init_precision, fisher=fisher)
         super().__init__(model, defaults, capture_kind="diag" if fisher == "example" else "none")
+        for _, layer in self.layers:
+            layer.track_noise_grad = fisher == "hessian"
         for _, group, params in self.layer_params():
             for p in params:
                 self._init_state(p, group)
@@ -88,8 +95,14 @@ class DiagonalNGVI(NGVIOptimizer):
             torch._foreach_add_([x for x, _ in sampled], [n for _, n in sampled], alpha=gamma_in)
         torch._foreach_mul_(exp_avgs, beta1)
         torch._foreach_add_(exp_avgs, v, alpha=1 - beta1)
+        if group["fisher"] == "hessian":  # the positivity correction (MATH.md), from the old f
+            corr = torch._foreach_sub(fishers, list(stats))
+            torch._foreach_mul_(corr, corr)
+            torch._foreach_div_(corr, torch._foreach_add(fishers, gamma_in))
         torch._foreach_mul_(fishers, beta2)
         torch._foreach_add_(fishers, list(stats), alpha=1 - beta2)
+        if group["fisher"] == "hessian":
+            torch._foreach_add_(fishers, corr, alpha=0.5 * (1 - beta2) ** 2)
         bias_correction = 1 - beta1 ** states[0]["step"].item()
         denom = torch._foreach_add(fishers, gamma_in + group["damping"])
         torch._foreach_addcdiv_(list(params), exp_avgs, denom, value=-group["lr"] / bias_correction)
@@ -103,18 +116,26 @@ class DiagonalNGVI(NGVIOptimizer):
             passes = self.capture.pop_passes(layer)
             stats = self.capture.pop(layer)
             noise = layer.mean_noise
+            noise_grad = layer.pop_noise_grad()
             for i, p in enumerate(params):
                 if p.grad is None:
                     continue
                 g = p.grad / passes if passes > 1 else p.grad
-                s = stats[i] if stats is not None else g.square()
+                if group["fisher"] == "hessian":  # mean_k g_k * noise_k / sigma**2 (all-reduced below)
+                    if noise_grad[i] is None:
+                        raise RuntimeError("fisher='hessian' needs the backward pass of a sampled forward "
+                                           "(model.train()); this gradient came from the mean weights")
+                    s = noise_grad[i] * ((self.state[p]["fisher"] + self.gamma_in(group))
+                                         / self.noise_scale(group) ** 2)
+                else:
+                    s = stats[i] if stats is not None else g.square()
                 w_noise = noise[i] if (noise is not None and self.prior_at_sample) else None
                 work.append((layer, group, p, g, s, w_noise))
             layer.mean_noise = None
         # data-parallel: average gradients, statistics and the prior's weight sample over ranks
         # (one bucket), so that every rank applies the same update to the same means
         self.all_reduce_mean([g for _, _, _, g, _, _ in work]
-                             + [s for _, grp, _, _, s, _ in work if grp["fisher"] == "example"]
+                             + [s for _, grp, _, _, s, _ in work if grp["fisher"] != "batch"]
                              + [n for *_, n in work if n is not None])
         if self.distributed:
             for _, grp, _, g, s, _ in work:

@@ -27,7 +27,9 @@ class NoisyAdam(DiagonalNGVI):
         init_precision: posterior precision per weight before the first step (``None``: the prior).
         fisher: ``"example"`` (mean of per-example squared gradients: the diagonal empirical
             Fisher) or ``"batch"`` (square of the mini-batch gradient, as in Vadam and the first
-            seed's code: about 1/B of the Fisher plus the squared mean, so a wider posterior).
+            seed's code: about 1/B of the Fisher plus the squared mean, so a wider posterior) or
+            ``"hessian"`` (the reparameterisation estimate ``g * (w - mu) / sigma**2`` of the expected
+            Hessian, as in IVON; no per-example pass).
     """
 
     prior_at_sample = True

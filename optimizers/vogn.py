@@ -13,7 +13,8 @@ in Khan et al. (the seed's pseudo-code writes ``s_t``). ``kl_weight`` tempers bo
 (``gamma_in = kl_weight / (N prior_var)``, ``sigma**2 = (kl_weight/N) / (s + gamma_in)``),
 ``momentum`` is ``beta1`` on the numerator, and each forward/backward pair before ``step()``
 is one MC sample. The per-example squared gradients come from the shared hooks, so
-convolution and pooling layers work without changes to the model.
+convolution and pooling layers work without changes to the model; ``fisher="hessian"`` replaces
+them by the reparameterisation Hessian estimate (MATH.md, "Noisy Adam and VOGN").
 """
 
 from __future__ import annotations

@@ -91,12 +91,21 @@ class RefDiagonal:
             gs.append(g)
             ss.append([mean([p[0][j].square() for p in per]) for j in range(4)])
         g = [mean([gk[j] for gk in gs]) for j in range(4)]
-        s = [mean([sk[j] for sk in ss]) for j in range(4)] if self.fisher == "example" else [t.square() for t in g]
+        if self.fisher == "example":
+            s = [mean([sk[j] for sk in ss]) for j in range(4)]
+        elif self.fisher == "batch":
+            s = [t.square() for t in g]
+        else:  # reparameterisation estimate: mean over samples of g_k (w_k - mu) / sigma**2
+            var = [t.square() for t in self.sigma()]
+            s = [mean([gk[j] * noise[j] / var[j] for gk, noise in zip(gs, noises)]) for j in range(4)]
         for j in range(4):  # the prior term at the mean of the samples' weights (Noisy Adam), or at mu (VOGN)
             w_prior = self.mu[j] + mean([n[j] for n in noises]) if self.prior_at_sample else self.mu[j]
             v = g[j] + self.gin * w_prior
             self.m[j] = self.b1 * self.m[j] + (1 - self.b1) * v
-            self.f[j] = self.b2 * self.f[j] + (1 - self.b2) * s[j]
+            new_f = self.b2 * self.f[j] + (1 - self.b2) * s[j]
+            if self.fisher == "hessian":  # IVON's second-order term keeps f + gamma_in positive
+                new_f = new_f + 0.5 * (1 - self.b2) ** 2 * (self.f[j] - s[j]) ** 2 / (self.f[j] + self.gin)
+            self.f[j] = new_f
             m_hat = self.m[j] / (1 - self.b1 ** self.k)
             self.mu[j] = self.mu[j] - self.lr * m_hat / (self.f[j] + self.gin + self.damping)
 
@@ -106,6 +115,10 @@ DIAG_CONFIGS = {
                                            damping=0.01, init_precision=10.0, fisher="example"), True),
     "noisy_adam_batch": (NoisyAdam, dict(lr=0.05, betas=(0.8, 0.9), num_data=20, kl_weight=0.5, prior_var=2.0,
                                          damping=0.0, init_precision=10.0, fisher="batch"), True),
+    "noisy_adam_hessian": (NoisyAdam, dict(lr=0.05, betas=(0.9, 0.5), num_data=20, kl_weight=0.5, prior_var=2.0,
+                                           damping=0.01, init_precision=10.0, fisher="hessian"), True),
+    "vogn_hessian": (VOGN, dict(lr=0.05, momentum=0.9, beta2=0.6, num_data=20, kl_weight=0.8, prior_var=0.5,
+                                damping=0.0, init_precision=50.0, fisher="hessian"), False),
     "vogn_momentum0": (VOGN, dict(lr=0.05, momentum=0.0, beta2=0.9, num_data=20, kl_weight=1.0, prior_var=0.5,
                                   damping=0.01, init_precision=50.0), False),
     "vogn_momentum0.9": (VOGN, dict(lr=0.05, momentum=0.9, beta2=0.9, num_data=20, kl_weight=0.8, prior_var=0.5,

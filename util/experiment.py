@@ -53,13 +53,13 @@ def make_optimizer(opt: argparse.Namespace, model: nn.Module) -> torch.optim.Opt
                   damping=setting(opt, "damping"), init_precision=setting(opt, "init_precision"))
     fisher = setting(opt, "fisher")
     if name == "noisy_kfac":
-        if fisher == "batch":
-            raise UserError("--fisher batch is for the diagonal optimizers; noisy_kfac takes example or true")
+        if fisher in ("batch", "hessian"):
+            raise UserError(f"--fisher {fisher} is for the diagonal optimizers; noisy_kfac takes example or true")
         return NoisyKFAC(model, lr=lr, momentum=momentum, t_stats=opt.t_stats, t_inv=opt.t_inv,
                          damping_mode=setting(opt, "damping_mode"), kl_clip=setting(opt, "kl_clip"),
                          fisher="true" if fisher == "true" else "empirical", **common)
     if fisher == "true":
-        raise UserError(f"--fisher true is implemented for noisy_kfac only; {name} takes example or batch")
+        raise UserError(f"--fisher true is implemented for noisy_kfac only; {name} takes example, batch or hessian")
     if name == "noisy_adam":
         return NoisyAdam(model, lr=lr, betas=(momentum, 0.999), fisher=fisher, **common)
     return VOGN(model, lr=lr, momentum=momentum, fisher=fisher, **common)
