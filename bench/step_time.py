@@ -59,11 +59,12 @@ from torch import Tensor, nn  # noqa: E402
 from models import build_model  # noqa: E402
 from util.experiment import DEFAULTS, make_optimizer  # noqa: E402
 
-METHODS = ("Adam", "NoisyAdam", "NoisyAdamBatch", "VOGN", "NoisyKFAC", "IVON")
+METHODS = ("Adam", "NoisyAdam", "NoisyAdamBatch", "NoisyAdamHessian", "VOGN", "NoisyKFAC", "IVON")
 #: arch -> (channels, image size, batch size, N)
 ARCHS = {"mlp": (1, 28, 100, 60000), "lenet5": (3, 32, 128, 50000)}
 #: time-ratio targets (<= target passes)
 TARGETS = {"NoisyAdam": {"mlp": 1.5, "lenet5": 1.5}, "NoisyAdamBatch": {"mlp": 1.15, "lenet5": 1.15},
+           "NoisyAdamHessian": {"mlp": 1.15, "lenet5": 1.15},
            "VOGN": {"mlp": 1.5, "lenet5": 1.5}, "NoisyKFAC": {"mlp": 4.0, "lenet5": 2.0}}
 T_INV = 20
 QUICK_BATCH = 8
@@ -79,8 +80,9 @@ def build(method: str, arch: str, t_inv: int = T_INV) -> tuple[nn.Module, torch.
     if method == "IVON":
         return model, ivon.IVON(model.parameters(), lr=0.1, ess=n)
     name = {"Adam": "adam", "NoisyKFAC": "noisy_kfac", "VOGN": "vogn"}.get(method, "noisy_adam")
+    fisher = {"NoisyAdamBatch": "batch", "NoisyAdamHessian": "hessian"}.get(method)
     flags = Namespace(optimizer=name, lr=None, momentum=None, eps=1e-8, n=n, kl_weight=1.0, prior_var=None,
-                      damping=None, init_precision=None, fisher="batch" if method == "NoisyAdamBatch" else None,
+                      damping=None, init_precision=None, fisher=fisher,
                       t_stats=1, t_inv=t_inv, damping_mode=None, kl_clip=None)
     return model, make_optimizer(flags, model)
 
@@ -141,8 +143,10 @@ def flop_model(method: str, shapes: list[LayerShape],
         return total + 13 * params
     if method == "IVON":  # sample (randn, 5 ops), noise*grad, momentum 3, hessian ~9, mean update ~9
         return total + 32 * params
-    if method in ("NoisyAdam", "NoisyAdamBatch", "VOGN"):  # sample 3, update ~13, posterior std 3
+    if method in ("NoisyAdam", "NoisyAdamBatch", "NoisyAdamHessian", "VOGN"):  # sample 3, update ~13, std 3
         total += 19 * params
+        if method == "NoisyAdamHessian":  # g * noise, its scale (f + gamma) / sigma0**2, the positivity term
+            return total + 9 * params
         for s in shapes:
             if method == "NoisyAdamBatch":
                 total += s.params  # g**2
