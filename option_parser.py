@@ -20,7 +20,7 @@ Derived defaults (left ``None`` on the command line, filled in by ``parse``):
   are taken from the run's ``opt.json`` unless given on the command line.
 
 Per-optimizer hyper-parameters (``lr``, ``prior_var``, ``damping``,
-``init_precision``, ``fisher``, ``damping_mode``, ``momentum``, ``kl_clip``)
+``init_precision``, ``fisher``, ``damping_mode``, ``momentum``, ``beta2``, ``kl_clip``)
 stay ``None`` when not given: the optimizer picks its own default.
 
 Extra attributes set by ``parse``: ``is_train`` (bool), ``explicit`` (sorted
@@ -74,7 +74,7 @@ COMPATIBLE_OPTIMIZERS = {
 RUN_KEYS = (
     "model", "optimizer", "arch", "hidden", "dataset", "n", "initial_size", "label_size",
     "kl_weight", "prior_var", "damping", "init_precision", "t_stats", "t_inv", "fisher",
-    "damping_mode", "kl_clip", "momentum", "train_samples", "eps",
+    "damping_mode", "kl_clip", "momentum", "beta2", "train_samples", "eps",
 )  # fmt: skip
 # Also taken from the run when not given: where the training data was found (if it
 # has no data now, the usual $DATA_ROOT / ./data search still follows).
@@ -156,6 +156,8 @@ class BaseOptions:
                        help="K-FAC damping (default: per optimizer)")
         g.add_argument("--kl_clip", type=float, default=None, help="KL clipping of the update (default: none)")
         g.add_argument("--momentum", type=float, default=None, help="momentum (default: per optimizer)")
+        g.add_argument("--beta2", type=float, default=None,
+                       help="running-average rate of the curvature, noisy_adam and vogn (default: per optimizer)")
         g.add_argument("--train_samples", type=int, default=1, help="Monte Carlo samples per training step")
         g.add_argument("--test_samples", type=int, default=10,
                        help="Monte Carlo samples at evaluation (0 = use the mean weights)")
@@ -252,6 +254,7 @@ class BaseOptions:
             need(v is None or v > 0, f"--{flag} must be > 0, got {v}")
         need(opt.damping is None or opt.damping >= 0, f"--damping must be >= 0, got {opt.damping}")
         need(opt.momentum is None or 0 <= opt.momentum < 1, f"--momentum must be in [0, 1), got {opt.momentum}")
+        need(opt.beta2 is None or 0 <= opt.beta2 < 1, f"--beta2 must be in [0, 1), got {opt.beta2}")
         for flag in ("t_stats", "t_inv", "train_samples"):
             v = getattr(opt, flag)
             need(v >= 1, f"--{flag} must be a positive integer, got {v}")

@@ -14,6 +14,8 @@ import torch
 from option_parser import TestOptions as _TestOptions  # "Test*" names would be collected by pytest
 from option_parser import TrainOptions, format_options, save_options
 from util.checkpoint import save_atomic
+from util.errors import UserError
+from util.experiment import DEFAULTS, make_model, make_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -143,6 +145,7 @@ def test_device_cuda_when_available(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--prior_var", "0"], "--prior_var"),
         (["--damping", "-1"], "--damping"),
         (["--momentum", "1"], "--momentum"),
+        (["--beta2", "1"], "--beta2"),
         (["--t_inv", "0"], "--t_inv"),
         (["--eps", "0"], "--eps"),
         (["--lr_schedule", "linear"], "invalid choice"),
@@ -284,3 +287,22 @@ def test_run_cli_turns_user_error_into_one_line(capsys: pytest.CaptureFixture) -
     assert run_cli(main, []) == 2
     assert capsys.readouterr().err == "error: first line second line\n"
     assert run_cli(lambda argv: None, []) == 0
+
+
+@pytest.mark.parametrize("optimizer", ["noisy_adam", "vogn"])
+def test_beta2_and_fisher_reach_the_diagonal_optimizers(optimizer: str) -> None:
+    o = train("--optimizer", optimizer)
+    opt = make_optimizer(o, make_model(o))
+    assert opt.param_groups[0]["betas"][1] == DEFAULTS[optimizer]["beta2"]
+    assert opt.param_groups[0]["fisher"] == DEFAULTS[optimizer]["fisher"]
+    o = train("--optimizer", optimizer, "--beta2", "0.5", "--fisher", "hessian")
+    opt = make_optimizer(o, make_model(o))
+    assert opt.param_groups[0]["betas"][1] == 0.5 and opt.param_groups[0]["fisher"] == "hessian"
+
+
+@pytest.mark.parametrize(("flags", "needle"), [(["--beta2", "0.9"], "--beta2 is for noisy_adam and vogn"),
+                                                (["--fisher", "hessian"], "--fisher hessian is for the diagonal")])
+def test_noisy_kfac_rejects_diagonal_flags(flags: list[str], needle: str) -> None:
+    o = train("--model", "MVG", *flags)
+    with pytest.raises(UserError, match=needle):
+        make_optimizer(o, make_model(o))

@@ -18,8 +18,9 @@ from util.errors import UserError
 
 #: defaults used when a flag is left unset (``None``)
 DEFAULTS: dict[str, dict] = {
-    "noisy_adam": dict(lr=3e-3, momentum=0.9, prior_var=1.0, damping=1e-3, init_precision=1e3, fisher="example"),
-    "vogn": dict(lr=1e-2, momentum=0.9, prior_var=1.0, damping=0.0, init_precision=1e3, fisher="example"),
+    "noisy_adam": dict(lr=3e-3, momentum=0.9, beta2=0.999, prior_var=1.0, damping=1e-3, init_precision=1e3,
+                       fisher="example"),
+    "vogn": dict(lr=1e-2, momentum=0.9, beta2=0.999, prior_var=1.0, damping=0.0, init_precision=1e3, fisher="example"),
     "noisy_kfac": dict(lr=1e-3, momentum=0.9, prior_var=1.0, damping=1e-3, init_precision=1e3, fisher="example",
                        kl_clip=1e-3, damping_mode="factored"),
     "adam": dict(lr=1e-3),
@@ -53,6 +54,8 @@ def make_optimizer(opt: argparse.Namespace, model: nn.Module) -> torch.optim.Opt
                   damping=setting(opt, "damping"), init_precision=setting(opt, "init_precision"))
     fisher = setting(opt, "fisher")
     if name == "noisy_kfac":
+        if opt.beta2 is not None:
+            raise UserError("--beta2 is for noisy_adam and vogn; drop it for noisy_kfac")
         if fisher in ("batch", "hessian"):
             raise UserError(f"--fisher {fisher} is for the diagonal optimizers; noisy_kfac takes example or true")
         return NoisyKFAC(model, lr=lr, momentum=momentum, t_stats=opt.t_stats, t_inv=opt.t_inv,
@@ -61,8 +64,8 @@ def make_optimizer(opt: argparse.Namespace, model: nn.Module) -> torch.optim.Opt
     if fisher == "true":
         raise UserError(f"--fisher true is implemented for noisy_kfac only; {name} takes example, batch or hessian")
     if name == "noisy_adam":
-        return NoisyAdam(model, lr=lr, betas=(momentum, 0.999), fisher=fisher, **common)
-    return VOGN(model, lr=lr, momentum=momentum, fisher=fisher, **common)
+        return NoisyAdam(model, lr=lr, betas=(momentum, setting(opt, "beta2")), fisher=fisher, **common)
+    return VOGN(model, lr=lr, momentum=momentum, beta2=setting(opt, "beta2"), fisher=fisher, **common)
 
 
 def make_scheduler(opt: argparse.Namespace, optimizer: torch.optim.Optimizer):
