@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from data.datasets import DATASETS
+from optimizers.noisy_kfac import T_INV, T_STATS
 from util.checkpoint import latest_epoch, latest_run, list_epochs, list_runs, read_options, write_text_atomic
 from util.errors import UserError, one_line
 
@@ -73,7 +74,7 @@ COMPATIBLE_OPTIMIZERS = {
 # Options that define a trained model; test.py takes them from the run's opt.json.
 RUN_KEYS = (
     "model", "optimizer", "arch", "hidden", "dataset", "n", "initial_size", "label_size",
-    "kl_weight", "prior_var", "damping", "init_precision", "t_stats", "t_inv", "fisher",
+    "kl_weight", "prior_var", "damping", "init_precision", "t_stats", "t_inv", "kfac_rank", "fisher",
     "damping_mode", "kl_clip", "momentum", "beta2", "train_samples", "eps",
 )  # fmt: skip
 # Also taken from the run when not given: where the training data was found (if it
@@ -148,8 +149,11 @@ class BaseOptions:
         g.add_argument("--damping", type=float, default=None, help="damping (default: per optimizer)")
         g.add_argument("--init_precision", type=float, default=None,
                        help="initial posterior precision (default: per optimizer)")
-        g.add_argument("--t_stats", type=int, default=1, help="iterations between curvature-statistics updates")
-        g.add_argument("--t_inv", type=int, default=20, help="iterations between curvature inversions")
+        g.add_argument("--t_stats", type=int, default=T_STATS, help="iterations between curvature-statistics updates")
+        g.add_argument("--t_inv", type=int, default=T_INV, help="iterations between curvature inversions")
+        g.add_argument("--kfac_rank", type=int, default=None,
+                       help="noisy_kfac: keep the top-K eigenpairs of each Kronecker factor larger than K, plus the "
+                            "mean of the rest of its spectrum (default: exact factors)")
         g.add_argument("--fisher", choices=("example", "batch", "hessian", "true"), default=None,
                        help="curvature estimate (default: per optimizer)")
         g.add_argument("--damping_mode", choices=("factored", "exact"), default=None,
@@ -258,6 +262,8 @@ class BaseOptions:
         for flag in ("t_stats", "t_inv", "train_samples"):
             v = getattr(opt, flag)
             need(v >= 1, f"--{flag} must be a positive integer, got {v}")
+        need(opt.kfac_rank is None or opt.kfac_rank >= 1,
+             f"--kfac_rank must be a positive integer (omit it for exact factors), got {opt.kfac_rank}")
         need(opt.test_samples >= 0, f"--test_samples must be >= 0 (0 = mean weights), got {opt.test_samples}")
         need(opt.num_threads is None or opt.num_threads >= 1,
              f"--num_threads must be a positive integer, got {opt.num_threads}")
@@ -281,6 +287,9 @@ class BaseOptions:
                 f"--model {opt.model} cannot be trained with --optimizer {opt.optimizer} "
                 f"({opt.optimizer} trains --model {needs}); use --optimizer {' or '.join(allowed)}"
             )
+        if getattr(opt, "kfac_rank", None) is not None and getattr(opt, "damping_mode", None) == "exact":
+            raise UserError("--kfac_rank works with the factored damping only; drop --damping_mode exact or "
+                            "--kfac_rank")
         info = DATASETS[opt.dataset]
         if opt.initial_size != info.input_size:
             c, s = info.in_channels, info.image_size

@@ -10,9 +10,13 @@ written by the optimizer after every step (the "two-step update" of the first se
   and its noise is drawn as ``U (E * R) V`` with ``E ~ N(0, I)``. ``U`` (out x out) and
   ``V`` (in' x in') are square roots of the two Kronecker factors' inverses and ``R`` (out x in')
   an elementwise scale. This one form covers the paper's factored damping
-  (``U = c L_S^-T, V = L_A^-1, R = 1``) and the exact eigenbasis damping
-  (``U = Q_S, V = Q_A^T, R = c / sqrt(d_S d_A^T + gamma)``), and gives the marginal variances
-  in closed form: ``Var[W_ij] = ((U*U) (R*R) (V*V))_ij``.
+  (``U = L_S^-T, V = L_A^-1, R = c``), the exact eigenbasis damping
+  (``U = Q_S, V = Q_A^T, R = c / sqrt(d_S d_A^T + gamma)``) and low-rank factors
+  (``U``, ``V`` = ``iso I + Q diag(coef) Q^T``), and gives the marginal variances in closed
+  form: ``Var[W_ij] = ((U*U) (R*R) (V*V))_ij``. ``U`` and ``V`` are stored as a ``FactorRoot``
+  each (MATH.md, "Noisy K-FAC"): a dense matrix, a Cholesky factor ``L`` applied by triangular
+  solves (``U = L^-T``, ``V = L^-1``, never formed), or a low-rank-plus-isotropic matrix applied
+  in O(n K).
 
 In ``train()`` mode every forward pass draws a fresh weight sample ``w = mu + noise`` with the
 noise detached, so the gradient w.r.t. the sample lands on the mean's ``.grad``. In ``eval()``
@@ -25,12 +29,54 @@ pass's gradient w.r.t. the sample: the numerator of the reparameterisation Hessi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 POSTERIORS = ("FFG", "MVG")
+
+#: how one side of the MVG noise is stored (``FactorRoot.kind``; the layers' ``*_kind`` buffers)
+ROOT_KINDS = ("dense", "cholesky", "low_rank")
+
+
+@dataclass
+class FactorRoot:
+    """One side ``U`` (left) or ``V`` (right) of the MVG noise ``U (E * R) V``, applied without forming it.
+
+    * ``"dense"``: ``mat`` is the matrix itself.
+    * ``"cholesky"``: ``mat`` is a lower-triangular ``L``; the side is ``L^-T`` on the left and
+      ``L^-1`` on the right (two triangular solves), so that ``U U^T`` or ``V^T V`` is ``(L L^T)^-1``.
+    * ``"low_rank"``: the symmetric ``iso I + mat diag(coef) mat^T`` (``mat``: n x K, orthonormal
+      columns), applied in O(n K) per row.
+    """
+
+    kind: str
+    mat: Tensor
+    coef: Tensor | None = None
+    iso: float | Tensor = 0.0
+
+    def left(self, x: Tensor) -> Tensor:
+        """``U x``."""
+        if self.kind == "dense":
+            return self.mat @ x
+        if self.kind == "cholesky":
+            return torch.linalg.solve_triangular(self.mat.mT, x, upper=True)
+        return self.iso * x + self.mat @ (self.coef[:, None] * (self.mat.mT @ x))
+
+    def right(self, x: Tensor) -> Tensor:
+        """``x V``."""
+        if self.kind == "dense":
+            return x @ self.mat
+        if self.kind == "cholesky":
+            return torch.linalg.solve_triangular(self.mat, x, upper=False, left=False)
+        return self.iso * x + ((x @ self.mat) * self.coef) @ self.mat.mT
+
+    def dense(self, left: bool) -> Tensor:
+        """The side as an explicit n x n matrix, ``U`` (``left``) or ``V`` (O(n^3) for ``cholesky``)."""
+        eye = torch.eye(self.mat.shape[0], dtype=self.mat.dtype, device=self.mat.device)
+        return self.left(eye) if left else self.right(eye)
 
 
 class BayesianLayer:
@@ -62,8 +108,14 @@ class BayesianLayer:
             )
         else:
             n_in = self.matrix_shape[1]
-            self.register_buffer("out_scale", torch.eye(out, dtype=w.dtype, device=w.device))
-            self.register_buffer("in_scale", torch.eye(n_in, dtype=w.dtype, device=w.device))
+            for side, n in (("out", out), ("in", n_in)):
+                # ``{side}_scale`` is FactorRoot.mat (n x n, or n x K for low rank); the other three
+                # complete the FactorRoot; ``_root_kinds`` mirrors ``{side}_kind`` without a device sync
+                self.register_buffer(f"{side}_scale", torch.eye(n, dtype=w.dtype, device=w.device))
+                self.register_buffer(f"{side}_coef", torch.zeros(0, dtype=w.dtype, device=w.device))
+                self.register_buffer(f"{side}_iso", torch.zeros((), dtype=w.dtype, device=w.device))
+                self.register_buffer(f"{side}_kind", torch.zeros((), dtype=torch.long, device=w.device))
+            self._root_kinds = ["dense", "dense"]
             self.register_buffer("mid_scale", torch.full((out, n_in), init_std, dtype=w.dtype, device=w.device))
 
     @property
@@ -81,14 +133,47 @@ class BayesianLayer:
             self.bias_sigma.copy_(bias_std)
 
     @torch.no_grad()
-    def set_mvg_posterior(self, out_scale: Tensor, in_scale: Tensor, mid_scale: Tensor | float) -> None:
-        """Set the matrix-variate posterior: noise = out_scale (E * mid_scale) in_scale."""
-        self.out_scale.copy_(out_scale)
-        self.in_scale.copy_(in_scale)
+    def set_mvg_posterior(self, out_scale: Tensor | FactorRoot, in_scale: Tensor | FactorRoot,
+                          mid_scale: Tensor | float) -> None:
+        """Set the matrix-variate posterior: noise = out_scale (E * mid_scale) in_scale (a Tensor = dense side)."""
+        for i, (side, root) in enumerate((("out", out_scale), ("in", in_scale))):
+            if isinstance(root, Tensor):
+                root = FactorRoot("dense", root)
+            mat = getattr(self, f"{side}_scale")
+            if mat.shape != root.mat.shape:
+                mat = mat.new_empty(root.mat.shape)  # contiguous, as a loaded checkpoint's buffer is
+                setattr(self, f"{side}_scale", mat)
+            mat.copy_(root.mat)
+            coef = root.coef if root.coef is not None else root.mat.new_zeros(0)
+            setattr(self, f"{side}_coef", coef.to(dtype=mat.dtype, device=mat.device, copy=True))
+            getattr(self, f"{side}_iso").fill_(root.iso)
+            getattr(self, f"{side}_kind").fill_(ROOT_KINDS.index(root.kind))
+            self._root_kinds[i] = root.kind
         if isinstance(mid_scale, Tensor):
             self.mid_scale.copy_(mid_scale)
         else:
             self.mid_scale.fill_(mid_scale)
+
+    def factor_roots(self) -> tuple[FactorRoot, FactorRoot]:
+        """The MVG noise's ``(U, V)``."""
+        return tuple(FactorRoot(kind, getattr(self, f"{side}_scale"), getattr(self, f"{side}_coef"),
+                                getattr(self, f"{side}_iso"))
+                     for side, kind in zip(("out", "in"), self._root_kinds))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if self.posterior == "MVG":
+            for side in ("out", "in"):
+                # the stored form decides the shapes (n x K for low rank); older checkpoints hold dense sides
+                state_dict.setdefault(prefix + f"{side}_kind", torch.zeros((), dtype=torch.long))
+                state_dict.setdefault(prefix + f"{side}_iso", torch.zeros(()))
+                state_dict.setdefault(prefix + f"{side}_coef", torch.zeros(0))
+                for name in (f"{side}_scale", f"{side}_coef"):
+                    new, own = state_dict.get(prefix + name), getattr(self, name)
+                    if isinstance(new, Tensor) and new.shape != own.shape:
+                        setattr(self, name, own.new_empty(new.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.posterior == "MVG":
+            self._root_kinds = [ROOT_KINDS[int(self.out_kind)], ROOT_KINDS[int(self.in_kind)]]
 
     # -- sampling ---------------------------------------------------------------------------
     def _split_matrix(self, m: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -104,7 +189,8 @@ class BayesianLayer:
                 bn = torch.randn_like(self.bias) * self.bias_sigma if self.bias is not None else None
                 return wn, bn
             e = torch.randn_like(self.mid_scale) * self.mid_scale
-            return self._split_matrix(self.out_scale @ e @ self.in_scale)
+            out_root, in_root = self.factor_roots()
+            return self._split_matrix(in_root.right(out_root.left(e)))
 
     def sample_weight(self) -> tuple[Tensor, Tensor | None]:
         """One fresh ``(weight, bias)`` sample; differentiable w.r.t. the means.
@@ -153,7 +239,8 @@ class BayesianLayer:
     def _marginal_std(self) -> tuple[Tensor, Tensor | None]:
         if self.posterior == "FFG":
             return self.weight_sigma.clone(), (self.bias_sigma.clone() if self.bias is not None else None)
-        var = self.out_scale.square() @ self.mid_scale.square() @ self.in_scale.square()
+        out_root, in_root = self.factor_roots()
+        var = out_root.dense(left=True).square() @ self.mid_scale.square() @ in_root.dense(left=False).square()
         return self._split_matrix(var.sqrt())
 
     def _weights_for_forward(self) -> tuple[Tensor, Tensor | None]:

@@ -22,7 +22,10 @@ Damping (``damping_mode``):
   ``pi = sqrt((tr A / dim A) / (tr S / dim S))``. Computed with Cholesky factors
   ``A^g = L_A L_A^T`` (about 6x cheaper than an eigendecomposition here): the preconditioner
   keeps the explicit inverses, and the sampler ``W = M + sqrt(lambda/N) L_S^-T E L_A^-1``
-  reuses the triangular factors of the ``gamma_in``-damped pair.
+  applies the triangular factors of the ``gamma_in``-damped pair by triangular solves (the
+  inverses are never formed). With ``rank=K`` a factor larger than K is replaced by its top-K
+  eigenpairs plus the mean of the rest of its spectrum (``damped_roots``), so that every
+  per-step product costs O(out in K).
 * ``"exact"``: one eigendecomposition per factor, ``A = Q_A diag(d_A) Q_A^T``, gives the exact
   ``(A (x) S + g I)^-1``: ``D = Q_S [(Q_S^T V Q_A) / (d_S d_A^T + g)] Q_A^T`` and samples
   ``sqrt(lambda/N) Q_S [E / sqrt(d_S d_A^T + gamma_in)] Q_A^T``.
@@ -38,7 +41,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from models.bayesian_layers import FactorRoot
 from optimizers.base import NGVIOptimizer
+
+#: default steps between factor updates and between decompositions (the CLI's ``--t_stats`` / ``--t_inv``)
+T_STATS, T_INV = 1, 20
 
 
 def factored_pi(A: Tensor, S: Tensor, eps: float = 1e-12) -> Tensor:
@@ -57,31 +64,69 @@ def _cholesky_damped(F: Tensor, shift: Tensor) -> Tensor:
     return L
 
 
-def _triangular_inverse(L: Tensor) -> Tensor:
-    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
-    return torch.linalg.solve_triangular(L, eye, upper=False)
+def top_eigenpairs(F: Tensor, k: int, basis: Tensor | None = None, iters: int = 2) -> tuple[Tensor, Tensor]:
+    """``(Q, d)``: k orthonormal (approximate) top eigenvectors of the symmetric PSD ``F`` and their Ritz values.
+
+    Without ``basis``, an exact ``eigh``; with the previous refresh's ``basis`` (n x k), ``iters``
+    steps of subspace iteration ``Q <- qr(F Q)`` warm-started from it, then Rayleigh-Ritz
+    (``eigh`` of the k x k ``Q^T F Q``): O(n^2 k) instead of O(n^3).
+    """
+    F = 0.5 * (F + F.mT)
+    if basis is None:
+        d, Q = torch.linalg.eigh(F)
+        return Q[:, -k:], d[-k:].clamp_min(0)
+    Q = basis.to(F.dtype)
+    for _ in range(iters):
+        Q = torch.linalg.qr(F @ Q)[0]
+    d, U = torch.linalg.eigh(Q.mT @ F @ Q)
+    return Q @ U, d.clamp_min(0)
 
 
-def factored_decomposition(A: Tensor, S: Tensor, gamma_in: float, gamma: float) -> dict[str, Tensor]:
-    """Cholesky-based factored Tikhonov damping.
+def damped_roots(F: Tensor, shift_in: Tensor, shift: Tensor | None, rank: int | None = None,
+                 basis: Tensor | None = None, iters: int = 2) -> tuple[FactorRoot, FactorRoot]:
+    """One factor's sampler root ``R`` (``R^T R = (F + shift_in I)^-1``) and preconditioner ``P = (F + shift I)^-1``.
 
-    Returns ``A_inv``, ``S_inv`` (inverses of the ``gamma``-damped factors, for the update) and
-    ``in_scale = L_A^-1``, ``out_scale = L_S^-T`` of the ``gamma_in``-damped factors, so that
-    ``out_scale E in_scale`` has covariance ``[A^gamma_in]^-1 (x) [S^gamma_in]^-1``.
+    ``shift=None``: the same as ``shift_in``.
+
+    Exact (``rank`` None or >= n): ``R = L^-1`` from the Cholesky factor ``L`` (kept as ``L``,
+    applied by triangular solves) and the dense ``P``. Low rank (MATH.md, "Low-rank factors"):
+    ``F ~ F_K = Q diag(d) Q^T + r (I - Q Q^T)`` with the top-K eigenpairs ``(Q, d)`` and ``r`` the
+    mean of the remaining eigenvalues, ``(tr F - sum d) / (n - K)`` (so ``tr F_K = tr F``); then
+    ``(F_K + s I)^p = (r + s)^p I + Q diag((d + s)^p - (r + s)^p) Q^T`` for ``p = -1/2`` (the root)
+    and ``p = -1`` (``P``): the sampled covariance is exactly the one ``P`` implies at ``shift_in``.
+    """
+    n = F.shape[0]
+    if rank is None or rank >= n:
+        L_in = _cholesky_damped(F, shift_in)
+        L = L_in if shift is None else _cholesky_damped(F, shift)
+        return FactorRoot("cholesky", L_in), FactorRoot("dense", torch.cholesky_inverse(L))
+    Q, d = top_eigenpairs(F, rank, basis, iters)
+    r = ((F.diagonal().sum() - d.sum()) / (n - rank)).clamp_min(0)
+    shift = shift_in if shift is None else shift
+    root_iso = (r + shift_in).rsqrt()
+    pre_iso = (r + shift).reciprocal()
+    return (FactorRoot("low_rank", Q, (d + shift_in).rsqrt() - root_iso, root_iso),
+            FactorRoot("low_rank", Q, (d + shift).reciprocal() - pre_iso, pre_iso))
+
+
+def factored_decomposition(A: Tensor, S: Tensor, gamma_in: float, gamma: float, rank: int | None = None,
+                           bases: tuple[Tensor | None, Tensor | None] = (None, None),
+                           iters: int = 2) -> dict[str, FactorRoot]:
+    """Factored Tikhonov damping of both factors (float64).
+
+    Returns the sampler's roots ``in_root`` (``V``, ``V^T V = [A^gamma_in]^-1``) and ``out_root``
+    (``U``, ``U U^T = [S^gamma_in]^-1``), so that ``U E V`` has covariance
+    ``[A^gamma_in]^-1 (x) [S^gamma_in]^-1``, and the preconditioner's ``A_inv``, ``S_inv``
+    (``[A^gamma]^-1``, ``[S^gamma]^-1``). ``rank``: low-rank factors (``damped_roots``),
+    warm-started from ``bases`` (the previous ``(A, S)`` eigenbases).
     """
     A, S = A.double(), S.double()
     pi = factored_pi(A, S)
-    out = {}
-    La_in = _cholesky_damped(A, pi * gamma_in ** 0.5)
-    Ls_in = _cholesky_damped(S, gamma_in ** 0.5 / pi)
-    in_scale, out_scale = _triangular_inverse(La_in), _triangular_inverse(Ls_in).T
-    out["in_scale"], out["out_scale"] = in_scale, out_scale
-    if gamma == gamma_in:
-        out["A_inv"], out["S_inv"] = in_scale.T @ in_scale, out_scale @ out_scale.T
-    else:
-        out["A_inv"] = torch.cholesky_inverse(_cholesky_damped(A, pi * gamma ** 0.5))
-        out["S_inv"] = torch.cholesky_inverse(_cholesky_damped(S, gamma ** 0.5 / pi))
-    return out
+    a_in, s_in = pi * gamma_in ** 0.5, gamma_in ** 0.5 / pi
+    a_pre, s_pre = (None, None) if gamma == gamma_in else (pi * gamma ** 0.5, gamma ** 0.5 / pi)
+    in_root, A_inv = damped_roots(A, a_in, a_pre, rank, bases[0], iters)
+    out_root, S_inv = damped_roots(S, s_in, s_pre, rank, bases[1], iters)
+    return {"in_root": in_root, "out_root": out_root, "A_inv": A_inv, "S_inv": S_inv}
 
 
 def eigen_decomposition(A: Tensor, S: Tensor) -> dict[str, Tensor]:
@@ -107,14 +152,19 @@ class NoisyKFAC(NGVIOptimizer):
             ``true_fisher_backward(logits)`` before ``loss.backward()``).
         kl_clip: trust region on the update (``None`` = off), as in distributed K-FAC.
         init_precision: isotropic posterior precision before the first step.
+        rank: ``None`` (exact factors) or K: a factor larger than K keeps its top-K eigenpairs and
+            the mean of the rest of its spectrum (``damped_roots``), so that sampling and
+            preconditioning cost O(out in K); factored damping only. The eigenpairs come from
+            ``subspace_iters`` steps of subspace iteration warm-started at the previous refresh's.
     """
 
     posterior = "MVG"
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9, num_data: int = 60000,
                  kl_weight: float = 1.0, prior_var: float = 1.0, damping: float = 1e-3, stat_decay: float = 0.95,
-                 t_stats: int = 1, t_inv: int = 20, damping_mode: str = "factored", fisher: str = "empirical",
-                 kl_clip: float | None = 1e-3, init_precision: float = 1e3) -> None:
+                 t_stats: int = T_STATS, t_inv: int = T_INV, damping_mode: str = "factored", fisher: str = "empirical",
+                 kl_clip: float | None = 1e-3, init_precision: float = 1e3, rank: int | None = None,
+                 subspace_iters: int = 2) -> None:
         if damping_mode not in ("factored", "exact"):
             raise ValueError(f"damping_mode must be 'factored' or 'exact', got {damping_mode!r}")
         if t_stats < 1 or t_inv < 1:
@@ -125,9 +175,15 @@ class NoisyKFAC(NGVIOptimizer):
             raise ValueError(f"kl_clip must be positive, got {kl_clip}")
         if init_precision <= 0:
             raise ValueError(f"init_precision must be positive, got {init_precision}")
+        if rank is not None and (rank < 1 or damping_mode != "factored"):
+            raise ValueError(f"rank must be None or a positive integer with damping_mode='factored', got {rank} "
+                             f"with {damping_mode!r}")
+        if subspace_iters < 1:
+            raise ValueError(f"subspace_iters must be >= 1, got {subspace_iters}")
         defaults = dict(lr=lr, momentum=momentum, num_data=num_data, kl_weight=kl_weight, prior_var=prior_var,
                         damping=damping, stat_decay=stat_decay, t_stats=t_stats, t_inv=t_inv,
-                        damping_mode=damping_mode, kl_clip=kl_clip, init_precision=init_precision)
+                        damping_mode=damping_mode, kl_clip=kl_clip, init_precision=init_precision, rank=rank,
+                        subspace_iters=subspace_iters)
         super().__init__(model, defaults, capture_kind="kfac", fisher=fisher)
         for layer, _, _ in self.layer_params():
             out, n_in = layer.matrix_shape
@@ -144,9 +200,16 @@ class NoisyKFAC(NGVIOptimizer):
         w = w.reshape(w.shape[0], -1)
         return torch.cat([w, b[:, None]], dim=1) if layer.bias is not None else w
 
+    @staticmethod
+    def _stored_root(state: dict, key: str) -> FactorRoot:
+        """The preconditioner side ``key`` ("A_inv" / "S_inv") as kept in the state: dense, or low rank."""
+        if key + "_coef" in state:
+            return FactorRoot("low_rank", state[key], state[key + "_coef"], state[key + "_iso"])
+        return FactorRoot("dense", state[key])
+
     def _precondition(self, state: dict, group: dict, V: Tensor) -> Tensor:
         if group["damping_mode"] == "factored":
-            return state["S_inv"] @ V @ state["A_inv"]
+            return self._stored_root(state, "A_inv").right(self._stored_root(state, "S_inv").left(V))
         gamma = self.gamma_in(group) + group["damping"]
         QS, QA = state["QS"], state["QA"]
         return QS @ ((QS.T @ V @ QA) / (state["dS"][:, None] * state["dA"][None, :] + gamma)) @ QA.T
@@ -156,9 +219,15 @@ class NoisyKFAC(NGVIOptimizer):
         dtype = layer.weight.dtype
         c = self.noise_scale(group)
         if group["damping_mode"] == "factored":
-            dec = factored_decomposition(state["A"], state["S"], gamma_in, gamma_in + group["damping"])
-            state["A_inv"], state["S_inv"] = dec["A_inv"].to(dtype), dec["S_inv"].to(dtype)
-            layer.set_mvg_posterior(dec["out_scale"].to(dtype), dec["in_scale"].to(dtype), c)
+            bases = tuple(state[k] if k + "_coef" in state else None for k in ("A_inv", "S_inv"))
+            dec = factored_decomposition(state["A"], state["S"], gamma_in, gamma_in + group["damping"],
+                                         group["rank"], bases, group["subspace_iters"])
+            for key in ("A_inv", "S_inv"):
+                root = dec[key]
+                state[key] = root.mat.to(dtype)
+                if root.kind == "low_rank":
+                    state[key + "_coef"], state[key + "_iso"] = root.coef.to(dtype), root.iso.to(dtype)
+            layer.set_mvg_posterior(dec["out_root"], dec["in_root"], c)
         else:
             dec = eigen_decomposition(state["A"], state["S"])
             for key, value in dec.items():

@@ -71,7 +71,8 @@ def test_mvg_sample_std_from_random_cholesky_factors(kind):
     out, n_in = layer.matrix_shape
     A, S = random_spd(n_in, gen), random_spd(out, gen)
     dec = factored_decomposition(A, S, 0.1, 0.1)
-    layer.set_mvg_posterior(dec["out_scale"].float(), dec["in_scale"].float(), 0.7)
+    layer.set_mvg_posterior(dec["out_root"], dec["in_root"], 0.7)
+    assert layer.factor_roots()[1].kind == "cholesky"
     assert not torch.allclose(layer.weight_std(), layer.weight_std().flatten()[0].expand_as(layer.weight))
     assert_std_matches(layer)
 

@@ -444,6 +444,7 @@ RESUME_CONFIGS = {
     "kfac_factored": ("MVG", lambda m: NoisyKFAC(m, lr=1e-2, num_data=100, t_inv=3, t_stats=2, kl_clip=1e-2)),
     "kfac_exact": ("MVG", lambda m: NoisyKFAC(m, lr=1e-2, num_data=100, t_inv=3, t_stats=2, damping_mode="exact")),
     "kfac_true_fisher": ("MVG", lambda m: NoisyKFAC(m, lr=1e-2, num_data=100, t_inv=3, t_stats=2, fisher="true")),
+    "kfac_rank": ("MVG", lambda m: NoisyKFAC(m, lr=1e-2, num_data=100, t_inv=3, t_stats=2, rank=2)),
 }
 
 

@@ -147,6 +147,8 @@ def test_device_cuda_when_available(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--momentum", "1"], "--momentum"),
         (["--beta2", "1"], "--beta2"),
         (["--t_inv", "0"], "--t_inv"),
+        (["--model", "MVG", "--kfac_rank", "0"], "--kfac_rank must be a positive integer"),
+        (["--model", "MVG", "--kfac_rank", "8", "--damping_mode", "exact"], "--kfac_rank works with the factored"),
         (["--eps", "0"], "--eps"),
         (["--lr_schedule", "linear"], "invalid choice"),
         (["--lr_step", "0"], "--lr_step"),

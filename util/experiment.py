@@ -59,7 +59,8 @@ def make_optimizer(opt: argparse.Namespace, model: nn.Module) -> torch.optim.Opt
         if fisher in ("batch", "hessian"):
             raise UserError(f"--fisher {fisher} is for the diagonal optimizers; noisy_kfac takes example or true")
         return NoisyKFAC(model, lr=lr, momentum=momentum, t_stats=opt.t_stats, t_inv=opt.t_inv,
-                         damping_mode=setting(opt, "damping_mode"), kl_clip=setting(opt, "kl_clip"),
+                         rank=getattr(opt, "kfac_rank", None), damping_mode=setting(opt, "damping_mode"),
+                         kl_clip=setting(opt, "kl_clip"),
                          fisher="true" if fisher == "true" else "empirical", **common)
     if fisher == "true":
         raise UserError(f"--fisher true is implemented for noisy_kfac only; {name} takes example, batch or hessian")

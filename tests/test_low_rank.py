@@ -1,0 +1,203 @@
+"""Low-rank Kronecker factors (``NoisyKFAC(rank=K)``): sampler and preconditioner against dense float64
+references built from a full eigendecomposition, written out here (MATH.md, "Low-rank factors")."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import BayesianLinear
+from optimizers import NoisyKFAC
+from optimizers.noisy_kfac import factored_decomposition, top_eigenpairs
+
+
+def random_spd(n: int, gen: torch.Generator, decay: float = 0.7) -> torch.Tensor:
+    """A PSD matrix with a decaying spectrum, a gap at no particular place, float64."""
+    Q = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
+    d = decay ** torch.arange(n, dtype=torch.float64) + 0.01 * torch.rand(n, generator=gen, dtype=torch.float64)
+    return Q @ torch.diag(d) @ Q.T
+
+
+def low_rank_reference(Fm: torch.Tensor, k: int) -> torch.Tensor:
+    """``Q diag(d) Q^T + r (I - Q Q^T)``: top-k eigenpairs, ``r`` = mean of the other n - k eigenvalues."""
+    d, Q = torch.linalg.eigh(Fm)
+    Qk, dk = Q[:, -k:], d[-k:]
+    r = d[:-k].mean()
+    eye = torch.eye(Fm.shape[0], dtype=Fm.dtype)
+    return Qk @ torch.diag(dk) @ Qk.T + r * (eye - Qk @ Qk.T)
+
+
+def damped_pair(A: torch.Tensor, S: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factored Tikhonov damping with pi from the *exact* traces."""
+    pi = math.sqrt((torch.trace(A).item() / A.shape[0]) / (torch.trace(S).item() / S.shape[0]))
+    return (A + pi * math.sqrt(gamma) * torch.eye(A.shape[0], dtype=A.dtype),
+            S + math.sqrt(gamma) / pi * torch.eye(S.shape[0], dtype=S.dtype))
+
+
+@pytest.mark.parametrize("rank", [1, 3, 6])
+def test_low_rank_roots_match_dense_reference(rank):
+    gen = torch.Generator().manual_seed(0)
+    A, S = random_spd(9, gen), random_spd(5, gen)
+    gamma_in, gamma = 0.02, 0.07
+    dec = factored_decomposition(A, S, gamma_in, gamma, rank=rank)
+    A_k = low_rank_reference(A, rank)
+    S_k = low_rank_reference(S, rank) if rank < 5 else S
+    torch.testing.assert_close(torch.trace(A_k), torch.trace(A))  # the isotropic rest keeps the trace
+    Ag_in, Sg_in = damped_pair(A_k, S_k, gamma_in)
+    Ag, Sg = damped_pair(A_k, S_k, gamma)
+    assert dec["in_root"].kind == "low_rank" and dec["out_root"].kind == ("low_rank" if rank < 5 else "cholesky")
+    V, U = dec["in_root"].dense(left=False), dec["out_root"].dense(left=True)
+    torch.testing.assert_close(V.T @ V, torch.linalg.inv(Ag_in), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(U @ U.T, torch.linalg.inv(Sg_in), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(dec["A_inv"].dense(left=False), torch.linalg.inv(Ag), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(dec["S_inv"].dense(left=True), torch.linalg.inv(Sg), rtol=1e-9, atol=1e-9)
+    # applied to a matrix without forming anything: same as the dense products
+    X = torch.randn(5, 9, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(dec["out_root"].left(X) @ V, U @ X @ V)
+    torch.testing.assert_close(dec["in_root"].right(X), X @ V)
+    # the approximation is not the factor itself (the test could tell them apart)
+    assert (torch.linalg.inv(Ag_in) - torch.linalg.inv(damped_pair(A, S, gamma_in)[0])).abs().max() > 1e-3
+
+
+def test_subspace_iteration_converges_to_top_eigenpairs():
+    gen = torch.Generator().manual_seed(1)
+    A = random_spd(30, gen, decay=0.6)
+    d_ref, Q_ref = torch.linalg.eigh(A)
+    Q0, d0 = top_eigenpairs(A, 4)
+    torch.testing.assert_close(d0, d_ref[-4:])
+    start = torch.linalg.qr(torch.randn(30, 4, generator=gen, dtype=torch.float64))[0]
+    Q1, d1 = top_eigenpairs(A, 4, start, iters=1)
+    Q, d = top_eigenpairs(A, 4, start, iters=60)
+    torch.testing.assert_close(d, d_ref[-4:], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close((Q.T @ Q_ref[:, -4:]).abs(), torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-6)
+    assert (d1 - d_ref[-4:]).abs().max() > 1e-6  # one step from a random start is not converged
+    torch.testing.assert_close(Q1.T @ Q1, torch.eye(4, dtype=torch.float64))  # but orthonormal
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(BayesianLinear(7, 6, posterior="MVG"), nn.Tanh(),
+                         BayesianLinear(6, 3, posterior="MVG")).double()
+
+
+def run_steps(model, opt, steps, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(16, 7, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_noisy_kfac_rank_first_step_against_dense_reference(float64):
+    """One step of rank-2 Noisy K-FAC: the update S_K^-1 V A_K^-1 and the new posterior's covariance."""
+    kw = dict(lr=0.1, num_data=50, kl_weight=0.7, prior_var=2.0, damping=0.03, momentum=0.0, kl_clip=None,
+              t_inv=1, init_precision=10.0)
+    model = mlp()
+    opt = NoisyKFAC(model, rank=2, **kw)
+    layer = model[0]
+    M0 = torch.cat([layer.weight, layer.bias[:, None]], 1).detach().clone()
+    run_steps(model, opt, 1)
+    noise = torch.cat([layer.mean_noise[0], layer.mean_noise[1][:, None]], 1) if layer.mean_noise else None
+    assert noise is None
+    st = opt.state[layer.weight]
+    A, S = st["A"], st["S"]
+    gamma_in = 0.7 / (50 * 2.0)
+    A_k, S_k = low_rank_reference(A, 2), low_rank_reference(S, 2)
+    # the posterior after the step: (lambda/N) [A_K^gamma_in]^-1 (x) [S_K^gamma_in]^-1
+    Ag_in, Sg_in = damped_pair(A_k, S_k, gamma_in)
+    U, V = (r.dense(left=i == 0) for i, r in enumerate(layer.factor_roots()))
+    c2 = layer.mid_scale.flatten()[0] ** 2
+    torch.testing.assert_close(c2, torch.tensor(0.7 / 50, dtype=torch.float64))
+    torch.testing.assert_close(c2 * V.T @ V, 0.7 / 50 * torch.linalg.inv(Ag_in), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(c2 * U @ U.T, torch.linalg.inv(Sg_in) * 0.7 / 50, rtol=1e-8, atol=1e-10)
+    std = (0.7 / 50 * torch.linalg.inv(Sg_in).diagonal()[:, None] * torch.linalg.inv(Ag_in).diagonal()[None]).sqrt()
+    torch.testing.assert_close(layer.weight_std(), std[:, :-1], rtol=1e-8, atol=0)
+    # the update: M1 = M0 - lr [S_K^gamma]^-1 (G + gamma_in W) [A_K^gamma]^-1, W the first (isotropic) sample
+    Ag, Sg = damped_pair(A_k, S_k, gamma_in + 0.03)
+    M1 = torch.cat([layer.weight, layer.bias[:, None]], 1).detach()
+    V_grad = -(M1 - M0) / 0.1  # = D
+    D_expected_dir = Sg @ V_grad @ Ag  # = G + gamma_in W, recovered through the reference's inverse
+    G_plus = torch.linalg.inv(Sg) @ D_expected_dir @ torch.linalg.inv(Ag)
+    torch.testing.assert_close(G_plus, V_grad)
+    # and independently: recompute G + gamma_in W from the recorded sample and gradient
+    model2 = mlp()
+    opt2 = NoisyKFAC(model2, rank=2, **kw)
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, 7, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen)
+    opt2.zero_grad()
+    F.cross_entropy(model2(x), y).backward()
+    l2 = model2[0]
+    W = torch.cat([l2.weight + l2.last_noise[0], (l2.bias + l2.last_noise[1])[:, None]], 1).detach()
+    G = torch.cat([l2.weight.grad, l2.bias.grad[:, None]], 1)
+    D_ref = torch.linalg.inv(Sg) @ (G + gamma_in * W) @ torch.linalg.inv(Ag)
+    opt2.step()
+    M1_2 = torch.cat([l2.weight, l2.bias[:, None]], 1).detach()
+    torch.testing.assert_close(M1_2, M0 - 0.1 * D_ref, rtol=1e-8, atol=1e-10)
+
+
+def test_rank_sampler_is_what_the_preconditioner_implies_after_warm_started_refreshes(float64):
+    """After refreshes from warm-started (inexact) eigenbases, V^T V still is the preconditioner's matrix."""
+    model = mlp()
+    opt = NoisyKFAC(model, lr=0.05, num_data=100, damping=0.0, rank=2, t_inv=2, kl_clip=None)
+    run_steps(model, opt, 7)
+    for layer in (model[0], model[2]):
+        st = opt.state[layer.weight]
+        assert "A_inv_coef" in st and st["A_inv"].shape == (layer.matrix_shape[1], 2)
+        U, V = (r.dense(left=i == 0) for i, r in enumerate(layer.factor_roots()))
+        c2 = 1.0 / 100
+        A_inv = opt._stored_root(st, "A_inv").dense(left=False)
+        S_inv = opt._stored_root(st, "S_inv").dense(left=True)
+        torch.testing.assert_close(V.T @ V, A_inv, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(U @ U.T, S_inv, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(layer.mid_scale, torch.full_like(layer.mid_scale, c2 ** 0.5))
+        # the low-rank-plus-isotropic matrix keeps the factor's trace (pi unchanged by the approximation)
+        Q = st["A_inv"]
+        torch.testing.assert_close(Q.T @ Q, torch.eye(2, dtype=torch.float64))
+
+
+def test_rank_sampled_covariance_monte_carlo():
+    """Draws of a rank-2 layer have the covariance (lambda/N) [A_K^g]^-1 (x) [S_K^g]^-1 (column-major vec)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(BayesianLinear(4, 3, posterior="MVG"), nn.Tanh(), BayesianLinear(3, 2, posterior="MVG"))
+    opt = NoisyKFAC(model, lr=0.05, num_data=10, kl_weight=0.5, damping=0.0, rank=2, t_inv=1, kl_clip=None)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 4, generator=gen) * 2, torch.randint(0, 2, (12,), generator=gen)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    layer = model[0]
+    A, S = opt.state[layer.weight]["A"].double(), opt.state[layer.weight]["S"].double()
+    Ag, Sg = damped_pair(low_rank_reference(A, 2), low_rank_reference(S, 2), 0.5 / 10)
+    ref = 0.05 * torch.kron(torch.linalg.inv(Ag), torch.linalg.inv(Sg))
+    n = 200_000
+    with torch.no_grad():
+        e = torch.vmap(lambda _: torch.cat([t if t.dim() == 2 else t[:, None] for t in layer.sample_noise()], 1),
+                       randomness="different")(torch.zeros(n))
+    vec = e.transpose(1, 2).reshape(n, -1).double()
+    cov = vec.T @ vec / n
+    assert (cov - ref).abs().max() < 0.03 * ref.abs().max()
+    assert (ref - torch.diag(ref.diagonal())).abs().max() > 0.05 * ref.abs().max()
+
+
+def test_rank_state_dict_round_trip_and_validation():
+    model = mlp()
+    opt = NoisyKFAC(model, lr=0.05, num_data=100, rank=2, t_inv=3)
+    run_steps(model, opt, 4)
+    fresh = mlp(seed=5)
+    fresh.load_state_dict(model.state_dict())  # the n x K buffers resize on load
+    for a, b in zip(model.modules(), fresh.modules()):
+        if isinstance(a, BayesianLinear):
+            torch.manual_seed(0)
+            na = a.sample_noise()
+            torch.manual_seed(0)
+            nb = b.sample_noise()
+            assert torch.equal(na[0], nb[0]) and b.factor_roots()[1].kind == "low_rank"
+    with pytest.raises(ValueError, match="rank"):
+        NoisyKFAC(mlp(), rank=2, damping_mode="exact")
+    with pytest.raises(ValueError, match="rank"):
+        NoisyKFAC(mlp(), rank=0)
