@@ -48,6 +48,21 @@ from optimizers.base import NGVIOptimizer
 T_STATS, T_INV = 1, 20
 
 
+def takes_stats(k: int, t_stats: int, t_inv: int) -> bool:
+    """Whether step k (from 1) updates the factors: every step of the warm-up (k <= t_inv), then every t_stats."""
+    return k <= t_inv or (k - 1) % t_stats == 0
+
+
+def refreshes(k: int, t_inv: int) -> bool:
+    """Whether step k (from 1) decomposes the factors: k - 1 = 0, 1, 2, 4, 8, ... < t_inv, then every t_inv.
+
+    Factors estimated from a few batches change fast; the warm-up refreshes them while they do
+    (MATH.md, "Noisy K-FAC"), at a cost of log2(t_inv) extra decompositions in a whole run.
+    """
+    j = k - 1
+    return j % t_inv == 0 or (j < t_inv and j & (j - 1) == 0)
+
+
 def factored_pi(A: Tensor, S: Tensor, eps: float = 1e-12) -> Tensor:
     """``pi = sqrt((tr A / dim A) / (tr S / dim S))``, the factored-damping split (Martens & Grosse 2015)."""
     ta = A.diagonal().mean().clamp_min(eps)
@@ -270,7 +285,7 @@ class NoisyKFAC(NGVIOptimizer):
                     beta = group["stat_decay"]
                     state["A"].mul_(beta).add_(stats[0], alpha=1 - beta)
                     state["S"].mul_(beta).add_(stats[1], alpha=1 - beta)
-            refresh = "A" in state and ((k - 1) % group["t_inv"] == 0 or not self._has_decomposition(state))
+            refresh = "A" in state and (refreshes(k, group["t_inv"]) or not self._has_decomposition(state))
             if refresh:
                 self._decompose(layer, state, group)
             M = self._as_matrix(layer, layer.weight, layer.bias)
@@ -278,7 +293,7 @@ class NoisyKFAC(NGVIOptimizer):
             V = G + self.gamma_in(group) * W
             D = self._precondition(state, group, V) if self._has_decomposition(state) else V
             updates.append((layer, group, state, V, D))
-            self.capture.active = k % group["t_stats"] == 0
+            self.capture.active = takes_stats(k + 1, group["t_stats"], group["t_inv"])
 
         nu = 1.0
         clips = {g["kl_clip"] for _, g, *_ in updates}
@@ -308,7 +323,8 @@ class NoisyKFAC(NGVIOptimizer):
         # re-derive it from the restored step counts, as ``step`` leaves it (else a resumed run
         # takes statistics on a step where the uninterrupted run does not, with t_stats > 1)
         for layer, group, _ in self.layer_params():
-            self.capture.active = int(self.state[layer.weight]["step"].item()) % group["t_stats"] == 0
+            k = int(self.state[layer.weight]["step"].item())
+            self.capture.active = takes_stats(k + 1, group["t_stats"], group["t_inv"])
 
     def kronecker_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The running-average factors ``(A, S)`` per layer name (e.g. for eigen-spectrum plots)."""

@@ -3,7 +3,7 @@
 * Equivalence: 2 ranks x batch B give the same means and curvature state after k = 3 steps
   as 1 rank x batch 2B, to 1e-5, for Noisy Adam and VOGN (per-example squared gradients, and
   the batch-gradient square), Noisy K-FAC (Kronecker factors; factored damping with t_inv = 2,
-  i.e. decompositions on steps 1 and 3; exact damping with t_inv = 1 and the trust region) and
+  i.e. decompositions on steps 1, 2 (warm-up) and 3; exact damping with t_inv = 1 and the trust region) and
   Adam (``average_gradients``). The net has a convolution and linear layers with and without
   bias; the batches come from ``InMemoryLoader``'s sharding, whose rank batches of one step
   together are the 2B batch.

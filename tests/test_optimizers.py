@@ -261,7 +261,8 @@ class RefKFAC:
         k = self.k
         W = [m + n for m, n in zip(self.M, noise)]
         per = per_example([(w[:, :-1], w[:, -1]) for w in W], x, y)
-        use_stats = (k - 1) % self.t_stats == 0
+        # warm-up: statistics every step while k <= t_inv, decompositions at k - 1 = 0, 1, 2, 4, ... < t_inv
+        use_stats = k <= self.t_inv or (k - 1) % self.t_stats == 0
         Ds, Vs = [], []
         for ell in range(len(W)):
             G = mean([torch.outer(p[2][ell], p[1][ell]) for p in per])
@@ -274,7 +275,8 @@ class RefKFAC:
                     self.A[ell] = self.beta * self.A[ell] + (1 - self.beta) * Ab
                     self.S[ell] = self.beta * self.S[ell] + (1 - self.beta) * Sb
             Vs.append(G + self.gin * W[ell])
-        if self.dec is None or (k - 1) % self.t_inv == 0:
+        warm = {2**j for j in range(30) if 2**j < self.t_inv}
+        if self.dec is None or (k - 1) % self.t_inv == 0 or (k - 1) in warm:
             self.dec = [(A.clone(), S.clone()) for A, S in zip(self.A, self.S)]
         Ds = [self.precondition(ell, V) for ell, V in enumerate(Vs)]
         nu = 1.0
@@ -294,6 +296,8 @@ KFAC_CONFIGS = {
                                        t_inv=2),
     "factored_clip_tstats2": dict(damping_mode="factored", damping=0.05, momentum=0.9, kl_clip=1e-3, t_stats=2,
                                   t_inv=1),
+    "factored_tinv3_tstats2": dict(damping_mode="factored", damping=0.05, momentum=0.9, kl_clip=None, t_stats=2,
+                                   t_inv=3),
     "exact": dict(damping_mode="exact", damping=0.01, momentum=0.9, kl_clip=None, t_stats=1, t_inv=1),
     "exact_clip_tinv3_tstats2": dict(damping_mode="exact", damping=0.01, momentum=0.0, kl_clip=1e-3, t_stats=2,
                                      t_inv=3),
@@ -315,7 +319,7 @@ def test_noisy_kfac_first_steps_match_reference(float64, config):
     ref = RefKFAC(layers, **kw)
     for ell, layer in enumerate(layers):
         close(as_matrix(layer.weight_std(), layer.bias_std()), ref.std(ell))
-    for k in (1, 2, 3):
+    for k in range(1, 6):  # covers the warm-up (t_inv = 3: k <= 3) and the steps after it
         seed = 200 + k
         opt.zero_grad()
         torch.manual_seed(seed)
