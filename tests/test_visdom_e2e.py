@@ -272,17 +272,20 @@ def test_saved_env_has_every_window_and_trace(server: OfflineServer, trained: Pa
         assert windows[win]["title"], win
     assert windows["iter_loss"]["title"] == "train loss (per interval)"
     assert f"options_{NAME}" in windows, "no options pane (Visualizer.log_options)"
-    posterior = [w for w in windows if w.startswith("posterior_std_")]
-    assert posterior, f"no posterior-std histogram (Visualizer.log_posterior); have {sorted(windows)}"
-    for win in posterior:
-        (trace,) = windows[win]["content"]["data"]
-        assert trace["name"] == NAME and sum(trace["y"]) > 0, win
+    assert "posterior_std" in windows, f"no posterior-std summary (Visualizer.log_posterior); have {sorted(windows)}"
+    band = {t["name"]: t for t in windows["posterior_std"]["content"]["data"]}
+    assert set(band) == {NAME, f"{NAME} 10-90% low", f"{NAME} 10-90% high"}
+    layers = windows["posterior_std"]["content"]["layout"]["xaxis"]["ticktext"]
+    assert layers and len(band[NAME]["y"]) == len(layers) and all(y > 0 for y in band[NAME]["y"])
+    (hist,) = windows[f"posterior_std_hist_{NAME}"]["content"]["data"]
+    assert hist["type"] == "heatmap" and hist["y"] == layers
+    assert all(abs(sum(v for v in row if v is not None) - 1) < 1e-9 for row in hist["z"])  # one histogram a row
 
 
 def test_browser_renders_windows_and_traces(server: OfflineServer, trained: Path, tmp_path: Path) -> None:
     windows = server.saved_env(ENV)["jsons"]
     plots = {w: p for w, p in windows.items() if p["type"] == "plot"}
-    n_traces = sum(len(p["content"]["data"]) for p in plots.values())
+    n_traces = sum(t["type"] == "scatter" for p in plots.values() for t in p["content"]["data"])  # SVG traces
     url = f"{server.url}/env/{ENV}"
 
     browser = Chromium(tmp_path)
@@ -299,7 +302,7 @@ def test_browser_renders_windows_and_traces(server: OfflineServer, trained: Path
     assert state["plots"] == len(plots), "plotly did not render every plot window"
     assert state["traces"] >= n_traces
     legend = re.findall(r'class="legendtext"[^>]*>([^<]*)<', html)
-    assert legend.count(NAME) >= len(plots) - 1  # accuracy: "<name> (train)/(test)"
+    assert legend.count(NAME) >= len(plots) - 2  # accuracy: "<name> (train)/(test)"; histogram heatmap: no legend
     titles = re.findall(r'class="gtitle"[^>]*>([^<]*)<', html)
     assert "train loss (per interval)" in titles and "accuracy" in titles
     assert f"options: {NAME}" in html

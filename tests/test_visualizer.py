@@ -15,12 +15,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import visdom  # noqa: F401  (imported up front so timings below measure the network only)
 from visdom_helpers import free_port, saved_env
 
 from util import visdom_server
-from util.visualizer import Visualizer, _series
+from util.visualizer import Visualizer, _series, spectrum_grid, std_histograms
 from util.visualizer import main as replay_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +110,27 @@ def test_series_of_epoch_record_plots_every_finite_number() -> None:
     }
     assert all(x == 1.0 for _, _, x, _, _ in series)
     assert all(opts["xlabel"] == "epoch" and opts["title"] for *_, opts in series)
+
+
+# --- posterior summaries ------------------------------------------------------------------
+
+
+def test_std_histograms_share_log_bins_and_count_fractions_per_layer() -> None:
+    one = np.full(7, 1e-2)  # one value: a single bin holding the whole layer
+    two = np.array([1e-3] * 3 + [1e-1] * 3)  # the extremes of the common range, half each
+    x, z = std_histograms([one, two], bins=4)
+    # bins over log10 std in [-3, -1]: edges -3, -2.5, -2, -1.5, -1
+    assert np.allclose(x, [-2.75, -2.25, -1.75, -1.25])
+    assert np.allclose(np.nan_to_num(z[0]), [0, 0, 1, 0])  # -2 falls in [-2, -1.5)
+    assert np.allclose(np.nan_to_num(z[1]), [0.5, 0, 0, 0.5])
+    assert np.isnan(z[1, 1]) and np.isnan(z[1, 2])  # empty bins are NaN (drawn white)
+
+
+def test_spectrum_grid_reads_sorted_spectra_at_relative_ranks() -> None:
+    r, z = spectrum_grid([np.array([1e-2, 1.0, 1e-1]), np.array([5.0, 4.0, 3.0, 2.0, 1.0])], columns=3)
+    assert np.allclose(r, [0, 0.5, 1])
+    assert np.allclose(z[0], [0, -1, -2])  # largest first, whatever the input order
+    assert np.allclose(z[1], np.log10([5.0, 3.0, 1.0]))  # ranks 0, 2, 4 of 5
 
 
 # --- no server / server lost -----------------------------------------------------------
@@ -209,15 +231,50 @@ def test_runs_share_windows_with_one_trace_each(server: Server, capsys: pytest.C
     assert traces(env, "epoch_accuracy") == {f"{r} ({s})": 2 for r in ("runA", "runB") for s in ("train", "test")}
     for win in ("train_loss", "test_nll", "test_ece", "lr", "sec_per_epoch"):
         assert traces(env, win) == {"runA": 2, "runB": 2}, win
-    # posterior: replaced in place each epoch, one trace per run
-    assert traces(env, "posterior_std_fc1") == {"runA": 50, "runB": 50}
-    assert set(traces(env, "posterior_std_fc2")) == {"runA", "runB"}
-    assert traces(env, "spectrum_fc1.A") == {"runA": 20, "runB": 20}
-    assert "spectrum_fc1.G" not in wins  # empty spectrum: no window
-    assert wins["posterior_std_fc1"]["title"] == "posterior std: fc1 (epoch 2)"
-    assert wins["spectrum_fc1.A"]["content"]["layout"]["yaxis"]["type"] == "log"
+    # posterior: replaced in place each epoch; the summaries are shared (3 traces per run: band edges, median)
+    band = {f"{r} {s}": 2 for r in ("runA", "runB") for s in ("10-90% low", "10-90% high")}
+    assert traces(env, "posterior_std") == {"runA": 2, "runB": 2, **band}  # x = the 2 layers
+    assert traces(env, "kfac_spectrum") == {r: 1 for r in ("runA", "runB", "runA min-max low", "runA min-max high",
+                                                           "runB min-max low", "runB min-max high")}
+    for run in ("runA", "runB"):  # one heatmap per run, one row per layer / non-empty factor
+        (hist,) = wins[f"posterior_std_hist_{run}"]["content"]["data"]
+        assert hist["y"] == ["fc1", "fc2"] and len(hist["z"]) == 2 and len(hist["x"]) == 50
+        (spec,) = wins[f"kfac_spectra_{run}"]["content"]["data"]
+        assert spec["y"] == ["fc1.A"]  # empty spectrum fc1.G: no row
+    assert wins["posterior_std"]["title"] == "posterior std per layer (epoch 2)"
+    assert wins["posterior_std_hist_runB"]["title"] == "posterior std histograms: runB (epoch 2)"
+    assert wins["kfac_spectrum"]["content"]["layout"]["yaxis"]["type"] == "log"
+    assert not any(w.startswith(("posterior_std_fc", "spectrum_")) for w in wins)  # no window per layer
     assert wins["iter_loss"]["title"] == "train loss (per interval)"
     assert wins["options_runA"]["type"] == "text" and "<b>lr</b>" in wins["options_runA"]["content"]
+
+
+def test_dozens_of_layers_take_four_windows(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    """A ResNet-sized model (40 layers, 80 Kronecker factors): still 4 posterior windows per run, one row per layer."""
+    import torch
+
+    torch.manual_seed(0)
+    layers = [f"layer{i // 6 + 1}.{i % 6}.conv" for i in range(40)]
+    stds = {name: torch.exp(torch.randn(200) * 0.3 - 3 + 0.02 * i) for i, name in enumerate(layers)}
+    spectra = {f"{name}.{f}": torch.logspace(0, -5, 30) for name in layers for f in "AS"}
+    vis = Visualizer(server="http://127.0.0.1", port=server.port, env="deep", name="resnet")
+    for epoch in (1, 2):
+        vis.log_posterior(epoch, stds, spectra)
+    assert vis.enabled and capsys.readouterr() == ("", "")
+    wins = server.saved_env("deep")["jsons"]
+    assert set(wins) == {"posterior_std", "posterior_std_hist_resnet", "kfac_spectrum", "kfac_spectra_resnet"}
+    median = next(t for t in wins["posterior_std"]["content"]["data"] if t["name"] == "resnet")
+    assert median["x"] == list(range(40))
+    expected = [float(np.median(stds[name].double().numpy())) for name in layers]
+    assert np.allclose(median["y"], expected, rtol=1e-6)
+    xaxis = wins["posterior_std"]["content"]["layout"]["xaxis"]
+    assert xaxis["ticktext"] == layers and xaxis["tickvals"] == list(range(40))  # every layer named
+    (hist,) = wins["posterior_std_hist_resnet"]["content"]["data"]
+    assert hist["y"] == layers and len(hist["z"]) == 40
+    assert all(abs(sum(v for v in row if v is not None) - 1) < 1e-9 for row in hist["z"])
+    assert wins["posterior_std_hist_resnet"]["height"] >= 40 * 13  # room for every row label
+    (spec,) = wins["kfac_spectra_resnet"]["content"]["data"]
+    assert len(spec["y"]) == 80 and np.allclose(spec["z"][0][0], 0) and np.allclose(spec["z"][0][-1], -5)
 
 
 def test_replay_cli_is_idempotent(server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
