@@ -54,7 +54,7 @@ def make_optimizer(opt: argparse.Namespace, model: nn.Module) -> torch.optim.Opt
                   damping=setting(opt, "damping"), init_precision=setting(opt, "init_precision"))
     fisher = setting(opt, "fisher")
     if name == "noisy_kfac":
-        if opt.beta2 is not None:
+        if getattr(opt, "beta2", None) is not None:
             raise UserError("--beta2 is for noisy_adam and vogn; drop it for noisy_kfac")
         if fisher in ("batch", "hessian"):
             raise UserError(f"--fisher {fisher} is for the diagonal optimizers; noisy_kfac takes example or true")
