@@ -20,7 +20,8 @@ Derived defaults (left ``None`` on the command line, filled in by ``parse``):
   are taken from the run's ``opt.json`` unless given on the command line.
 
 Per-optimizer hyper-parameters (``lr``, ``prior_var``, ``damping``,
-``init_precision``, ``fisher``, ``damping_mode``, ``momentum``, ``beta2``, ``kl_clip``)
+``init_precision``, ``fisher``, ``damping_mode``, ``momentum``, ``beta2``, ``kl_clip``,
+``norm_posterior``)
 stay ``None`` when not given: the optimizer picks its own default.
 
 Extra attributes set by ``parse``: ``is_train`` (bool), ``explicit`` (sorted
@@ -75,7 +76,7 @@ COMPATIBLE_OPTIMIZERS = {
 RUN_KEYS = (
     "model", "optimizer", "arch", "hidden", "dataset", "n", "initial_size", "label_size",
     "kl_weight", "prior_var", "damping", "init_precision", "t_stats", "t_inv", "kfac_rank", "fisher",
-    "damping_mode", "kl_clip", "momentum", "beta2", "train_samples", "eps",
+    "damping_mode", "kl_clip", "momentum", "beta2", "train_samples", "eps", "norm_posterior",
 )  # fmt: skip
 # Also taken from the run when not given: where the training data was found (if it
 # has no data now, the usual $DATA_ROOT / ./data search still follows).
@@ -162,6 +163,9 @@ class BaseOptions:
         g.add_argument("--momentum", type=float, default=None, help="momentum (default: per optimizer)")
         g.add_argument("--beta2", type=float, default=None,
                        help="running-average rate of the curvature, noisy_adam and vogn (default: per optimizer)")
+        g.add_argument("--norm_posterior", choices=("gaussian", "point"), default=None,
+                       help="affine parameters of BatchNorm/LayerNorm/GroupNorm layers (FFG/MVG): gaussian "
+                            "(sampled) or point (same preconditioned step, no noise) (default: per optimizer)")
         g.add_argument("--train_samples", type=int, default=1, help="Monte Carlo samples per training step")
         g.add_argument("--test_samples", type=int, default=10,
                        help="Monte Carlo samples at evaluation (0 = use the mean weights)")
@@ -280,6 +284,8 @@ class BaseOptions:
         if "hidden" in opt.explicit and opt.arch != "mlp":
             raise UserError(f"--hidden sets the mlp's hidden sizes and does not apply to --arch {opt.arch}; "
                             "drop --hidden or use --arch mlp")
+        if "norm_posterior" in opt.explicit and opt.model == "MAP":
+            raise UserError("--norm_posterior is for the Bayesian models (FFG, MVG); drop it with --model MAP")
         allowed = COMPATIBLE_OPTIMIZERS[opt.model]
         if opt.optimizer not in allowed:
             needs = {o: m for m, opts in COMPATIBLE_OPTIMIZERS.items() for o in opts}[opt.optimizer]

@@ -1,17 +1,25 @@
-"""Bayesian layers and the seeds' architectures."""
+"""Bayesian layers and the architectures (the seeds' three and ResNet-20)."""
 
 from models.architectures import ARCHS, bayesianize, build_model
 from models.bayesian_layers import (
     POSTERIORS,
+    BayesianBatchNorm1d,
+    BayesianBatchNorm2d,
+    BayesianBatchNorm3d,
     BayesianConv2d,
+    BayesianGroupNorm,
     BayesianLayer,
+    BayesianLayerNorm,
     BayesianLinear,
+    BayesianNorm,
     bayesian_layers,
+    bayesian_norm,
     predictive,
     sampling,
 )
 
 __all__ = [
-    "ARCHS", "POSTERIORS", "BayesianConv2d", "BayesianLayer", "BayesianLinear",
-    "bayesian_layers", "bayesianize", "build_model", "predictive", "sampling",
+    "ARCHS", "POSTERIORS", "BayesianBatchNorm1d", "BayesianBatchNorm2d", "BayesianBatchNorm3d", "BayesianConv2d",
+    "BayesianGroupNorm", "BayesianLayer", "BayesianLayerNorm", "BayesianLinear", "BayesianNorm",
+    "bayesian_layers", "bayesian_norm", "bayesianize", "build_model", "predictive", "sampling",
 ]

@@ -11,8 +11,9 @@
   has no parameters). Convolutions have no bias (BatchNorm's shift takes its place). Any input side
   works (28x28 -> 7x7, 32x32 -> 8x8 before pooling).
 
-``posterior="MAP"`` builds plain ``nn.Linear`` / ``nn.Conv2d`` layers (the deterministic
-baseline trained with Adam or SGD); ``"FFG"`` / ``"MVG"`` build the Bayesian layers.
+``posterior="MAP"`` builds plain ``nn.Linear`` / ``nn.Conv2d`` / ``nn.BatchNorm2d`` layers (the
+deterministic baseline trained with Adam or SGD); ``"FFG"`` / ``"MVG"`` build the Bayesian layers
+(BatchNorm: ``BayesianBatchNorm2d``, a diagonal posterior in both).
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.bayesian_layers import BayesianConv2d, BayesianLinear
+from models.bayesian_layers import BayesianBatchNorm2d, BayesianConv2d, BayesianLinear, bayesian_norm
 
 ARCHS = ("mlp", "covnet", "lenet5", "resnet20")
 
 
 def _layers(posterior: str) -> tuple:
+    """``(linear, conv, batchnorm2d)`` constructors for ``posterior``."""
     if posterior == "MAP":
-        return nn.Linear, nn.Conv2d
+        return nn.Linear, nn.Conv2d, nn.BatchNorm2d
     if posterior in ("FFG", "MVG"):
-        return partial(BayesianLinear, posterior=posterior), partial(BayesianConv2d, posterior=posterior)
+        return (partial(BayesianLinear, posterior=posterior), partial(BayesianConv2d, posterior=posterior),
+                BayesianBatchNorm2d)
     raise ValueError(f"posterior must be MAP, FFG or MVG, got {posterior!r}")
 
 
@@ -46,7 +49,7 @@ def _conv_out(size: int, kernel: int) -> int:
 def build_model(arch: str, posterior: str, in_channels: int, image_size: int, num_classes: int,
                 hidden: Sequence[int] = (100,)) -> nn.Module:
     """Build ``arch`` with Bayesian (``FFG``/``MVG``) or deterministic (``MAP``) layers."""
-    linear, conv = _layers(posterior)
+    linear, conv, norm = _layers(posterior)
     if arch == "mlp":
         sizes = [in_channels * image_size * image_size, *hidden]
         layers: dict[str, nn.Module] = {"flatten": nn.Flatten()}
@@ -71,23 +74,23 @@ def build_model(arch: str, posterior: str, in_channels: int, image_size: int, nu
                           fc3=linear(84, num_classes))
         return nn.Sequential(OrderedDict(layers))
     if arch == "resnet20":
-        return ResNet(conv, linear, in_channels, num_classes, blocks_per_stage=3)
+        return ResNet(conv, norm, linear, in_channels, num_classes, blocks_per_stage=3)
     raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
 
 
 class BasicBlock(nn.Module):
     """He et al. 2016's basic block: ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``."""
 
-    def __init__(self, conv, in_planes: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, conv, norm, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = conv(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm(planes)
         self.conv2 = conv(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm(planes)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:  # option B: 1x1 projection
             self.shortcut = nn.Sequential(OrderedDict(
-                conv=conv(in_planes, planes, 1, stride=stride, bias=False), bn=nn.BatchNorm2d(planes)))
+                conv=conv(in_planes, planes, 1, stride=stride, bias=False), bn=norm(planes)))
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -98,16 +101,16 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     """CIFAR-style ResNet with ``6 * blocks_per_stage + 2`` layers (3 blocks: ResNet-20)."""
 
-    def __init__(self, conv, linear, in_channels: int, num_classes: int, blocks_per_stage: int = 3,
+    def __init__(self, conv, norm, linear, in_channels: int, num_classes: int, blocks_per_stage: int = 3,
                  widths: Sequence[int] = (16, 32, 64)) -> None:
         super().__init__()
         self.conv1 = conv(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.bn1 = norm(widths[0])
         stages, in_planes = [], widths[0]
         for i, planes in enumerate(widths):
             blocks = []
             for j in range(blocks_per_stage):
-                blocks.append(BasicBlock(conv, in_planes, planes, stride=2 if i > 0 and j == 0 else 1))
+                blocks.append(BasicBlock(conv, norm, in_planes, planes, stride=2 if i > 0 and j == 0 else 1))
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
@@ -120,11 +123,14 @@ class ResNet(nn.Module):
 
 
 def bayesianize(model: nn.Module, posterior: str) -> nn.Module:
-    """Replace every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` in place by its Bayesian twin.
+    """Replace, recursively and in place, every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by its
+    Bayesian twin, and every BatchNorm/LayerNorm/GroupNorm with affine parameters by its Bayesian
+    twin (a diagonal posterior, in both ``FFG`` and ``MVG``).
 
-    The means are copied, so an existing (e.g. pretrained) network becomes the posterior mean.
+    Parameters and buffers are copied, so an existing (e.g. pretrained) network becomes the
+    posterior mean. Works on any module tree (e.g. ``torchvision.models.resnet18()``).
     """
-    linear, conv = _layers(posterior)
+    linear, conv, _ = _layers(posterior)
     for name, child in list(model.named_children()):
         new = None
         if type(child) is nn.Linear:
@@ -134,6 +140,9 @@ def bayesianize(model: nn.Module, posterior: str) -> nn.Module:
                 raise ValueError(f"layer {name}: only groups=1 and zero padding are supported")
             new = conv(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
                        padding=child.padding, dilation=child.dilation, bias=child.bias is not None)
+        elif posterior != "MAP" and (norm := bayesian_norm(child)) is not None:
+            setattr(model, name, norm)
+            continue
         if new is None:
             bayesianize(child, posterior)
             continue

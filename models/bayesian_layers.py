@@ -1,4 +1,4 @@
-"""Bayesian ``Linear`` and ``Conv2d`` layers with a Gaussian posterior over their weights.
+"""Bayesian ``Linear``, ``Conv2d`` and normalisation layers with a Gaussian posterior over their weights.
 
 The posterior mean is the ordinary ``weight`` / ``bias`` parameter, so ``.to()``,
 ``state_dict``, DDP and hooks work unchanged. The posterior *scale* lives in buffers and is
@@ -281,6 +281,104 @@ class BayesianConv2d(BayesianLayer, nn.Conv2d):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, posterior={self.posterior}"
+
+
+class BayesianNorm(BayesianLayer):
+    """A normalisation layer whose affine ``weight`` / ``bias`` have a diagonal Gaussian posterior.
+
+    Always fully factorised (``weight_sigma`` / ``bias_sigma``), also inside an MVG model, where
+    Noisy K-FAC gives these layers a diagonal curvature (MATH.md, "Normalisation layers").
+    With ``sigma = 0`` (the optimizers' ``norm_posterior="point"``) the sample is the mean.
+    """
+
+    def _init_norm_posterior(self, init_std: float) -> None:
+        if self.weight is None:
+            raise ValueError(f"{type(self).__name__} needs affine parameters (affine / elementwise_affine=True)")
+        self._init_posterior("FFG", init_std)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, posterior={self.posterior}"
+
+
+class _BayesianBatchNorm(BayesianNorm):
+    def forward(self, input: Tensor) -> Tensor:
+        """``nn.BatchNorm``'s forward (same running-statistics update) with sampled ``weight`` / ``bias``."""
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        w, b = self._weights_for_forward()
+        return F.batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None,
+                            w, b, batch_stats, factor, self.eps)
+
+
+def _batchnorm_class(base: type) -> type:
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 track_running_stats: bool = True, init_std: float = 0.0, device=None, dtype=None) -> None:
+        base.__init__(self, num_features, eps=eps, momentum=momentum, affine=True,
+                      track_running_stats=track_running_stats, device=device, dtype=dtype)
+        self._init_norm_posterior(init_std)
+
+    name = f"Bayesian{base.__name__}"
+    doc = f"``nn.{base.__name__}`` whose affine parameters are drawn from a Gaussian posterior in training mode."
+    return type(name, (_BayesianBatchNorm, base), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+BayesianBatchNorm1d = _batchnorm_class(nn.BatchNorm1d)
+BayesianBatchNorm2d = _batchnorm_class(nn.BatchNorm2d)
+BayesianBatchNorm3d = _batchnorm_class(nn.BatchNorm3d)
+
+
+class BayesianLayerNorm(BayesianNorm, nn.LayerNorm):
+    """``nn.LayerNorm`` whose affine parameters are drawn from a Gaussian posterior in training mode."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, bias: bool = True, init_std: float = 0.0,
+                 device=None, dtype=None) -> None:
+        nn.LayerNorm.__init__(self, normalized_shape, eps=eps, elementwise_affine=True, bias=bias, device=device,
+                              dtype=dtype)
+        self._init_norm_posterior(init_std)
+
+    def forward(self, input: Tensor) -> Tensor:
+        w, b = self._weights_for_forward()
+        return F.layer_norm(input, self.normalized_shape, w, b, self.eps)
+
+
+class BayesianGroupNorm(BayesianNorm, nn.GroupNorm):
+    """``nn.GroupNorm`` whose affine parameters are drawn from a Gaussian posterior in training mode."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, init_std: float = 0.0,
+                 device=None, dtype=None) -> None:
+        nn.GroupNorm.__init__(self, num_groups, num_channels, eps=eps, affine=True, device=device, dtype=dtype)
+        self._init_norm_posterior(init_std)
+
+    def forward(self, input: Tensor) -> Tensor:
+        w, b = self._weights_for_forward()
+        return F.group_norm(input, self.num_groups, w, b, self.eps)
+
+
+def bayesian_norm(module: nn.Module) -> BayesianNorm | None:
+    """The Bayesian twin of a plain normalisation layer with affine parameters (``None`` for other modules).
+
+    Parameters and buffers (running statistics) are copied.
+    """
+    kind = type(module)
+    new: BayesianNorm | None = None
+    if kind in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and module.affine:
+        cls = {nn.BatchNorm1d: BayesianBatchNorm1d, nn.BatchNorm2d: BayesianBatchNorm2d,
+               nn.BatchNorm3d: BayesianBatchNorm3d}[kind]
+        new = cls(module.num_features, eps=module.eps, momentum=module.momentum,
+                  track_running_stats=module.track_running_stats)
+    elif kind is nn.LayerNorm and module.elementwise_affine:
+        new = BayesianLayerNorm(module.normalized_shape, eps=module.eps, bias=module.bias is not None)
+    elif kind is nn.GroupNorm and module.affine:
+        new = BayesianGroupNorm(module.num_groups, module.num_channels, eps=module.eps)
+    if new is not None:
+        new.to(module.weight)
+        new.load_state_dict(module.state_dict(), strict=False)
+    return new
 
 
 def bayesian_layers(model: nn.Module) -> list[tuple[str, BayesianLayer]]:

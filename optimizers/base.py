@@ -26,8 +26,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from models.bayesian_layers import BayesianLayer
-from optimizers.curvature import CurvatureCapture, supported_layers
+from models.bayesian_layers import BayesianLayer, BayesianNorm
+from optimizers.curvature import CurvatureCapture, is_norm_layer, supported_layers
+
+#: how the affine parameters of normalisation layers are treated (MATH.md, "Normalisation layers")
+NORM_POSTERIORS = ("gaussian", "point")
 
 
 class NGVIOptimizer(Optimizer):
@@ -35,15 +38,24 @@ class NGVIOptimizer(Optimizer):
 
     posterior: str = ""
 
-    def __init__(self, model: nn.Module, defaults: dict, capture_kind: str, fisher: str = "empirical") -> None:
+    def __init__(self, model: nn.Module, defaults: dict, capture_kind: str, fisher: str = "empirical",
+                 norm_posterior: str = "point") -> None:
         for key in ("lr", "num_data", "kl_weight", "prior_var"):
             if not defaults[key] > 0:
                 raise ValueError(f"{key} must be positive, got {defaults[key]}")
         if defaults.get("damping", 0.0) < 0:
             raise ValueError(f"damping must be >= 0, got {defaults['damping']}")
-        self.layers: list[tuple[str, BayesianLayer]] = []
+        if norm_posterior not in NORM_POSTERIORS:
+            raise ValueError(f"norm_posterior must be one of {NORM_POSTERIORS}, got {norm_posterior!r}")
+        self.norm_posterior = norm_posterior
+        self.layers: list[tuple[str, nn.Module]] = []
         for name, module in supported_layers(model):
-            if not isinstance(module, BayesianLayer) or module.posterior != self.posterior:
+            if is_norm_layer(module):
+                if norm_posterior == "gaussian" and not isinstance(module, BayesianNorm):
+                    raise ValueError(f"norm_posterior='gaussian' needs Bayesian normalisation layers, but layer "
+                                     f"{name!r} is a plain {type(module).__name__}; build the model with "
+                                     "models.build_model / models.bayesianize, or use norm_posterior='point'")
+            elif not isinstance(module, BayesianLayer) or module.posterior != self.posterior:
                 kind = getattr(module, "posterior", "deterministic")
                 raise ValueError(f"{type(self).__name__} needs {self.posterior} Bayesian layers, but layer "
                                  f"{name!r} is {type(module).__name__} ({kind}); build the model with "
@@ -53,6 +65,15 @@ class NGVIOptimizer(Optimizer):
             raise ValueError(f"{type(self).__name__}: the model has no Bayesian layers")
         super().__init__([p for p in model.parameters() if p.requires_grad], defaults)
         self.capture = CurvatureCapture(model, capture_kind, fisher)
+        if norm_posterior == "point":  # point estimates: the layers' samples are their means
+            for _, layer in self.layers:
+                if isinstance(layer, BayesianNorm):
+                    layer.set_ffg_posterior(torch.zeros_like(layer.weight),
+                                            torch.zeros_like(layer.bias) if layer.bias is not None else None)
+
+    def sampled(self, layer: nn.Module) -> bool:
+        """Whether ``layer`` has a Gaussian posterior whose scale this optimizer writes."""
+        return not is_norm_layer(layer) or self.norm_posterior == "gaussian"
 
     # -- helpers ----------------------------------------------------------------------------
     def group_of(self, p: Tensor) -> dict:
@@ -71,7 +92,7 @@ class NGVIOptimizer(Optimizer):
         """``sqrt(lambda / N)``: the posterior covariance is (lambda/N) times the inverse curvature."""
         return math.sqrt(group["kl_weight"] / group["num_data"])
 
-    def layer_params(self) -> Iterator[tuple[BayesianLayer, dict, list[Tensor]]]:
+    def layer_params(self) -> Iterator[tuple[nn.Module, dict, list[Tensor]]]:
         for _, layer in self.layers:
             params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
             yield layer, self.group_of(layer.weight), params

@@ -17,13 +17,25 @@ locations for a convolution (``a_i`` = its unfolded input, Grosse & Martens 2016
   ``S = mean_i (1/T) sum_t ds_t ds_t^T``. This is the KFC normalisation; other libraries
   put the 1/T on A instead, which changes both factors by T and leaves A (x) S unchanged.
 
-Parameter-free layers in between (ReLU, pooling, flatten, dropout) need nothing: the hooks
-see whatever gradient flows through them.
+* Normalisation layers (BatchNorm1d/2d/3d, LayerNorm, GroupNorm; MATH.md, "Normalisation
+  layers"): ``y = gamma * x_hat + beta`` elementwise, so the forward hook keeps the normalised input
+  ``x_hat`` (BatchNorm: with the statistics the forward pass used, held constant) and example i's
+  gradients are ``sum_t ds_{i,t} x_hat_{i,t}`` and ``sum_t ds_{i,t}`` over the positions t that
+  share one affine entry. They always take this diagonal statistic, also inside an MVG model
+  (``kind="kfac"``), as in torchsso.
+
+Which rule a layer takes is looked up by module type in ``RULES`` (BackPACK style). The hooks sit
+on the modules themselves, so any graph works (residual blocks, skips, modules outside
+``nn.Sequential``); a module called twice in one forward pass (weight sharing) would get one
+statistic per call instead of the statistic of the summed gradient, so it stops with a
+``ValueError`` naming it. Parameter-free layers in between (ReLU, pooling, flatten, dropout)
+need nothing: the hooks see whatever gradient flows through them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,20 +49,32 @@ _PATCH_CHUNK_ELEMENTS = 2**19
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
+NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer with a (diagonal) curvature rule."""
+    return isinstance(module, NORM_LAYERS) and not isinstance(module, nn.SyncBatchNorm)
+
+
+def _check_conv(name: str, module: nn.Conv2d) -> None:
+    if module.groups != 1 or module.padding_mode != "zeros":
+        raise ValueError(f"layer {name!r}: only Conv2d with groups=1 and zero padding has a curvature rule")
+
+
 def supported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers with a curvature rule; raise ``ValueError`` naming any other layer with parameters."""
     layers = []
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if isinstance(module, nn.Conv2d):
-            if module.groups != 1 or module.padding_mode != "zeros":
-                raise ValueError(f"layer {name!r}: only Conv2d with groups=1 and zero padding has a curvature rule")
-            layers.append((name, module))
-        elif isinstance(module, nn.Linear):
+        rule = rule_for(module)
+        if rule is not None and (own or not is_norm_layer(module)):
+            if rule.check is not None:
+                rule.check(name, module)
             layers.append((name, module))
         elif own:
             raise ValueError(f"layer {name!r} ({type(module).__name__}) has parameters but no curvature rule; "
-                             "only Linear and Conv2d layers are supported")
+                             f"supported: {SUPPORTED}")
     return layers
 
 
@@ -159,6 +183,72 @@ def _conv_kfac_factors(module: nn.Conv2d, a: Tensor, g: Tensor, scale: float) ->
     return (cols @ cols.T) / b, (g.T @ g) * (scale * scale / (b * t))
 
 
+def normalized_input(module: nn.Module, x: Tensor) -> Tensor:
+    """``x_hat`` of a normalisation layer: its output without the affine map, same statistics.
+
+    BatchNorm uses the batch's statistics in training mode (or without running statistics) and
+    the running ones in eval mode, as its forward pass does; the running statistics are not touched.
+    """
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        batch_stats = module.training or module.running_mean is None
+        return F.batch_norm(x, None if batch_stats else module.running_mean,
+                            None if batch_stats else module.running_var, None, None, batch_stats, 0.0, module.eps)
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    return F.group_norm(x, module.num_groups, None, None, module.eps)
+
+
+def norm_grad_squared(module: nn.Module, x_hat: Tensor, g: Tensor, scale: float) -> tuple[Tensor, Tensor | None]:
+    """``mean_i g_i**2`` of a normalisation layer's ``(weight, bias)`` from ``x_hat`` and ``G = dL/dy``.
+
+    Example i's gradients are ``sum_t ds_{i,t} x_hat_{i,t}`` and ``sum_t ds_{i,t}`` with
+    ``ds = scale * G``, summed over the positions t that share one affine entry: every dim but
+    the batch and the channel (dim 1) for BatchNorm/GroupNorm, the leading dims for LayerNorm.
+    """
+    b, shape = g.shape[0], module.weight.shape
+    if isinstance(module, nn.LayerNorm):
+        prod, g = (g * x_hat).reshape(b, -1, shape.numel()), g.reshape(b, -1, shape.numel())
+    else:
+        prod, g = (g * x_hat).reshape(b, shape[0], -1).transpose(1, 2), g.reshape(b, shape[0], -1).transpose(1, 2)
+    c = scale * scale / b
+    sq_w = c * prod.sum(1).square().sum(0)
+    sq_b = c * g.sum(1).square().sum(0) if module.bias is not None else None
+    return sq_w.view(shape), sq_b.view(shape) if sq_b is not None else None
+
+
+class Rule(NamedTuple):
+    """How one module type feeds the hooks: what the forward hook keeps, and the two statistics."""
+
+    saved_input: Callable[[nn.Module, Tensor], Tensor]
+    diag: Callable[[nn.Module, Tensor, Tensor, float], tuple[Tensor, Tensor | None]]
+    kfac: Callable[[nn.Module, Tensor, Tensor, float], tuple[Tensor, Tensor | None]]
+    check: Callable[[str, nn.Module], None] | None = None
+
+
+def _identity(module: nn.Module, x: Tensor) -> Tensor:
+    return x
+
+
+_NORM_RULE = Rule(normalized_input, norm_grad_squared, norm_grad_squared)
+#: module type -> rule, looked up by ``isinstance`` in this order (subclasses such as the Bayesian layers match)
+RULES: dict[type, Rule] = {
+    nn.Linear: Rule(_identity, grad_squared, kfac_factors),
+    nn.Conv2d: Rule(_identity, grad_squared, kfac_factors, _check_conv),
+    **{t: _NORM_RULE for t in NORM_LAYERS},
+}
+SUPPORTED = "Linear, Conv2d, BatchNorm1d/2d/3d, LayerNorm, GroupNorm"
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """The curvature rule of ``module``'s type (``None``: the type has none)."""
+    if isinstance(module, nn.SyncBatchNorm):
+        return None
+    for kind, rule in RULES.items():
+        if isinstance(module, kind):
+            return rule
+    return None
+
+
 class CurvatureCapture:
     """Hooks that accumulate a curvature statistic on backward passes through a model.
 
@@ -185,12 +275,32 @@ class CurvatureCapture:
         self.stats: dict[nn.Module, list[Tensor | None]] = {}
         self.counts: dict[nn.Module, int] = {}
         self.passes: dict[nn.Module, int] = {}
+        self.names = {m: n for n, m in self.layers}
+        self.rules = {m: rule_for(m) for _, m in self.layers}
+        self._called: set[nn.Module] | None = None  # modules run so far in the current forward of ``model``
         self._handles = [m.register_forward_hook(self._forward_hook) for _, m in self.layers]
+        self._handles += [model.register_forward_pre_hook(self._start_pass),
+                          model.register_forward_hook(self._end_pass, always_call=True)]
+
+    def _start_pass(self, model: nn.Module, inputs: tuple) -> None:
+        self._called = set()
+
+    def _end_pass(self, model: nn.Module, inputs: tuple, output: object) -> None:
+        self._called = None
 
     def _forward_hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if not (torch.is_grad_enabled() and output.requires_grad):
             return
+        if self._called is not None:
+            if module in self._called:
+                self._called = None
+                raise ValueError(f"layer {self.names[module]!r} ({type(module).__name__}) is called more than "
+                                 "once in one forward pass (shared weights); per-example curvature of a shared "
+                                 "layer is not supported: give each use its own layer")
+            self._called.add(module)
         a = inputs[0].detach()
+        if self.kind != "none" and self.active:
+            a = self.rules[module].saved_input(module, a)
         output.register_hook(lambda g: self._on_grad(module, a, g))
 
     @torch.no_grad()
@@ -199,7 +309,8 @@ class CurvatureCapture:
             self.passes[module] = self.passes.get(module, 0) + 1
         if not self.active or self.in_sampled_pass != (self.fisher == "true"):
             return
-        fn = grad_squared if self.kind == "diag" else kfac_factors
+        rule = self.rules[module]
+        fn = rule.diag if self.kind == "diag" else rule.kfac
         new = fn(module, a, g.detach(), float(a.shape[0]))
         old = self.stats.get(module)
         if old is None:
@@ -282,6 +393,10 @@ def sum_grad_squared(model: nn.Module, inputs: Tensor, targets: Tensor,
 
 def kronecker_factors(model: nn.Module, inputs: Tensor, targets: Tensor,
                       loss_fn: LossFn = F.cross_entropy) -> dict[str, tuple[Tensor, Tensor]]:
-    """For every Linear/Conv2d module name, the K-FAC factors ``(A, S)`` of one batch (empirical Fisher)."""
+    """For every Linear/Conv2d module name, the K-FAC factors ``(A, S)`` of one batch (empirical Fisher).
+
+    Normalisation layers have no Kronecker factors (their diagonal statistic: ``sum_grad_squared``).
+    """
     capture, stats = _capture_once(model, "kfac", inputs, targets, loss_fn)
-    return {name: (stats[m][0], stats[m][1]) for name, m in capture.layers if stats[m] is not None}
+    return {name: (stats[m][0], stats[m][1]) for name, m in capture.layers
+            if stats[m] is not None and not is_norm_layer(m)}

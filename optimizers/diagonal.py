@@ -15,7 +15,8 @@ at the sampled weights ``w = mu + sigma * eps``::
 With ``lambda = 1``, ``beta1 = 0`` and ``w_prior = mu`` this is the second seed's
 Algorithm 1 (``sigma = 1/sqrt(N s + lambda_p)`` with prior precision ``lambda_p = 1/eta``).
 The initial ``f`` is set so that the posterior starts with precision ``init_precision``
-(``None``: start at the prior, ``f = 0``).
+(``None``: start at the prior, ``f = 0``). Normalisation layers take the same step; with
+``norm_posterior="point"`` their ``sigma`` stays 0 (MATH.md, "Normalisation layers").
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class DiagonalNGVI(NGVIOptimizer):
 
     def __init__(self, model: nn.Module, lr: float, betas: tuple[float, float], num_data: int,
                  kl_weight: float = 1.0, prior_var: float = 1.0, damping: float = 0.0,
-                 init_precision: float | None = None, fisher: str = "example") -> None:
+                 init_precision: float | None = None, fisher: str = "example",
+                 norm_posterior: str = "point") -> None:
         if fisher not in FISHERS:
             raise ValueError(f"fisher must be 'example' (per-example squares), 'batch' or 'hessian' "
                              f"(reparameterisation estimate), got {fisher!r}")
@@ -49,9 +51,11 @@ class DiagonalNGVI(NGVIOptimizer):
             raise ValueError(f"init_precision must be positive, got {init_precision}")
         defaults = dict(lr=lr, betas=tuple(betas), num_data=num_data, kl_weight=kl_weight, prior_var=prior_var,
                         damping=damping, init_precision=init_precision, fisher=fisher)
-        super().__init__(model, defaults, capture_kind="diag" if fisher == "example" else "none")
+        super().__init__(model, defaults, capture_kind="diag" if fisher == "example" else "none",
+                         norm_posterior=norm_posterior)
         for _, layer in self.layers:
-            layer.track_noise_grad = fisher == "hessian"
+            if self.sampled(layer):
+                layer.track_noise_grad = fisher == "hessian"
         for _, group, params in self.layer_params():
             for p in params:
                 self._init_state(p, group)
@@ -71,7 +75,8 @@ class DiagonalNGVI(NGVIOptimizer):
     def _refresh_posteriors(self) -> None:
         """``sigma = sqrt((lambda/N) / (f + gamma_in))`` into every layer's ``weight_sigma`` / ``bias_sigma``."""
         for group in self.param_groups:
-            pairs = [(self.state[p]["fisher"], sigma) for layer, grp, params in self.layer_params() if grp is group
+            pairs = [(self.state[p]["fisher"], sigma) for layer, grp, params in self.layer_params()
+                     if grp is group and self.sampled(layer)
                      for p, sigma in zip(params, (layer.weight_sigma, layer.bias_sigma))]
             if not pairs:
                 continue
@@ -115,13 +120,14 @@ class DiagonalNGVI(NGVIOptimizer):
         for layer, group, params in self.layer_params():
             passes = self.capture.pop_passes(layer)
             stats = self.capture.pop(layer)
-            noise = layer.mean_noise
-            noise_grad = layer.pop_noise_grad()
+            noise = getattr(layer, "mean_noise", None)
+            sampled = self.sampled(layer)
+            noise_grad = layer.pop_noise_grad() if sampled else None
             for i, p in enumerate(params):
                 if p.grad is None:
                     continue
                 g = p.grad / passes if passes > 1 else p.grad
-                if group["fisher"] == "hessian":  # mean_k g_k * noise_k / sigma**2 (all-reduced below)
+                if group["fisher"] == "hessian" and sampled:  # mean_k g_k * noise_k / sigma**2 (all-reduced below)
                     if noise_grad[i] is None:
                         raise RuntimeError("fisher='hessian' needs the backward pass of a sampled forward "
                                            "(model.train()); this gradient came from the mean weights")
@@ -131,7 +137,8 @@ class DiagonalNGVI(NGVIOptimizer):
                     s = stats[i] if stats is not None else g.square()
                 w_noise = noise[i] if (noise is not None and self.prior_at_sample) else None
                 work.append((layer, group, p, g, s, w_noise))
-            layer.mean_noise = None
+            if noise is not None:
+                layer.mean_noise = None
         # data-parallel: average gradients, statistics and the prior's weight sample over ranks
         # (one bucket), so that every rank applies the same update to the same means
         self.all_reduce_mean([g for _, _, _, g, _, _ in work]

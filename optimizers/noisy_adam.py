@@ -29,12 +29,16 @@ class NoisyAdam(DiagonalNGVI):
             Fisher) or ``"batch"`` (square of the mini-batch gradient, as in Vadam and the first
             seed's code: about 1/B of the Fisher plus the squared mean, so a wider posterior) or
             ``"hessian"`` (the reparameterisation estimate ``g * (w - mu) / sigma**2`` of the expected
-            Hessian, as in IVON; no per-example pass).
+            Hessian, as in IVON; no per-example pass; point-estimate norm layers, which draw no
+            noise, take ``g**2`` instead).
+        norm_posterior: affine parameters of normalisation layers: ``"point"`` (the same step,
+            no noise; default) or ``"gaussian"`` (sampled like every other weight).
     """
 
     prior_at_sample = True
 
     def __init__(self, model: nn.Module, lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.999),
                  num_data: int = 60000, kl_weight: float = 1.0, prior_var: float = 1.0, damping: float = 1e-3,
-                 init_precision: float | None = 1e3, fisher: str = "example") -> None:
-        super().__init__(model, lr, betas, num_data, kl_weight, prior_var, damping, init_precision, fisher)
+                 init_precision: float | None = 1e3, fisher: str = "example", norm_posterior: str = "point") -> None:
+        super().__init__(model, lr, betas, num_data, kl_weight, prior_var, damping, init_precision, fisher,
+                         norm_posterior)

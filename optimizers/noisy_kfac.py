@@ -32,6 +32,13 @@ Damping (``damping_mode``):
 
 Decompositions run in float64 (the damped input factor of an MLP is badly conditioned) and
 are stored in the parameters' dtype.
+
+Normalisation layers (BatchNorm, LayerNorm, GroupNorm) take a diagonal curvature instead, as in
+torchsso (MATH.md, "Normalisation layers"): with ``w`` their affine parameters as one vector and
+``s`` the mean per-example squared gradient, ``f <- beta f + (1 - beta) s`` (``f = s`` the first
+time), ``D = V / (f + gamma)``, the same trust region and momentum, and, with
+``norm_posterior="gaussian"``, ``sigma = sqrt(lambda/N) / sqrt(f + gamma_in)`` refreshed every step
+(``"point"``: no noise).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from torch import Tensor, nn
 
 from models.bayesian_layers import FactorRoot
 from optimizers.base import NGVIOptimizer
+from optimizers.curvature import is_norm_layer
 
 #: default steps between factor updates and between decompositions (the CLI's ``--t_stats`` / ``--t_inv``)
 T_STATS, T_INV = 1, 20
@@ -171,6 +179,8 @@ class NoisyKFAC(NGVIOptimizer):
             the mean of the rest of its spectrum (``damped_roots``), so that sampling and
             preconditioning cost O(out in K); factored damping only. The eigenpairs come from
             ``subspace_iters`` steps of subspace iteration warm-started at the previous refresh's.
+        norm_posterior: affine parameters of normalisation layers (diagonal curvature): ``"point"``
+            (no noise; default) or ``"gaussian"`` (a diagonal Gaussian posterior, sampled).
     """
 
     posterior = "MVG"
@@ -179,7 +189,7 @@ class NoisyKFAC(NGVIOptimizer):
                  kl_weight: float = 1.0, prior_var: float = 1.0, damping: float = 1e-3, stat_decay: float = 0.95,
                  t_stats: int = T_STATS, t_inv: int = T_INV, damping_mode: str = "factored", fisher: str = "empirical",
                  kl_clip: float | None = 1e-3, init_precision: float = 1e3, rank: int | None = None,
-                 subspace_iters: int = 2) -> None:
+                 subspace_iters: int = 2, norm_posterior: str = "point") -> None:
         if damping_mode not in ("factored", "exact"):
             raise ValueError(f"damping_mode must be 'factored' or 'exact', got {damping_mode!r}")
         if t_stats < 1 or t_inv < 1:
@@ -199,10 +209,17 @@ class NoisyKFAC(NGVIOptimizer):
                         damping=damping, stat_decay=stat_decay, t_stats=t_stats, t_inv=t_inv,
                         damping_mode=damping_mode, kl_clip=kl_clip, init_precision=init_precision, rank=rank,
                         subspace_iters=subspace_iters)
-        super().__init__(model, defaults, capture_kind="kfac", fisher=fisher)
-        for layer, _, _ in self.layer_params():
-            out, n_in = layer.matrix_shape
+        super().__init__(model, defaults, capture_kind="kfac", fisher=fisher, norm_posterior=norm_posterior)
+        for layer, _, params in self.layer_params():
             w = layer.weight
+            if is_norm_layer(layer):
+                self.state[w] = {"step": torch.zeros((), dtype=torch.float32),
+                                 "momentum_buffer": w.new_zeros(sum(p.numel() for p in params))}
+                if self.sampled(layer):
+                    std = init_precision ** -0.5
+                    layer.set_ffg_posterior(*(torch.full_like(p, std) for p in params))
+                continue
+            out, n_in = layer.matrix_shape
             self.state[w] = {"step": torch.zeros((), dtype=torch.float32),
                              "momentum_buffer": w.new_zeros(out, n_in)}
             eye_o, eye_i = torch.eye(out, dtype=w.dtype, device=w.device), torch.eye(n_in, dtype=w.dtype,
@@ -221,6 +238,14 @@ class NoisyKFAC(NGVIOptimizer):
         if key + "_coef" in state:
             return FactorRoot("low_rank", state[key], state[key + "_coef"], state[key + "_iso"])
         return FactorRoot("dense", state[key])
+
+    @staticmethod
+    def _as_vector(layer, w: Tensor, b: Tensor | None) -> Tensor:
+        """A normalisation layer's affine parameters (or their gradients, noise) as one vector."""
+        return torch.cat([w.reshape(-1), b.reshape(-1)]) if layer.bias is not None else w.reshape(-1)
+
+    def _flat(self, layer, w: Tensor, b: Tensor | None) -> Tensor:
+        return self._as_vector(layer, w, b) if is_norm_layer(layer) else self._as_matrix(layer, w, b)
 
     def _precondition(self, state: dict, group: dict, V: Tensor) -> Tensor:
         if group["damping_mode"] == "factored":
@@ -263,9 +288,13 @@ class NoisyKFAC(NGVIOptimizer):
             bias_grad = layer.bias.grad if layer.bias is not None else None
             if layer.bias is not None and bias_grad is None:
                 bias_grad = torch.zeros_like(layer.bias)
-            G = self._as_matrix(layer, layer.weight.grad, bias_grad) / passes
-            noise = self._as_matrix(layer, *layer.mean_noise) if layer.mean_noise is not None else None
-            layer.mean_noise = None
+            G = self._flat(layer, layer.weight.grad, bias_grad) / passes
+            mean_noise = getattr(layer, "mean_noise", None)
+            noise = self._flat(layer, *mean_noise) if mean_noise is not None else None
+            if mean_noise is not None:
+                layer.mean_noise = None
+            if stats is not None and is_norm_layer(layer):
+                stats = [self._as_vector(layer, *stats)]
             work.append((layer, group, G, stats, noise))
         # data-parallel: average gradients, factors and weight samples over ranks in one bucket
         self.all_reduce_mean([t for _, _, G, stats, noise in work for t in (G, *(stats or ()), noise) if t is not None])
@@ -275,6 +304,10 @@ class NoisyKFAC(NGVIOptimizer):
             state = self.state[layer.weight]
             state["step"] += 1
             k = int(state["step"].item())
+            if is_norm_layer(layer):
+                updates.append((layer, group, state, *self._diagonal_direction(layer, state, group, G, stats, noise)))
+                self.capture.active = takes_stats(k + 1, group["t_stats"], group["t_inv"])
+                continue
             if stats is None and "A" not in state and self.capture.fisher == "true":
                 raise RuntimeError("NoisyKFAC(fisher='true') took no statistics: call "
                                    "optimizer.true_fisher_backward(logits) before loss.backward()")
@@ -306,12 +339,39 @@ class NoisyKFAC(NGVIOptimizer):
             buf = state["momentum_buffer"]
             buf.mul_(group["momentum"]).add_(D, alpha=nu)
             step = -group["lr"] * buf
-            if layer.bias is not None:
+            if is_norm_layer(layer):
+                n_w = layer.weight.numel()
+                layer.weight.add_(step[:n_w].view_as(layer.weight))
+                if layer.bias is not None:
+                    layer.bias.add_(step[n_w:].view_as(layer.bias))
+            elif layer.bias is not None:
                 layer.weight.add_(step[:, :-1].reshape_as(layer.weight))
                 layer.bias.add_(step[:, -1])
             else:
                 layer.weight.add_(step.view_as(layer.weight))
         return loss
+
+    def _diagonal_direction(self, layer, state: dict, group: dict, G: Tensor, stats: list[Tensor] | None,
+                            noise: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(V, D)`` of a normalisation layer: ``f`` running average, ``D = V / (f + gamma)``; new sigma."""
+        if stats is not None:
+            if "fisher" not in state:
+                state["fisher"] = stats[0].clone()
+            else:
+                beta = group["stat_decay"]
+                state["fisher"].mul_(beta).add_(stats[0], alpha=1 - beta)
+        gamma_in = self.gamma_in(group)
+        M = self._as_vector(layer, layer.weight, layer.bias)
+        V = G + gamma_in * (M + noise if noise is not None else M)
+        if "fisher" not in state:
+            return V, V
+        f = state["fisher"]
+        if self.sampled(layer):
+            std = self.noise_scale(group) / (f + gamma_in).sqrt()
+            n_w = layer.weight.numel()
+            layer.set_ffg_posterior(std[:n_w].view_as(layer.weight),
+                                    std[n_w:].view_as(layer.bias) if layer.bias is not None else None)
+        return V, V / (f + gamma_in + group["damping"])
 
     @staticmethod
     def _has_decomposition(state: dict) -> bool:

@@ -31,6 +31,6 @@ class VOGN(DiagonalNGVI):
 
     def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.9, beta2: float = 0.999,
                  num_data: int = 60000, kl_weight: float = 1.0, prior_var: float = 1.0, damping: float = 0.0,
-                 init_precision: float | None = 1e3, fisher: str = "example") -> None:
+                 init_precision: float | None = 1e3, fisher: str = "example", norm_posterior: str = "point") -> None:
         super().__init__(model, lr, (momentum, beta2), num_data, kl_weight, prior_var, damping, init_precision,
-                         fisher)
+                         fisher, norm_posterior)

@@ -19,10 +19,11 @@ from util.errors import UserError
 #: defaults used when a flag is left unset (``None``)
 DEFAULTS: dict[str, dict] = {
     "noisy_adam": dict(lr=3e-3, momentum=0.9, beta2=0.999, prior_var=1.0, damping=1e-3, init_precision=1e3,
-                       fisher="example"),
-    "vogn": dict(lr=1e-2, momentum=0.9, beta2=0.999, prior_var=1.0, damping=0.0, init_precision=1e3, fisher="example"),
+                       fisher="example", norm_posterior="point"),
+    "vogn": dict(lr=1e-2, momentum=0.9, beta2=0.999, prior_var=1.0, damping=0.0, init_precision=1e3, fisher="example",
+                 norm_posterior="point"),
     "noisy_kfac": dict(lr=1e-3, momentum=0.9, prior_var=1.0, damping=1e-3, init_precision=1e3, fisher="example",
-                       kl_clip=1e-3, damping_mode="factored"),
+                       kl_clip=1e-3, damping_mode="factored", norm_posterior="point"),
     "adam": dict(lr=1e-3),
     "sgd": dict(lr=1e-1, momentum=0.9),
 }
@@ -51,7 +52,8 @@ def make_optimizer(opt: argparse.Namespace, model: nn.Module) -> torch.optim.Opt
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     common = dict(num_data=opt.n, kl_weight=opt.kl_weight, prior_var=setting(opt, "prior_var"),
-                  damping=setting(opt, "damping"), init_precision=setting(opt, "init_precision"))
+                  damping=setting(opt, "damping"), init_precision=setting(opt, "init_precision"),
+                  norm_posterior=setting(opt, "norm_posterior"))
     fisher = setting(opt, "fisher")
     if name == "noisy_kfac":
         if getattr(opt, "beta2", None) is not None:
