@@ -140,6 +140,8 @@ def test_device_cuda_when_available(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--hidden", "a,b"], "hidden sizes"),
         (["--arch", "resnet20", "--hidden", "50"], "does not apply to --arch resnet20; drop --hidden"),
         (["--arch", "covnet", "--hidden", "50"], "does not apply to --arch covnet"),
+        (["--model", "MAP", "--norm_posterior", "point"], "--norm_posterior is for the Bayesian models"),
+        (["--norm_posterior", "laplace"], "invalid choice"),
         (["--train_samples", "0"], "--train_samples"),
         (["--test_samples", "-1"], "--test_samples"),
         (["--prior_var", "0"], "--prior_var"),
