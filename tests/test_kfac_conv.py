@@ -164,7 +164,8 @@ class RefNoisyKFAC:
         per_sample = [batch_statistics(self.layers, [m + n for m, n in zip(self.M, noise)], x, y)
                       for noise in noises]
         n_s = len(noises)
-        use_stats = (self.k - 1) % self.t_stats == 0
+        # warm-up (MATH.md): statistics every step while k <= t_inv, decompositions at k - 1 = 0, 1, 2, 4, ...
+        use_stats = self.k <= self.t_inv or (self.k - 1) % self.t_stats == 0
         Vs = []
         for ell in range(len(self.M)):
             G = sum(st[0][ell] for st in per_sample) / n_s
@@ -178,7 +179,8 @@ class RefNoisyKFAC:
                     self.S[ell] = self.beta * self.S[ell] + (1 - self.beta) * Sb
             mean_noise = sum(noise[ell] for noise in noises) / n_s
             Vs.append(G + self.gin * (self.M[ell] + mean_noise))
-        if self.dec is None or (self.k - 1) % self.t_inv == 0:
+        warm = {2**j for j in range(30) if 2**j < self.t_inv}
+        if self.dec is None or (self.k - 1) % self.t_inv == 0 or (self.k - 1) in warm:
             self.dec = [(A.clone(), S.clone()) for A, S in zip(self.A, self.S)]
         Ds = [self.precondition(ell, V) for ell, V in enumerate(Vs)]
         nu = 1.0
@@ -195,11 +197,13 @@ CONFIGS = {
     "factored": dict(damping_mode="factored", damping=0.01, momentum=0.9, kl_clip=None, t_stats=1, t_inv=1),
     "factored_clip_tstats2_tinv2": dict(damping_mode="factored", damping=0.05, momentum=0.5, kl_clip=1e-3,
                                         t_stats=2, t_inv=2),
+    "factored_tstats3_tinv3": dict(damping_mode="factored", damping=0.05, momentum=0.9, kl_clip=None,
+                                   t_stats=3, t_inv=3),
     "exact": dict(damping_mode="exact", damping=0.01, momentum=0.9, kl_clip=None, t_stats=1, t_inv=1),
     "exact_clip_tinv2": dict(damping_mode="exact", damping=0.0, momentum=0.0, kl_clip=1e-3, t_stats=1, t_inv=2),
 }
 #: MC samples (forward/backward passes) before each of the steps
-SAMPLES = {"one_sample": (1, 1, 1), "several_samples": (2, 1, 3)}
+SAMPLES = {"one_sample": (1, 1, 1, 1, 1, 1), "several_samples": (2, 1, 3, 1, 2, 1)}
 
 
 def library_matrix(layer) -> torch.Tensor:
