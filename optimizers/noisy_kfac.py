@@ -117,6 +117,7 @@ def damped_roots(F: Tensor, shift_in: Tensor, shift: Tensor | None, rank: int | 
     mean of the remaining eigenvalues, ``(tr F - sum d) / (n - K)`` (so ``tr F_K = tr F``); then
     ``(F_K + s I)^p = (r + s)^p I + Q diag((d + s)^p - (r + s)^p) Q^T`` for ``p = -1/2`` (the root)
     and ``p = -1`` (``P``): the sampled covariance is exactly the one ``P`` implies at ``shift_in``.
+    When ``2 K >= n`` the two (symmetric) matrices are formed densely, which is cheaper to apply.
     """
     n = F.shape[0]
     if rank is None or rank >= n:
@@ -128,8 +129,11 @@ def damped_roots(F: Tensor, shift_in: Tensor, shift: Tensor | None, rank: int | 
     shift = shift_in if shift is None else shift
     root_iso = (r + shift_in).rsqrt()
     pre_iso = (r + shift).reciprocal()
-    return (FactorRoot("low_rank", Q, (d + shift_in).rsqrt() - root_iso, root_iso),
-            FactorRoot("low_rank", Q, (d + shift).reciprocal() - pre_iso, pre_iso))
+    root = FactorRoot("low_rank", Q, (d + shift_in).rsqrt() - root_iso, root_iso)
+    pre = FactorRoot("low_rank", Q, (d + shift).reciprocal() - pre_iso, pre_iso)
+    if 2 * rank >= n:  # the same matrices, applied densely: n^2 per row is cheaper than 2 n K
+        return FactorRoot("dense", root.dense(left=False)), FactorRoot("dense", pre.dense(left=False))
+    return root, pre
 
 
 def factored_decomposition(A: Tensor, S: Tensor, gamma_in: float, gamma: float, rank: int | None = None,
