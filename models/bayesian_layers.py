@@ -185,8 +185,8 @@ class BayesianLayer:
         """One draw of ``(weight_noise, bias_noise)`` from the zero-mean posterior."""
         with torch.no_grad():
             if self.posterior == "FFG":
-                wn = torch.randn_like(self.weight) * self.weight_sigma
-                bn = torch.randn_like(self.bias) * self.bias_sigma if self.bias is not None else None
+                wn = torch.randn_like(self.weight).mul_(self.weight_sigma)
+                bn = torch.randn_like(self.bias).mul_(self.bias_sigma) if self.bias is not None else None
                 return wn, bn
             e = torch.randn_like(self.mid_scale) * self.mid_scale
             out_root, in_root = self.factor_roots()

@@ -56,7 +56,12 @@ class DiagonalNGVI(NGVIOptimizer):
         for _, layer in self.layers:
             if self.sampled(layer):
                 layer.track_noise_grad = fisher == "hessian"
-        for _, group, params in self.layer_params():
+        # (layer, group index, params) once: ``layer_params`` looks every layer's group up, which costs
+        # more Python time than the update itself on a small net (an index: load_state_dict and
+        # schedulers replace or edit the group dicts)
+        self._layer_groups = [(layer, next(i for i, g in enumerate(self.param_groups) if g is group), params)
+                              for layer, group, params in self.layer_params()]
+        for _, group, params in self._cached_layer_params():
             for p in params:
                 self._init_state(p, group)
         self._refresh_posteriors()
@@ -71,20 +76,23 @@ class DiagonalNGVI(NGVIOptimizer):
             "fisher": torch.full_like(p, f0, memory_format=torch.preserve_format),
         }
 
+    def _cached_layer_params(self) -> list[tuple[nn.Module, dict, list[Tensor]]]:
+        return [(layer, self.param_groups[i], params) for layer, i, params in self._layer_groups]
+
     @torch.no_grad()
     def _refresh_posteriors(self) -> None:
         """``sigma = sqrt((lambda/N) / (f + gamma_in))`` into every layer's ``weight_sigma`` / ``bias_sigma``."""
-        for group in self.param_groups:
-            pairs = [(self.state[p]["fisher"], sigma) for layer, grp, params in self.layer_params()
+        for group in self.param_groups:  # in place: sigma <- f; += gamma_in; rsqrt; *= sqrt(lambda/N)
+            pairs = [(p, sigma) for layer, grp, params in self._cached_layer_params()
                      if grp is group and self.sampled(layer)
                      for p, sigma in zip(params, (layer.weight_sigma, layer.bias_sigma))]
             if not pairs:
                 continue
-            std = torch._foreach_add([f for f, _ in pairs], self.gamma_in(group))
-            torch._foreach_reciprocal_(std)
-            torch._foreach_mul_(std, self.noise_scale(group) ** 2)
-            torch._foreach_sqrt_(std)
-            torch._foreach_copy_([sigma for _, sigma in pairs], std)
+            sigmas = [sigma for _, sigma in pairs]
+            torch._foreach_copy_(sigmas, [self.state[p]["fisher"] for p, _ in pairs])
+            torch._foreach_add_(sigmas, self.gamma_in(group))
+            torch._foreach_rsqrt_(sigmas)
+            torch._foreach_mul_(sigmas, self.noise_scale(group))
 
     def _update_group(self, group: dict, params: tuple[Tensor, ...], grads: tuple[Tensor, ...],
                       stats: tuple[Tensor, ...], noises: tuple[Tensor | None, ...]) -> None:
@@ -98,14 +106,12 @@ class DiagonalNGVI(NGVIOptimizer):
         sampled = [(x, n) for x, n in zip(v, noises) if n is not None]
         if sampled:  # the prior term at the sampled weights w = mu + noise
             torch._foreach_add_([x for x, _ in sampled], [n for _, n in sampled], alpha=gamma_in)
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, v, alpha=1 - beta1)
+        torch._foreach_lerp_(exp_avgs, v, 1 - beta1)
         if group["fisher"] == "hessian":  # the positivity correction (MATH.md), from the old f
             corr = torch._foreach_sub(fishers, list(stats))
             torch._foreach_mul_(corr, corr)
             torch._foreach_div_(corr, torch._foreach_add(fishers, gamma_in))
-        torch._foreach_mul_(fishers, beta2)
-        torch._foreach_add_(fishers, list(stats), alpha=1 - beta2)
+        torch._foreach_lerp_(fishers, list(stats), 1 - beta2)
         if group["fisher"] == "hessian":
             torch._foreach_add_(fishers, corr, alpha=0.5 * (1 - beta2) ** 2)
         bias_correction = 1 - beta1 ** states[0]["step"].item()
@@ -117,7 +123,7 @@ class DiagonalNGVI(NGVIOptimizer):
         """Update means and Fisher estimates from the gradients since ``zero_grad``; resample scale."""
         loss = self._run_closure(closure)
         work = []
-        for layer, group, params in self.layer_params():
+        for layer, group, params in self._cached_layer_params():
             passes = self.capture.pop_passes(layer)
             stats = self.capture.pop(layer)
             noise = getattr(layer, "mean_noise", None)

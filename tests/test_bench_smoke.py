@@ -24,7 +24,7 @@ from conftest import require_module
 
 REPO = Path(__file__).resolve().parent.parent
 ARCHS = ("mlp", "lenet5")
-STEP_METHODS = ("NoisyAdam", "NoisyAdamBatch", "NoisyAdamHessian", "VOGN", "NoisyKFAC", "IVON")
+STEP_METHODS = ("NoisyAdam", "NoisyAdamBatch", "NoisyAdamHessian", "VOGN", "NoisyKFAC", "IVON", "NoisyKFACr64")
 PER_EXAMPLE_METHODS = ("plain", "ours", "backpack", "torch.func", "naive loop")
 
 RESULTS = REPO / "bench" / "results"
@@ -58,7 +58,8 @@ def test_bench_scripts_quick(tmp_path: Path) -> None:
         assert set(step["raw_ms"][arch]) == {"Adam", *STEP_METHODS}
         assert set(step["flop_ratio"][arch]) == set(STEP_METHODS)
         assert all(_positive(v) for v in step["flop_ratio"][arch].values())
-        assert set(step["pass"][arch]) == {"NoisyAdam", "NoisyAdamBatch", "NoisyAdamHessian", "VOGN", "NoisyKFAC"}
+        assert set(step["pass"][arch]) == {"NoisyAdam", "NoisyAdamBatch", "NoisyAdamHessian", "VOGN", "NoisyKFAC",
+                                           "NoisyKFACr64"}
     assert_step_verdicts(step)
     assert {"threads", "torch", "repeats"} <= set(step["config"])
     assert set(step["by_threads"]) == {"1"}

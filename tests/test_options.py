@@ -51,7 +51,7 @@ def test_train_defaults() -> None:
     assert (o.model, o.optimizer, o.arch, o.dataset) == ("FFG", "noisy_adam", "mlp", "MNIST")
     assert o.hidden == [100] and o.batch_size == 100 and o.epoch == 20
     assert o.n == 60000 and o.initial_size == 784 and o.label_size == 10
-    assert o.eps == 1e-8 and o.kl_weight == 1.0 and o.t_stats == 1 and o.t_inv == 20
+    assert o.eps == 1e-8 and o.kl_weight == 1.0 and (o.t_stats, o.t_inv) == (10, 100)
     assert o.train_samples == 1 and o.test_samples == 10 and o.seed == 0
     assert o.lr is None and o.prior_var is None and o.damping is None and o.fisher is None
     assert o.lr_schedule == "none" and o.lr_decay == 0.1 and o.lr_step == 30
