@@ -205,6 +205,7 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
         # the epoch's training loss and accuracy over all ranks' shards, not rank 0's alone
         sums["loss"], sums["correct"], sums["seen"] = distributed.sum_over_ranks(
             [sums["loss"], sums["correct"], sums["seen"]], ctx)
+        distributed.average_running_stats(model)  # BatchNorm statistics of all ranks' shards
         if not finite(model):
             raise Diverged(f"training diverged in epoch {epoch}: the weights are not finite; {_last_good(run_dir)}; "
                            "lower --lr or raise --damping")

@@ -15,8 +15,8 @@
   zero noise would skip. The reference runs in the pytest process, without a process group.
 * Noise on (ranks seeded ``seed + 1000 * rank`` as ``train.py`` does): the ranks draw
   different noise, yet hold bit-identical means and curvature after every step.
-* ``broadcast_flag`` (a non-finite loss on one rank stops all), ``sum_over_ranks`` and the
-  per-rank thread count.
+* ``broadcast_flag`` (a non-finite loss on one rank stops all), ``sum_over_ranks``, the
+  per-rank thread count, and ``average_running_stats`` (BatchNorm statistics: the ranks' mean).
 * End to end: ``torchrun --nproc_per_node=2 train.py`` on 2000 MNIST images writes one set of
   checkpoints (with both ranks' RNG states) and ``test.py`` reads them.
 """
@@ -123,6 +123,19 @@ def run_case(name: str, rank: int, world: int, noise_seed: int) -> dict:
     return out
 
 
+def bn_case(rank: int) -> dict:
+    """BatchNorm running statistics of each rank's own shard, then after ``average_running_stats``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(3 * 4 * 4, 4),
+                          nn.BatchNorm1d(4, affine=False))
+    gen = torch.Generator().manual_seed(10 + rank)
+    for _ in range(2):
+        model(torch.randn(8, 1, 6, 6, generator=gen) * (1 + rank) + rank)  # the shards differ
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    distributed.average_running_stats(model)
+    return {"before": before, "after": {k: v.clone() for k, v in model.state_dict().items() if "running" in k}}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -132,6 +145,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         result = {"threads": torch.get_num_threads(),
                   "flags": [distributed.broadcast_flag(rank == 1, ctx), distributed.broadcast_flag(False, ctx)],
                   "sums": distributed.sum_over_ranks([rank, 0.5], ctx),
+                  "bn": bn_case(rank),
                   "same_noise": {name: run_case(name, rank, WORLD, noise_seed=1) for name in CASES},
                   "rank_noise": {name: run_case(name, rank, WORLD, noise_seed=1 + 1000 * rank)
                                  for name in CASES if CASES[name][0] is not None}}
@@ -202,6 +216,16 @@ def test_ranks_draw_their_own_noise_and_keep_identical_means(ranks: list[dict], 
     # and the K = 2 noise samples change the result compared with one shared sample
     same = ranks[0]["same_noise"][name]["params"][-1]
     assert any(not torch.allclose(v, same[k]) for k, v in r0["params"][-1].items())
+
+
+def test_batchnorm_running_stats_averaged_over_ranks(ranks: list[dict]) -> None:
+    before = [r["bn"]["before"] for r in ranks]
+    assert set(before[0]) == {"1.running_mean", "1.running_var", "4.running_mean", "4.running_var"}
+    for key in before[0]:
+        assert not torch.allclose(before[0][key], before[1][key])  # each rank saw its own shard
+        mean = (before[0][key] + before[1][key]) / 2
+        for r in ranks:
+            torch.testing.assert_close(r["bn"]["after"][key], mean, rtol=1e-6, atol=0)
 
 
 def test_flag_sums_and_threads(ranks: list[dict]) -> None:

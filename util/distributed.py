@@ -74,6 +74,19 @@ def average_gradients(model: nn.Module) -> None:
     all_reduce_mean([p.grad for p in model.parameters() if p.grad is not None])
 
 
+def average_running_stats(model: nn.Module) -> None:
+    """Average BatchNorm running means and variances over ranks in one flat all-reduce (no-op on one process).
+
+    Each rank updates them from its own shard; ``train.py`` calls this at the end of every epoch,
+    before evaluating and checkpointing, so that every rank (and the checkpoint) holds the same
+    statistics. The mean of the ranks' variances is the usual choice (it omits the spread of the
+    ranks' means, which is small for shards of one shuffled data set).
+    """
+    stats = [t for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for t in (m.running_mean, m.running_var) if t is not None]
+    all_reduce_mean(stats)
+
+
 def _collective_device() -> torch.device:
     """Where small tensors for a collective must live: this rank's GPU under nccl, else the CPU."""
     if dist.get_backend() == "nccl":
