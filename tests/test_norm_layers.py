@@ -114,6 +114,33 @@ def test_sum_grad_squared_residual_block(float64):
     assert_stats_equal(got, naive_sum_grad_squared(model, x, y))
 
 
+@pytest.mark.parametrize("plain", [nn.BatchNorm1d(4), nn.BatchNorm2d(4), nn.LayerNorm(4), nn.GroupNorm(2, 4)],
+                         ids=["bn1d", "bn2d", "ln", "gn"])
+def test_bayesian_norm_layers_sample_and_match_plain(float64, plain):
+    """Training mode: the output is the plain layer's at weight = mean + noise (noise ~ sigma); running
+    statistics move as the plain layer's; eval mode: the plain layer's output."""
+    torch.manual_seed(0)
+    plain = randomise_norms(plain.double())
+    layer = models.bayesian_norm(plain)
+    x = torch.randn(6, 4, 3, 4) if not isinstance(plain, nn.BatchNorm1d) else torch.randn(6, 4)
+    if isinstance(plain, nn.LayerNorm):
+        x = x.transpose(1, -1)
+    layer.set_ffg_posterior(torch.full_like(layer.weight, 0.5), torch.full_like(layer.bias, 0.5))
+    out = layer.train()(x)
+    wn, bn = layer.last_noise
+    assert 0.2 < float(wn.std()) < 1.0  # the noise has the posterior's scale
+    with torch.no_grad():
+        plain.weight.add_(wn)
+        plain.bias.add_(bn)
+    torch.testing.assert_close(out, plain.train()(x))
+    for name, buf in plain.named_buffers():
+        torch.testing.assert_close(getattr(layer, name), buf, msg=name)
+    with torch.no_grad():
+        plain.weight.sub_(wn)
+        plain.bias.sub_(bn)
+    torch.testing.assert_close(layer.eval()(x), plain.eval()(x))
+
+
 # ------------------------------------------------------------------------ errors: one line, named
 def shared_net() -> nn.Module:
     class Shared(nn.Module):
