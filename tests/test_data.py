@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import time
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +50,10 @@ def test_load_mnist_train_real(data_root: Path) -> None:
     assert y.bincount().tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     # normalized with the train statistics: mean ~0, std ~1
     assert abs(x.mean().item()) < 1e-3 and abs(x.std().item() - 1) < 1e-3
-    # after the first time, loading is fast, and callers own their tensors
+    # callers own their tensors: writing into one does not reach the next load (no timing asserted:
+    # that belongs to bench/data_loading.py, not to a test on a shared machine)
     x.zero_()
-    t0 = time.perf_counter()
     x2, _ = load_split("MNIST", train=True, data_root=data_root)
-    assert time.perf_counter() - t0 < 2.0
     assert x2.abs().sum() > 0
 
 
