@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import InMemoryLoader, load_split, take_subset
+from data import InMemoryLoader, ensure_data, load_split, take_subset
 from models import bayesian_layers
 from optimizers import NGVIOptimizer, NoisyKFAC
 from option_parser import TrainOptions, print_options, save_options
@@ -36,7 +36,9 @@ from util.checkpoint import (
     list_epochs,
     load_checkpoint,
     remove_stale_temp_files,
+    rng_state,
     save_atomic,
+    set_rng_state,
     write_text_atomic,
 )
 from util.errors import UserError, run_cli
@@ -60,17 +62,87 @@ def posterior_summaries(model, optimizer) -> tuple[dict, dict]:
     return stds, spectra
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class StepRecords:
+    """Each step's loss and correct count, kept on the device and read once per logging interval.
+
+    Reading a number from a GPU waits for all queued work; here that happens once per
+    ``--log_interval`` steps instead of several times per step.
+    """
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.loss = torch.zeros(size, dtype=torch.float64, device=device)
+        self.correct = torch.zeros(size, dtype=torch.int64, device=device)
+        self.sizes: list[int] = []
+        self.first_step = 1
+
+    def add(self, step: int, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        if not self.sizes:
+            self.first_step = step
+        i = len(self.sizes)
+        self.loss[i] = loss.detach()
+        self.correct[i] = (logits.argmax(1) == y).sum()
+        self.sizes.append(len(y))
+
+    def read(self) -> list[tuple[float, int, int]]:
+        """``(loss, correct, batch size)`` of the steps since the last read (one device sync)."""
+        n = len(self.sizes)
+        out = list(zip(self.loss[:n].tolist(), self.correct[:n].tolist(), self.sizes))
+        self.sizes = []
+        return out
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def account(records: StepRecords, totals: tuple[dict, ...], epoch: int, ctx: distributed.DistContext,
+            run_dir: Path) -> None:
+    """Add the steps since the last read to ``totals``; :class:`Diverged` at the first non-finite loss (any rank)."""
+    first = records.first_step
+    entries = records.read()
+    bad = next((first + i for i, (v, _, _) in enumerate(entries) if not math.isfinite(v)), math.inf)
+    bad = distributed.min_over_ranks(bad, ctx)
+    if bad != math.inf:
+        step = int(bad)
+        raise Diverged(f"training diverged at epoch {epoch}, step {step} (loss = {entries[step - first][0]}); "
+                       f"{_last_good(run_dir)}; lower --lr or raise --damping")
+    for value, correct, size in entries:
+        for acc in totals:
+            acc["loss"] += value * size
+            acc["correct"] += correct
+            acc["seen"] += size
+
+
+def restore(path: Path, model, optimizer, scheduler, ctx: distributed.DistContext, device: torch.device,
+            seed: int) -> dict:
+    """Load ``path`` into the model, optimizer and schedule, and this rank's RNG state; return the checkpoint.
+
+    Loaded onto the CPU: ``load_state_dict`` copies the weights and the optimizer's state to the parameters'
+    device, the step counters stay on the CPU (read without a device sync), and the RNG states are CPU byte
+    tensors as ``torch.set_rng_state`` needs.
+    """
+    ckpt = load_checkpoint(path, map_location="cpu")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise UserError(f"checkpoint {path} does not fit this run's model/optimizer "
+                        f"({str(e).splitlines()[0][:120]}); resume with the options it was trained with") from None
+    if ctx.rank < len(ckpt["rng"]):
+        set_rng_state(ckpt["rng"][ctx.rank], device)
+    else:  # resumed on more ranks than were saved: a new rank still draws its own noise
+        torch.manual_seed(seed + 1000 * ctx.rank + ckpt["epoch"])
+    return ckpt
+
+
+def fetch_data(name: str, data_root: str | None, ctx: distributed.DistContext) -> None:
+    """Download a missing data set on one rank per machine while the others wait (a barrier)."""
+    error = None
+    if ctx.local_rank == 0:
+        try:
+            ensure_data(name, data_root)
+        except UserError as e:
+            error = e
+    if distributed.broadcast_flag(error is not None, ctx):
+        raise error or UserError(f"{name} could not be downloaded (see the error of local rank 0); "
+                                 "point --data_root at a folder that has it")
 
 
 def read_metrics(path: Path, up_to_epoch: int) -> list[str]:
@@ -108,9 +180,11 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
         print_options(opt)
 
     # -- data: whole splits on the device, batches by indexing a seeded permutation ----------
+    fetch_data(opt.dataset, opt.data_root, ctx)
     train_x, train_y = load_split(opt.dataset, True, opt.data_root, device)
     train_x, train_y = take_subset(train_x, train_y, opt.subset, opt.seed)
-    test_x, test_y = load_split(opt.dataset, False, opt.data_root, device)
+    if ctx.is_main:  # only rank 0 evaluates
+        test_x, test_y = load_split(opt.dataset, False, opt.data_root, device)
     loader = InMemoryLoader(train_x, train_y, opt.batch_size, shuffle=True, seed=opt.seed, augment=opt.augment,
                             rank=ctx.rank, world_size=ctx.world_size)
 
@@ -125,19 +199,8 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
     start_epoch, iteration = 1, 0
     metrics_path = run_dir / "metrics.jsonl"
     if opt.resume:
-        last = latest_epoch(run_dir)
-        ckpt = load_checkpoint(checkpoint_path(run_dir, last), map_location=device)
-        try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise UserError(f"checkpoint {checkpoint_path(run_dir, last)} does not fit this run's model/optimizer "
-                            f"({str(e).splitlines()[0][:120]}); resume with the options it was trained with") from None
-        if ctx.rank < len(ckpt["rng"]):
-            set_rng_state(ckpt["rng"][ctx.rank])
-        else:  # resumed on more ranks than were saved: a new rank still draws its own noise
-            torch.manual_seed(opt.seed + 1000 * ctx.rank + ckpt["epoch"])
+        ckpt = restore(checkpoint_path(run_dir, latest_epoch(run_dir)), model, optimizer, scheduler, ctx, device,
+                       opt.seed)
         start_epoch, iteration = ckpt["epoch"] + 1, ckpt["iteration"]
         if ctx.is_main:
             write_text_atomic(metrics_path, "".join(line + "\n" for line in read_metrics(metrics_path, ckpt["epoch"])))
@@ -162,6 +225,7 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
         vis.log_record(record)
 
     samples_per_step = opt.train_samples if bayesian else 1
+    records = StepRecords(opt.log_interval, device)
     for epoch in range(start_epoch, opt.epoch + 1):
         model.train()
         loader.set_epoch(epoch)
@@ -178,28 +242,27 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
                     optimizer.true_fisher_backward(logits)
                 loss = F.cross_entropy(logits, y)
                 loss.backward()
-            loss_value = loss.item()
-            if distributed.broadcast_flag(not math.isfinite(loss_value), ctx):
-                raise Diverged(f"training diverged at epoch {epoch}, step {step} (loss = {loss_value}); "
-                               f"{_last_good(run_dir)}; lower --lr or raise --damping")
             if not bayesian:
                 distributed.average_gradients(model)
-            optimizer.step()
+            records.add(step, loss, logits, y)
+            try:
+                optimizer.step()
+            except torch.linalg.LinAlgError:  # a non-finite loss reached the curvature factors
+                account(records, (sums, window), epoch, ctx, run_dir)
+                raise
             iteration += 1
-            correct = int((logits.argmax(1) == y).sum())
-            for acc in (sums, window):
-                acc["loss"] += loss_value * len(y)
-                acc["correct"] += correct
-                acc["seen"] += len(y)
-            if step % opt.log_interval == 0 and ctx.is_main:
-                rate = sums["seen"] * ctx.world_size / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{window['loss'] / window['seen']:.3f}",
-                                acc=f"{window['correct'] / window['seen']:.3f}",
-                                lr=f"{optimizer.param_groups[0]['lr']:.2e}", samples_s=f"{rate:.0f}")
-                log({"kind": "iter", "epoch": epoch, "iteration": iteration,
-                     "epoch_float": epoch - 1 + step / len(loader), "loss": window["loss"] / window["seen"],
-                     "acc": window["correct"] / window["seen"], "lr": optimizer.param_groups[0]["lr"]})
+            if step % opt.log_interval == 0:
+                account(records, (sums, window), epoch, ctx, run_dir)
+                if ctx.is_main:
+                    rate = sums["seen"] * ctx.world_size / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{window['loss'] / window['seen']:.3f}",
+                                    acc=f"{window['correct'] / window['seen']:.3f}",
+                                    lr=f"{optimizer.param_groups[0]['lr']:.2e}", samples_s=f"{rate:.0f}")
+                    log({"kind": "iter", "epoch": epoch, "iteration": iteration,
+                         "epoch_float": epoch - 1 + step / len(loader), "loss": window["loss"] / window["seen"],
+                         "acc": window["correct"] / window["seen"], "lr": optimizer.param_groups[0]["lr"]})
                 window = {"loss": 0.0, "correct": 0, "seen": 0}
+        account(records, (sums,), epoch, ctx, run_dir)
         bar.close()
         seconds = time.perf_counter() - t0
         # the epoch's training loss and accuracy over all ranks' shards, not rank 0's alone
@@ -210,20 +273,22 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
             raise Diverged(f"training diverged in epoch {epoch}: the weights are not finite; {_last_good(run_dir)}; "
                            "lower --lr or raise --damping")
 
-        # -- evaluate, log, checkpoint ---------------------------------------------------
-        test, _ = evaluate(model, test_x, test_y, opt.test_samples)
+        # -- evaluate (rank 0), log, checkpoint --------------------------------------------
         record = {"kind": "epoch", "epoch": epoch, "iteration": iteration,
-                  "train_loss": sums["loss"] / sums["seen"], "train_acc": sums["correct"] / sums["seen"],
-                  "test_acc": test["acc"], "test_nll": test["nll"], "test_ece": test["ece"],
-                  "lr": optimizer.param_groups[0]["lr"], "sec_per_epoch": seconds}
+                  "train_loss": sums["loss"] / sums["seen"], "train_acc": sums["correct"] / sums["seen"]}
+        if ctx.is_main:
+            test, _ = evaluate(model, test_x, test_y, opt.test_samples)
+            record.update(test_acc=test["acc"], test_nll=test["nll"], test_ece=test["ece"])
+        record.update(lr=optimizer.param_groups[0]["lr"], sec_per_epoch=seconds)
         scheduler.step()
-        rngs = [rng_state()]
+        rngs = [rng_state(device)]
         if ctx.enabled:
             rngs = [None] * ctx.world_size
-            torch.distributed.all_gather_object(rngs, rng_state())
+            torch.distributed.all_gather_object(rngs, rng_state(device))
         if ctx.is_main:
             print(f"epoch {epoch:3d}  train loss {record['train_loss']:.4f}  acc {record['train_acc']:.4f}  |  "
-                  f"test acc {test['acc']:.4f}  nll {test['nll']:.4f}  ece {test['ece']:.4f}  |  {seconds:.1f}s",
+                  f"test acc {record['test_acc']:.4f}  nll {record['test_nll']:.4f}  ece {record['test_ece']:.4f}  |  "
+                  f"{seconds:.1f}s",
                   flush=True)
             log(record)
             if bayesian:

@@ -3,6 +3,7 @@
 from data.datasets import (
     DATASETS,
     DatasetInfo,
+    ensure_data,
     expected_files,
     find_data,
     has_data,
@@ -16,6 +17,7 @@ __all__ = [
     "DATASETS",
     "DatasetInfo",
     "InMemoryLoader",
+    "ensure_data",
     "expected_files",
     "find_data",
     "has_data",

@@ -25,7 +25,9 @@ import contextlib
 import io
 import os
 import pickle
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from util.errors import UserError, one_line
 __all__ = [
     "DATASETS",
     "DatasetInfo",
+    "ensure_data",
     "expected_files",
     "find_data",
     "has_data",
@@ -160,12 +163,10 @@ def _last_line(err: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def _download(name: str, root: Path) -> None:
-    """Download ``name`` into ``root`` with torchvision's downloader (raises on failure)."""
+def _fetch(name: str, root: Path) -> None:
+    """torchvision's downloader: ``name``'s raw files into ``root`` (raises on failure)."""
     import torchvision
 
-    print(f"downloading {name} to {root} ...", file=sys.stderr)
-    root.mkdir(parents=True, exist_ok=True)
     # torchvision prints every failed mirror to stdout; keep our error to one line.
     with contextlib.redirect_stdout(io.StringIO()):
         if name == "CIFAR10":
@@ -176,6 +177,26 @@ def _download(name: str, root: Path) -> None:
         else:
             cls = getattr(torchvision.datasets, name)
             cls(root=str(root), train=True, download=True)
+
+
+def _download(name: str, root: Path) -> None:
+    """Download ``name`` into ``root`` atomically (raises on failure).
+
+    The files are fetched into a private temp folder under ``root`` and each is renamed into place
+    when all are complete, so :func:`has_data` (all files present) never sees a half-written file,
+    even with several processes (ranks, machines sharing the folder) downloading at once.
+    """
+    print(f"downloading {name} to {root} ...", file=sys.stderr)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".download.{name}.", dir=root))
+    try:
+        _fetch(name, tmp)
+        for src in expected_files(name, tmp):
+            dst = root / src.relative_to(tmp)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------
@@ -322,17 +343,10 @@ def normalize(images: torch.Tensor, name: str) -> torch.Tensor:
     return torch.addcmul(shift, images.to(torch.float32), scale)
 
 
-def load_split(
-    name: str,
-    train: bool,
-    data_root: str | os.PathLike | None = None,
-    device: str | torch.device = "cpu",
-    download: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load a whole split as (float32 ``N x C x H x W`` normalized images, int64 labels) on ``device``.
+def ensure_data(name: str, data_root: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """The root holding ``name``'s files (see :func:`find_data`), downloading them if missing.
 
-    Raises :class:`UserError` if the files are missing and cannot be downloaded,
-    or if a file is truncated/corrupted (naming the file).
+    Raises :class:`UserError` if the files are missing and cannot be downloaded.
     """
     _info(name)
     root = find_data(name, data_root)
@@ -353,6 +367,22 @@ def load_split(
         if not has_data(name, target):
             raise UserError(_missing_message(name, data_root, "download left files missing"))
         root = target
+    return root
+
+
+def load_split(
+    name: str,
+    train: bool,
+    data_root: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    download: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load a whole split as (float32 ``N x C x H x W`` normalized images, int64 labels) on ``device``.
+
+    Raises :class:`UserError` if the files are missing and cannot be downloaded,
+    or if a file is truncated/corrupted (naming the file).
+    """
+    root = ensure_data(name, data_root, download)
     images, labels = _load_raw(name, root, train)
     images = images.to(device)
     return normalize(images, name), labels.to(device)

@@ -61,20 +61,29 @@ class DiagonalNGVI(NGVIOptimizer):
         # schedulers replace or edit the group dicts)
         self._layer_groups = [(layer, next(i for i, g in enumerate(self.param_groups) if g is group), params)
                               for layer, group, params in self.layer_params()]
-        for _, group, params in self._cached_layer_params():
-            for p in params:
-                self._init_state(p, group)
         self._refresh_posteriors()
 
-    def _init_state(self, p: Tensor, group: dict) -> None:
-        f0 = 0.0
-        if group["init_precision"] is not None:
-            f0 = max(0.0, group["init_precision"] * group["kl_weight"] / group["num_data"] - self.gamma_in(group))
-        self.state[p] = {
-            "step": torch.zeros((), dtype=torch.float32),
-            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-            "fisher": torch.full_like(p, f0, memory_format=torch.preserve_format),
-        }
+    def _initial_fisher(self, group: dict) -> float:
+        """``f`` before the first step: the posterior precision is ``init_precision`` (0 = the prior)."""
+        if group["init_precision"] is None:
+            return 0.0
+        return max(0.0, group["init_precision"] * group["kl_weight"] / group["num_data"] - self.gamma_in(group))
+
+    def _state(self, p: Tensor, group: dict) -> dict:
+        """``p``'s state, created at its first step on ``p``'s device and dtype (so the optimizer may be
+        built before ``model.to(device)``); the step counter stays on the CPU (no device sync to read it)."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["fisher"] = torch.full_like(p, self._initial_fisher(group), memory_format=torch.preserve_format)
+        return state
+
+    def _fisher(self, p: Tensor, group: dict) -> Tensor:
+        state = self.state.get(p)
+        if state:
+            return state["fisher"]
+        return torch.full_like(p, self._initial_fisher(group), memory_format=torch.preserve_format)
 
     def _cached_layer_params(self) -> list[tuple[nn.Module, dict, list[Tensor]]]:
         return [(layer, self.param_groups[i], params) for layer, i, params in self._layer_groups]
@@ -89,7 +98,7 @@ class DiagonalNGVI(NGVIOptimizer):
             if not pairs:
                 continue
             sigmas = [sigma for _, sigma in pairs]
-            torch._foreach_copy_(sigmas, [self.state[p]["fisher"] for p, _ in pairs])
+            torch._foreach_copy_(sigmas, [self._fisher(p, group) for p, _ in pairs])
             torch._foreach_add_(sigmas, self.gamma_in(group))
             torch._foreach_rsqrt_(sigmas)
             torch._foreach_mul_(sigmas, self.noise_scale(group))
@@ -99,7 +108,7 @@ class DiagonalNGVI(NGVIOptimizer):
         """``v = g + gamma_in w``; ``m``, ``f`` running averages; ``mu -= lr m_hat / (f + gamma_in + gamma_ex)``."""
         beta1, beta2 = group["betas"]
         gamma_in = self.gamma_in(group)
-        states = [self.state[p] for p in params]
+        states = [self._state(p, group) for p in params]
         exp_avgs, fishers = [st["exp_avg"] for st in states], [st["fisher"] for st in states]
         torch._foreach_add_([st["step"] for st in states], 1)
         v = torch._foreach_add(grads, params, alpha=gamma_in)
@@ -137,7 +146,7 @@ class DiagonalNGVI(NGVIOptimizer):
                     if noise_grad[i] is None:
                         raise RuntimeError("fisher='hessian' needs the backward pass of a sampled forward "
                                            "(model.train()); this gradient came from the mean weights")
-                    s = noise_grad[i] * ((self.state[p]["fisher"] + self.gamma_in(group))
+                    s = noise_grad[i] * ((self._state(p, group)["fisher"] + self.gamma_in(group))
                                          / self.noise_scale(group) ** 2)
                 else:
                     s = stats[i] if stats is not None else g.square()

@@ -79,13 +79,30 @@ def factored_pi(A: Tensor, S: Tensor, eps: float = 1e-12) -> Tensor:
     return (ta / ts).sqrt()
 
 
-def _cholesky_damped(F: Tensor, shift: Tensor) -> Tensor:
+def _cholesky_all(F: Tensor, shifts: list[Tensor]) -> list[Tensor]:
+    """Lower Cholesky factors of ``F + shift I`` for every shift, with one device sync for all of them.
+
+    A factor that lost positive definiteness to rounding is symmetrised and retried with a jitter;
+    a non-finite ``F`` (a diverged run) gives NaN factors, which the training loop reports.
+    """
     eye = torch.eye(F.shape[0], dtype=F.dtype, device=F.device)
-    L, info = torch.linalg.cholesky_ex(F + shift * eye)
-    if int(info) != 0:  # lost positive definiteness to rounding: symmetrise and add a jitter
-        F = 0.5 * (F + F.T)
-        L = torch.linalg.cholesky(F + (shift + 1e-6 * F.diagonal().mean().abs() + 1e-10) * eye)
-    return L
+    out, infos = [], []
+    for shift in shifts:
+        L, info = torch.linalg.cholesky_ex(F + shift * eye)
+        out.append(L)
+        infos.append(info)
+    if not bool(torch.stack(infos).any()):
+        return out
+    finite = bool(torch.isfinite(F).all())
+    sym = 0.5 * (F + F.T)
+    for i, (info, shift) in enumerate(zip(infos, shifts)):
+        if int(info) == 0:
+            continue
+        if not finite:
+            out[i] = torch.full_like(F, float("nan"))
+            continue
+        out[i] = torch.linalg.cholesky(sym + (shift + 1e-6 * sym.diagonal().mean().abs() + 1e-10) * eye)
+    return out
 
 
 def top_eigenpairs(F: Tensor, k: int, basis: Tensor | None = None, iters: int = 2) -> tuple[Tensor, Tensor]:
@@ -122,8 +139,8 @@ def damped_roots(F: Tensor, shift_in: Tensor, shift: Tensor | None, rank: int | 
     """
     n = F.shape[0]
     if rank is None or rank >= n:
-        L_in = _cholesky_damped(F, shift_in)
-        L = L_in if shift is None else _cholesky_damped(F, shift)
+        Ls = _cholesky_all(F, [shift_in] if shift is None else [shift_in, shift])
+        L_in, L = Ls[0], Ls[-1]
         return FactorRoot("cholesky", L_in), FactorRoot("dense", torch.cholesky_inverse(L))
     Q, d = top_eigenpairs(F, rank, basis, iters)
     r = ((F.diagonal().sum() - d.sum()) / (n - rank)).clamp_min(0)
@@ -218,15 +235,11 @@ class NoisyKFAC(NGVIOptimizer):
         for layer, _, params in self.layer_params():
             w = layer.weight
             if is_norm_layer(layer):
-                self.state[w] = {"step": torch.zeros((), dtype=torch.float32),
-                                 "momentum_buffer": w.new_zeros(sum(p.numel() for p in params))}
                 if self.sampled(layer):
                     std = init_precision ** -0.5
                     layer.set_ffg_posterior(*(torch.full_like(p, std) for p in params))
                 continue
             out, n_in = layer.matrix_shape
-            self.state[w] = {"step": torch.zeros((), dtype=torch.float32),
-                             "momentum_buffer": w.new_zeros(out, n_in)}
             eye_o, eye_i = torch.eye(out, dtype=w.dtype, device=w.device), torch.eye(n_in, dtype=w.dtype,
                                                                                      device=w.device)
             layer.set_mvg_posterior(eye_o, eye_i, init_precision ** -0.5)
@@ -258,6 +271,19 @@ class NoisyKFAC(NGVIOptimizer):
         gamma = self.gamma_in(group) + group["damping"]
         QS, QA = state["QS"], state["QA"]
         return QS @ ((QS.T @ V @ QA) / (state["dS"][:, None] * state["dA"][None, :] + gamma)) @ QA.T
+
+    def _state(self, layer) -> dict:
+        """The layer's state, created at its first step on the weight's device and dtype (so the optimizer
+        may be built before ``model.to(device)``); the step counter stays on the CPU (no device sync)."""
+        state = self.state[layer.weight]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            if is_norm_layer(layer):  # a diagonal step over its flattened parameters
+                size = sum(p.numel() for p in (layer.weight, layer.bias) if p is not None)
+                state["momentum_buffer"] = layer.weight.new_zeros(size)
+            else:
+                state["momentum_buffer"] = layer.weight.new_zeros(*layer.matrix_shape)
+        return state
 
     def _decompose(self, layer, state: dict, group: dict) -> None:
         gamma_in = self.gamma_in(group)
@@ -306,9 +332,9 @@ class NoisyKFAC(NGVIOptimizer):
 
         updates = []
         for layer, group, G, stats, noise in work:
-            state = self.state[layer.weight]
+            state = self._state(layer)
             state["step"] += 1
-            k = int(state["step"].item())
+            k = int(state["step"].item())  # a CPU counter: no device sync
             if is_norm_layer(layer):
                 updates.append((layer, group, state, *self._diagonal_direction(layer, state, group, G, stats, noise)))
                 self.capture.active = takes_stats(k + 1, group["t_stats"], group["t_inv"])
@@ -333,16 +359,13 @@ class NoisyKFAC(NGVIOptimizer):
             updates.append((layer, group, state, V, D))
             self.capture.active = takes_stats(k + 1, group["t_stats"], group["t_inv"])
 
-        nu = 1.0
-        clips = {g["kl_clip"] for _, g, *_ in updates}
-        if updates and clips != {None}:
-            kl_clip = min(c for c in clips if c is not None)
-            vg = sum(float((D * V).sum()) * g["lr"] ** 2 for _, g, _, V, D in updates)
-            if vg > 0:
-                nu = min(1.0, (kl_clip / vg) ** 0.5)
+        nu = self._kl_clip_scale(updates)
         for layer, group, state, _, D in updates:
-            buf = state["momentum_buffer"]
-            buf.mul_(group["momentum"]).add_(D, alpha=nu)
+            buf = state["momentum_buffer"].mul_(group["momentum"])
+            if nu is None:
+                buf.add_(D)
+            else:
+                torch.addcmul(buf, D, nu.to(D.dtype), out=buf)
             step = -group["lr"] * buf
             if is_norm_layer(layer):
                 n_w = layer.weight.numel()
@@ -379,6 +402,19 @@ class NoisyKFAC(NGVIOptimizer):
         return V, V / (f + gamma_in + group["damping"])
 
     @staticmethod
+    def _kl_clip_scale(updates: list[tuple]) -> Tensor | None:
+        """``nu = min(1, sqrt(kl_clip / sum_layers lr^2 <D, V>))`` as a device scalar (no host sync);
+        ``None`` when no group clips."""
+        clips = [g["kl_clip"] for _, g, *_ in updates if g["kl_clip"] is not None]
+        if not clips:
+            return None
+        vg = None
+        for _, g, _, V, D in updates:  # summed in order, in float64
+            term = (D * V).sum().double() * g["lr"] ** 2
+            vg = term if vg is None else vg + term
+        return torch.where(vg > 0, (min(clips) / vg).sqrt().clamp(max=1.0), 1.0)
+
+    @staticmethod
     def _has_decomposition(state: dict) -> bool:
         return "A_inv" in state or "QA" in state
 
@@ -388,6 +424,8 @@ class NoisyKFAC(NGVIOptimizer):
         # re-derive it from the restored step counts, as ``step`` leaves it (else a resumed run
         # takes statistics on a step where the uninterrupted run does not, with t_stats > 1)
         for layer, group, _ in self.layer_params():
+            if not self.state.get(layer.weight):  # saved before the first step
+                continue
             k = int(self.state[layer.weight]["step"].item())
             self.capture.active = takes_stats(k + 1, group["t_stats"], group["t_inv"])
 
@@ -395,7 +433,7 @@ class NoisyKFAC(NGVIOptimizer):
         """The running-average factors ``(A, S)`` per layer name (e.g. for eigen-spectrum plots)."""
         out = {}
         for name, layer in self.layers:
-            state = self.state[layer.weight]
+            state = self.state.get(layer.weight, {})
             if "A" in state:
                 out[name] = (state["A"], state["S"])
         return out

@@ -54,7 +54,8 @@ def _closed_port() -> int:
 
 def _cases(root: Path) -> dict[str, Case]:
     ckpt, data = root / "ckpt", root / "data"
-    good = ("--ckpt_dir", str(ckpt), "--data_root", str(data / "good"), "--no_visdom", "--no_progress")
+    good = ("--ckpt_dir", str(ckpt), "--data_root", str(data / "good"), "--no_visdom", "--no_progress",
+            "--device", "cpu")
     run = str(ckpt / "truncated" / "epoch_1.pt")
     t10k = str(data / "truncated" / "MNIST" / "raw" / "t10k-images-idx3-ubyte")
     train_images = str(data / "wrong_size" / "MNIST" / "raw" / "train-images-idx3-ubyte")
@@ -66,7 +67,7 @@ def _cases(root: Path) -> dict[str, Case]:
                                    "error: --batch_size must be a positive integer, got 0"),
         "train_negative_lr": Case("train.py", ("--lr", "-0.01", *good), "error: --lr must be > 0, got -0.01"),
         "train_cuda_without_cuda": Case(
-            "train.py", ("--device", "cuda", *good),
+            "train.py", (*good, "--device", "cuda"),
             "error: --device cuda: CUDA is not available on this machine; use --device cpu or auto",
             env=(("CUDA_VISIBLE_DEVICES", ""),)),
         "train_mvg_with_vogn": Case(

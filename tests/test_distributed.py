@@ -243,7 +243,8 @@ def test_torchrun_train_then_test(tmp_path: Path, data_root: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "train.py", "--dataset", "MNIST", "--data_root", str(data_root), "--subset", "2000", "--epoch", "1",
-           "--no_visdom", "--no_progress", "--test_samples", "2", "--ckpt_dir", str(ckpt), "--name", "ddp"]
+           "--device", "cpu", "--no_visdom", "--no_progress", "--test_samples", "2", "--ckpt_dir", str(ckpt),
+           "--name", "ddp"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("epoch   1  train loss") == 1  # only rank 0 prints and logs
@@ -258,8 +259,8 @@ def test_torchrun_train_then_test(tmp_path: Path, data_root: Path) -> None:
     assert state["iteration"] == 10  # 2000 images / (2 ranks x 100)
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
 
-    proc = subprocess.run([sys.executable, "test.py", "--ckpt_dir", str(ckpt), "--name", "ddp", "--data_root",
-                           str(data_root), "--test_samples", "2"],
+    proc = subprocess.run([sys.executable, "test.py", "--ckpt_dir", str(ckpt), "--name", "ddp", "--device", "cpu",
+                           "--data_root", str(data_root), "--test_samples", "2"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

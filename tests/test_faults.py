@@ -50,7 +50,7 @@ WALL_CLOCK = ("sec_per_epoch",)  # the only field allowed to differ between equa
 EPOCHS = 3
 # 100 steps of 20 images per epoch, an iteration record every 10 steps
 FAST = ["--subset", "2000", "--batch_size", "20", "--epoch", str(EPOCHS), "--test_samples", "2",
-        "--log_interval", "10", "--no_progress", "--num_threads", "1"]
+        "--log_interval", "10", "--no_progress", "--num_threads", "1", "--device", "cpu"]
 
 pytestmark = pytest.mark.slow
 
@@ -380,8 +380,9 @@ def test_kill_between_temp_write_and_rename_then_resume(runs: dict) -> None:
 
 
 def test_divergence_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(runs: dict) -> None:
-    """Protection: the finite-loss check at every step (backed by the finite-weights check at the
-    end of each epoch) before anything of the diverged epoch is saved."""
+    """Protection: every step's loss kept on the device and checked once per logging interval (the
+    first non-finite step is named; backed by the finite-weights check at the end of each epoch),
+    before anything of the diverged epoch is saved."""
     snap, run_dir = runs["seed1_diverging"], runs["seed1_diverging_dir"]
     line = error_line(snap.result)
     last_good = run_dir / "epoch_1.pt"

@@ -144,7 +144,7 @@ def trained(server: OfflineServer, tmp_path_factory: pytest.TempPathFactory) -> 
         cmd = [sys.executable, str(TRAIN), "--dataset", "MNIST", "--data_root", "../shared/data"]
         cmd += ["--epoch", "1", "--subset", "2000", "--display_port", str(server.port)]
         cmd += ["--display_server", "http://127.0.0.1", "--env", ENV, "--name", NAME]
-        cmd += ["--ckpt_dir", str(ckpt_dir), "--no_progress"]
+        cmd += ["--ckpt_dir", str(ckpt_dir), "--no_progress", "--device", "cpu"]
         cmd += ["--log_interval", "4"]  # 20 steps of 100: a few per-interval points (default 100: none)
     else:  # FALLBACK until train.py exists (see FALLBACK_TRAIN)
         cmd = [sys.executable, "-c", FALLBACK_TRAIN, str(server.port), str(ckpt_dir), ENV, NAME]

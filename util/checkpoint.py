@@ -43,7 +43,9 @@ __all__ = [
     "load_checkpoint",
     "read_options",
     "remove_stale_temp_files",
+    "rng_state",
     "save_atomic",
+    "set_rng_state",
     "write_text_atomic",
 ]
 
@@ -291,3 +293,30 @@ def latest_run(ckpt_dir: str | os.PathLike, model: str | None = None) -> Path:
         f"no run with checkpoints{which} in {ckpt_dir}; train one first "
         f"(python train.py{' --model ' + model if model else ''} ...) or pass --name/--ckpt_dir"
     )
+
+
+def rng_state(device: torch.device) -> dict:
+    """The random-number state of this process: the CPU generator's, and ``device``'s own when it is a GPU."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore :func:`rng_state` (load the checkpoint with ``map_location="cpu"``: the states are CPU byte tensors).
+
+    The GPU state is restored only when this run is on a GPU, and only ``device``'s; a checkpoint from a GPU run
+    resumes on a machine without one (its GPU state is then unused). Older checkpoints held the states of all
+    visible GPUs (a list): the entry of ``device``'s index is used when there is one.
+    """
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if device.type != "cuda" or cuda is None:
+        return
+    if isinstance(cuda, (list, tuple)):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)

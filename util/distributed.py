@@ -110,3 +110,12 @@ def sum_over_ranks(values: list[float], ctx: DistContext) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return t.tolist()
+
+
+def min_over_ranks(value: float, ctx: DistContext) -> float:
+    """The smallest ``value`` over the ranks (e.g. the first step with a non-finite loss, ``inf`` for none)."""
+    if not ctx.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.item()

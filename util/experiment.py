@@ -87,5 +87,7 @@ def is_bayesian(opt: argparse.Namespace) -> bool:
 
 
 def finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    """Whether every parameter is finite (one device sync)."""
+    flags = [torch.isfinite(p).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
 
