@@ -172,8 +172,8 @@ class BayesianLayer:
                     if isinstance(new, Tensor) and new.shape != own.shape:
                         setattr(self, name, own.new_empty(new.shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.posterior == "MVG":
-            self._root_kinds = [ROOT_KINDS[int(self.out_kind)], ROOT_KINDS[int(self.in_kind)]]
+        if self.posterior == "MVG":  # read from the loaded (CPU) tensors: no device sync
+            self._root_kinds = [ROOT_KINDS[int(state_dict[prefix + f"{side}_kind"])] for side in ("out", "in")]
 
     # -- sampling ---------------------------------------------------------------------------
     def _split_matrix(self, m: Tensor) -> tuple[Tensor, Tensor | None]:
