@@ -296,8 +296,10 @@ def _diff(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k))
 
 
-def run_key(kind: str, task: str, method: str, seed: int, lr: float, epochs: int, subset: int | None) -> str:
-    return f"{kind}|{task}|{method}|seed={seed}|lr={lr:g}|epochs={epochs}|subset={subset}"
+def run_key(kind: str, task: str, method: str, seed: int, lr: float, epochs: int, subset: int | None,
+            test_subset: int | None = None) -> str:
+    key = f"{kind}|{task}|{method}|seed={seed}|lr={lr:g}|epochs={epochs}|subset={subset}"
+    return key + (f"|test_subset={test_subset}" if test_subset else "")
 
 
 def load_results(path: Path) -> dict:
@@ -382,6 +384,7 @@ def main_grid(args, data: Data, results: Path, store: dict, lrs: dict[str, float
         task = TASKS[name]
         epochs = task_epochs(args, name)
         plan = {"epochs": epochs, "seeds": list(range(args.seeds)), "subset": args.subset,
+                "test_subset": args.test_subset,
                 "lrs": {m: lrs[m] for m in args.methods}, "command": command,
                 "lr_source": args.lr_source, "sweep": args.sweep_id, "environment": store["environment"]}
         old = store["plans"].get(name, {})
@@ -391,12 +394,12 @@ def main_grid(args, data: Data, results: Path, store: dict, lrs: dict[str, float
         store["plans"][name] = plan
         save_results(results, store)
         train_x, train_y = data.split(task.dataset, True)
-        test = data.split(task.dataset, False)
-        ood = data.split(task.ood, False)[0] if task.ood else None
+        test = tuple(t[:args.test_subset] for t in data.split(task.dataset, False))  # first N (None: all)
+        ood = data.split(task.ood, False)[0][:args.test_subset] if task.ood else None
         for seed in range(args.seeds):
             fit = take_subset(train_x, train_y, args.subset, seed)
             for method in args.methods:
-                key = run_key("test", name, method, seed, lrs[method], epochs, args.subset)
+                key = run_key("test", name, method, seed, lrs[method], epochs, args.subset, args.test_subset)
                 if _done(store["runs"].get(key), optimizer_settings(task, method, lrs[method], fit[0].shape[0], args)):
                     continue
                 label = f"{name} {method} seed={seed} lr={lrs[method]:g}"
@@ -427,7 +430,8 @@ def plan_runs(store: dict, task: str, plan: dict) -> dict[str, list[dict]]:
     out = {}
     for method, lr in plan["lrs"].items():
         out[method] = [store["runs"][k] for seed in plan["seeds"]
-                       if (k := run_key("test", task, method, seed, lr, plan["epochs"], plan["subset"]))
+                       if (k := run_key("test", task, method, seed, lr, plan["epochs"], plan["subset"],
+                                        plan.get("test_subset")))
                        in store["runs"]]
     return out
 
@@ -470,6 +474,8 @@ def report(args, store: dict, echo: bool = True) -> str:
         n_train = plan["subset"] or info.train_size
         md += [f"## {name}: {task.dataset}, `{task.arch}`", "",
                f"{_n(plan['epochs'], 'epoch')}, {n_train} training examples, batch {task.batch_size}, "
+               + (f"scored on the first {plan['test_subset']} test (and OOD) images only, "
+                  if plan.get("test_subset") else "") +
                f"seeds {plan['seeds']}; learning rates {plan['lr_source']}. Command:", "", "```", plan["command"],
                "```", ""]
         if "environment" in plan:
@@ -656,6 +662,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated, of {', '.join(TASKS)}")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--subset", type=int, default=None, help="use N training examples (a seeded subset)")
+    p.add_argument("--test_subset", type=int, default=None,
+                   help="score on the first N test (and OOD) images only: a cheaper, noisier estimate")
     p.add_argument("--sweep_epochs", type=int, default=None,
                    help="epochs of each sweep run (default: --epochs, the length of the mnist_mlp runs)")
     p.add_argument("--no_sweep", action="store_true",
