@@ -78,7 +78,7 @@ from torch import Tensor, nn  # noqa: E402
 from data import DATASETS, InMemoryLoader, find_data, load_split, take_subset  # noqa: E402
 from option_parser import TrainOptions  # noqa: E402
 from util.evaluation import ood_auroc, predict  # noqa: E402
-from util.experiment import DEFAULTS, finite, make_model, make_optimizer  # noqa: E402
+from util.experiment import DEFAULTS, finite, make_model, make_optimizer, setting  # noqa: E402
 from util.metrics import accuracy, ece, nll, reliability_bins  # noqa: E402
 
 
@@ -118,6 +118,7 @@ GRID = {
 }
 DEFAULT_LR = {"IVON": 0.1, **{m: DEFAULTS[o]["lr"] for m, (_, o) in METHODS.items() if o}}
 SWEEP_TASK = "mnist_mlp"
+NORM_ARCHS = ("resnet20",)  # archs with normalisation layers (where --norm_posterior matters)
 TEST_SAMPLES = 10
 VALIDATION = 10000
 #: published numbers, shown beside ours and labeled as such (never produced by this script)
@@ -137,7 +138,7 @@ PUBLISHED = {
 
 # -- one run -------------------------------------------------------------------------------------
 def options(task: Task, method: str, lr: float, n: int, seed: int, data_root: str | None, device: str,
-            augment: bool) -> argparse.Namespace:
+            augment: bool, norm_posterior: str | None = None) -> argparse.Namespace:
     """The options train.py would parse for this run."""
     posterior, optimizer = METHODS[method]
     argv = ["--model", posterior, "--optimizer", optimizer or "adam", "--dataset", task.dataset,
@@ -149,6 +150,8 @@ def options(task: Task, method: str, lr: float, n: int, seed: int, data_root: st
         argv += ["--data_root", data_root]
     if augment and task.dataset == "CIFAR10":
         argv += ["--augment"]
+    if norm_posterior and posterior != "MAP":
+        argv += ["--norm_posterior", norm_posterior]
     opt = TrainOptions().parse(argv)
     opt.lr_ivon = lr if method == "IVON" else None
     return opt
@@ -182,7 +185,8 @@ def train_run(task: Task, method: str, lr: float, seed: int, epochs: int, train:
               label: str) -> dict:
     """Train one run; the curves are scored on ``evaluation`` (test or validation split)."""
     train_x, train_y = train
-    opt = options(task, method, lr, train_x.shape[0], seed, args.data_root, args.device, args.augment)
+    opt = options(task, method, lr, train_x.shape[0], seed, args.data_root, args.device, args.augment,
+                  args.norm_posterior)
     device = torch.device(opt.device)
     loader = InMemoryLoader(train_x, train_y, opt.batch_size, shuffle=True, seed=opt.seed, augment=opt.augment)
     torch.manual_seed(opt.seed)
@@ -262,7 +266,8 @@ IVON_DEFAULTS = {k: v.default for k, v in inspect.signature(ivon.IVON).parameter
 def optimizer_settings(task: Task, method: str, lr: float, n: int, args: argparse.Namespace) -> dict:
     """Everything the run's optimizer is built with (stored with the run; a stored run whose settings
     differ from today's, e.g. after a change of ``util.experiment.DEFAULTS``, is run again)."""
-    return _settings(method, options(task, method, lr, n, 0, args.data_root, args.device, args.augment))
+    return _settings(method, options(task, method, lr, n, 0, args.data_root, args.device, args.augment,
+                                     args.norm_posterior))
 
 
 def _settings(method: str, opt: argparse.Namespace) -> dict:
@@ -274,6 +279,11 @@ def _settings(method: str, opt: argparse.Namespace) -> dict:
            "test_samples": 0 if method == "Adam" else opt.test_samples}
     for k, v in DEFAULTS[name].items():
         out.setdefault(k, v)
+    if "norm_posterior" in out:  # only a model with norm layers depends on it
+        if opt.arch in NORM_ARCHS:
+            out["norm_posterior"] = setting(opt, "norm_posterior")
+        else:
+            del out["norm_posterior"]
     if name == "noisy_kfac":
         out.update(t_stats=opt.t_stats, t_inv=opt.t_inv)
     return out
@@ -673,6 +683,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data_root", default=None, help="folder with the data sets (default: $DATA_ROOT, then ./data)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     p.add_argument("--augment", action="store_true", help="random crop + flip on CIFAR-10")
+    p.add_argument("--norm_posterior", choices=("gaussian", "point"), default=None,
+                   help="Bayesian methods: posterior of the norm layers' affine parameters (default: the optimizers')")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (0: torch's default); 1 avoids oversubscribing a shared machine")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON and the PNGs")
