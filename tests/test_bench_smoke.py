@@ -75,6 +75,23 @@ def test_bench_scripts_quick(tmp_path: Path) -> None:
     assert {"torch", "repeats", "memory"} <= set(per["config"])
 
 
+@pytest.mark.slow
+def test_step_time_resnet20_quick(tmp_path: Path) -> None:
+    """ResNet-20 (BatchNorm, residual blocks) runs under every timed method; the verdicts use its targets."""
+    out = tmp_path / "step_time_resnet20.json"
+    cmd = [sys.executable, str(REPO / "bench" / "step_time.py"), "--quick", "--archs", "resnet20", "--threads", "1",
+           "--methods", "NoisyAdam,NoisyAdamBatch,VOGN,NoisyKFAC", "--kfac_rank", "", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    step = json.loads(out.read_text())
+    methods = {"NoisyAdam", "NoisyAdamBatch", "VOGN", "NoisyKFAC"}
+    assert set(step["resnet20"]) == methods and "mlp" not in step
+    assert all(_positive(step["resnet20"][m]) and _positive(step["flop_ratio"]["resnet20"][m]) for m in methods)
+    assert set(step["pass"]["resnet20"]) == methods
+    assert step["targets"]["NoisyKFAC"]["resnet20"] == 2.0 and step["targets"]["NoisyAdamBatch"]["resnet20"] == 1.15
+    assert_step_verdicts(step)
+
+
 def assert_step_verdicts(step: dict) -> None:
     """``pass[arch][method]`` is ``time ratio <= target``, computed from the same file's figures."""
     for arch, verdicts in step["pass"].items():
@@ -96,6 +113,8 @@ def test_committed_results_verdicts() -> None:
     step = json.loads((RESULTS / "step_time.json").read_text())
     per = json.loads((RESULTS / "per_example.json").read_text())
     assert_step_verdicts(step)
+    if (RESULTS / "step_time_resnet20.json").exists():
+        assert_step_verdicts(json.loads((RESULTS / "step_time_resnet20.json").read_text()))
     assert_per_example_verdicts(per)
     for arch in ARCHS:
         assert per["pass"][arch] is True, f"README claims ours is fastest on {arch}; bench/results says otherwise"
