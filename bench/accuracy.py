@@ -89,7 +89,7 @@ class Task:
     ood: str | None  # out-of-distribution data set (its test split), or None
     batch_size: int = 100
     default: bool = True  # part of the default --tasks
-    every_epoch: bool = True  # score the test set after every epoch (else after the last only: NaN before)
+    every_epoch: bool = True  # score the test set after every epoch (else after the last only: None before)
 
 
 TASKS = {
@@ -233,15 +233,16 @@ def train_run(task: Task, method: str, lr: float, seed: int, epochs: int, train:
             print(f"  {label}: DIVERGED ({diverged})", flush=True)
             break
         if epoch < epochs and not task.every_epoch:  # a CPU-heavy task: score after the last epoch only
-            s = {"acc": math.nan, "nll": math.nan, "ece": math.nan}
+            s = {"acc": None, "nll": None, "ece": None}
         else:
             probs = probabilities(method, model, optimizer, evaluation[0])
             s = scores(probs, evaluation[1])
         for key, v in (("train_loss", loss_sum / seen), ("test_acc", s["acc"]), ("test_nll", s["nll"]),
                        ("test_ece", s["ece"]), ("sec_per_epoch", seconds)):
             curves[key].append(v)
-        print(f"  {label}  epoch {epoch}/{epochs}: train loss {loss_sum / seen:.4f} | eval acc {s['acc']:.4f} "
-              f"nll {s['nll']:.4f} ece {s['ece']:.4f} | {seconds:.1f}s", flush=True)
+        scored = "not scored" if s["acc"] is None else f"eval acc {s['acc']:.4f} nll {s['nll']:.4f} ece {s['ece']:.4f}"
+        print(f"  {label}  epoch {epoch}/{epochs}: train loss {loss_sum / seen:.4f} | {scored} | {seconds:.1f}s",
+              flush=True)
 
     run = {"task_dataset": task.dataset, "arch": task.arch, "method": method, "seed": seed, "lr": lr,
            "epochs": epochs, "n_train": train_x.shape[0], "diverged": diverged, "curves": curves,

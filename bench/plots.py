@@ -23,11 +23,12 @@ COLORS = {"Adam": "tab:gray", "NoisyAdam": "tab:blue", "NoisyKFAC": "tab:green",
 
 
 def _mean_std(curves: list[list[float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and std over seeds at each epoch (seeds cut short by a divergence are left out where they stop)."""
+    """Mean and std over seeds at each epoch (seeds cut short by a divergence are left out where they stop, and
+    epochs that were not scored, None, are left out)."""
     length = max(len(c) for c in curves)
     mean, std = np.full(length, np.nan), np.zeros(length)
     for e in range(length):
-        vals = np.array([c[e] for c in curves if len(c) > e and math.isfinite(c[e])])
+        vals = np.array([c[e] for c in curves if len(c) > e and c[e] is not None and math.isfinite(c[e])])
         if len(vals):
             mean[e] = vals.mean()
             std[e] = vals.std(ddof=1) if len(vals) > 1 else 0.0
@@ -42,7 +43,7 @@ def curves(title: str, runs: dict[str, list[dict]], path: str | Path) -> Path:
             continue
         color = COLORS.get(method)
         for ax, key, scale in ((ax_acc, "test_acc", 100.0), (ax_nll, "test_nll", 1.0)):
-            epochs, mean, std = _mean_std([[v * scale for v in r["curves"][key]] for r in rs])
+            epochs, mean, std = _mean_std([[None if v is None else v * scale for v in r["curves"][key]] for r in rs])
             label = f"{method} (n={len(rs)})"
             ax.plot(epochs, mean, marker="o", markersize=3, color=color, label=label)
             ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
