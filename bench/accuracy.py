@@ -76,6 +76,7 @@ from common import REPO, RESULTS, environment  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from data import DATASETS, InMemoryLoader, find_data, load_split, take_subset  # noqa: E402
+from models import bayesian_layers  # noqa: E402
 from option_parser import TrainOptions  # noqa: E402
 from util.evaluation import ood_auroc, predict  # noqa: E402
 from util.experiment import DEFAULTS, finite, make_model, make_optimizer, setting  # noqa: E402
@@ -255,8 +256,19 @@ def train_run(task: Task, method: str, lr: float, seed: int, epochs: int, train:
     run["reliability"] = reliability_bins(probs, evaluation[1], 15)
     if ood is not None:
         final["ood_auroc"] = ood_auroc(probs, probabilities(method, model, optimizer, ood))
+    if bayesian:  # a diagnostic: the posterior means alone (no weight noise), and the noise-to-signal ratio
+        mean_scores = scores(predict(model, evaluation[0], 0), evaluation[1])
+        final.update(acc_mean_weights=mean_scores["acc"], nll_mean_weights=mean_scores["nll"],
+                     std_over_abs_mean=_noise_to_signal(model))
     run["final"] = final
     return run
+
+
+@torch.no_grad()
+def _noise_to_signal(model: nn.Module) -> float:
+    """Median over every Bayesian weight of posterior std / |posterior mean|."""
+    ratios = [(layer.weight_std() / layer.weight.abs()).flatten() for _, layer in bayesian_layers(model)]
+    return float(torch.cat(ratios).median())
 
 
 #: IVON's settings besides lr and ess: the ``ivon`` package's defaults
@@ -518,7 +530,7 @@ def report(args, store: dict, echo: bool = True) -> str:
         if stale:
             md += ["", f"**Stale:** {', '.join(stale)} ran with optimizer settings that differ from today's "
                    "`util.experiment.DEFAULTS`; run the command again to refresh them."]
-        md += [""] + _verdict(runs) + [""] + _other_lrs(store, name, plan, args)
+        md += [""] + _verdict(runs) + [""] + _mean_weights(runs) + _other_lrs(store, name, plan, args)
         have = {m: [r for r in rs if r["final"] is not None] for m, rs in runs.items()}
         if any(have.values()):
             title = f"{name} ({task.dataset}, {task.arch})"
@@ -572,6 +584,20 @@ def _other_lrs(store: dict, name: str, plan: dict, args) -> list[str]:
                   f"{_ms([x['nll'] for x in f], '.4f')} | {_ms([x['ece'] for x in f], '.4f')} | "
                   f"{_ms([x.get('ood_auroc') for x in f], '.3f')} |")
     return md + [""]
+
+
+def _mean_weights(runs: dict[str, list[dict]]) -> list[str]:
+    """The Bayesian methods' diagnostic (where recorded): the posterior means alone, and the weight noise."""
+    parts = []
+    for method, rs in runs.items():
+        f = [r["final"] for r in rs if r["final"] is not None and "acc_mean_weights" in r["final"]]
+        if f:
+            parts.append(f"{method} {_ms([x['acc_mean_weights'] for x in f], '.2f', 100)}% / NLL "
+                         f"{_ms([x['nll_mean_weights'] for x in f], '.4f')} (median posterior std / |mean| "
+                         f"{_ms([x['std_over_abs_mean'] for x in f], '.2f')})")
+    if not parts:
+        return []
+    return ["Diagnostic, the posterior means alone (no weight noise, test set): " + "; ".join(parts) + ".", ""]
 
 
 def _verdict(runs: dict[str, list[dict]]) -> list[str]:

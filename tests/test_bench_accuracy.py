@@ -35,6 +35,10 @@ def test_resnet20_task_tiny(data_root: Path, tmp_path: Path) -> None:
         assert run["optimizer_settings"].get("batch_size", 128) == 128
     assert runs["NoisyAdam"][1]["optimizer_settings"]["norm_posterior"] == "gaussian"
     assert "norm_posterior" not in runs["Adam"][1]["optimizer_settings"]
+    noisy = runs["NoisyAdam"][1]["final"]  # the diagnostic of the Bayesian methods: means alone, noise-to-signal
+    assert 0 <= noisy["acc_mean_weights"] <= 1 and noisy["nll_mean_weights"] > 0 and noisy["std_over_abs_mean"] > 0
+    assert "acc_mean_weights" not in runs["Adam"][1]["final"]
     assert store["plans"]["fmnist_resnet20"]["test_subset"] == 64
     text = md.read_text()
     assert "batch 128" in text and "first 64 test (and OOD) images" in text
+    assert "the posterior means alone" in text
