@@ -375,3 +375,25 @@ def test_batchnorm_model_resume_is_bit_exact(config):
     assert "layer1.0.bn1.running_var" in sa and "layer1.0.bn1.weight_sigma" in sa
     for key in sa:
         assert torch.equal(sa[key], sc[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [("--model", "FFG", "--optimizer", "vogn", "--norm_posterior", "gaussian"),
+                                   ("--model", "MVG", "--t_stats", "1", "--t_inv", "2")], ids=["vogn", "noisy_kfac"])
+def test_train_py_resnet20_resume_is_bit_exact(tmp_path, datafiles, flags):
+    """train.py --arch resnet20: 2 epochs == 1 epoch + --resume, BatchNorm running statistics included."""
+    import train
+
+    data = datafiles.write_fake_mnist(tmp_path / "data", n_train=48, n_test=8)
+    common = ["--arch", "resnet20", *flags, "--data_root", str(data), "--batch_size", "16", "--test_samples", "2",
+              "--device", "cpu", "--no_visdom", "--no_progress", "--ckpt_dir", str(tmp_path / "ckpt")]
+    train.main([*common, "--name", "whole", "--epoch", "2"])
+    train.main([*common, "--name", "parts", "--epoch", "1"])
+    train.main([*common, "--name", "parts", "--epoch", "2", "--resume"])
+    whole = torch.load(tmp_path / "ckpt" / "whole" / "epoch_2.pt", weights_only=False)
+    parts = torch.load(tmp_path / "ckpt" / "parts" / "epoch_2.pt", weights_only=False)
+    assert whole["model"]["layer1.0.bn1.num_batches_tracked"] == 6
+    assert whole["model"].keys() == parts["model"].keys()
+    for key, value in whole["model"].items():
+        assert torch.equal(value, parts["model"][key]), key
+    assert whole["metrics"]["test_nll"] == parts["metrics"]["test_nll"]
