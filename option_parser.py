@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from data.datasets import DATASETS
+from optimizers.noisy_kfac import STRUCTURES as KFAC_STRUCTURES
 from optimizers.noisy_kfac import T_INV, T_STATS
 from util.checkpoint import latest_epoch, latest_run, list_epochs, list_runs, read_options, write_text_atomic
 from util.errors import UserError, one_line
@@ -76,7 +77,7 @@ COMPATIBLE_OPTIMIZERS = {
 RUN_KEYS = (
     "model", "optimizer", "arch", "hidden", "dataset", "n", "initial_size", "label_size",
     "kl_weight", "prior_var", "damping", "init_precision", "t_stats", "t_inv", "kfac_rank", "fisher",
-    "damping_mode", "kl_clip", "momentum", "beta2", "train_samples", "eps", "norm_posterior",
+    "damping_mode", "kl_clip", "momentum", "beta2", "train_samples", "eps", "norm_posterior", "kfac_structure",
 )  # fmt: skip
 # Also taken from the run when not given: where the training data was found (if it
 # has no data now, the usual $DATA_ROOT / ./data search still follows).
@@ -159,6 +160,9 @@ class BaseOptions:
                        help="curvature estimate (default: per optimizer)")
         g.add_argument("--damping_mode", choices=("factored", "exact"), default=None,
                        help="K-FAC damping (default: per optimizer)")
+        g.add_argument("--kfac_structure", choices=KFAC_STRUCTURES, default="block_diagonal",
+                       help="noisy_kfac posterior: block_diagonal (layers independent) or block_tridiagonal "
+                            "(adjacent Linear layers of a chain correlated; docs/MATH.md)")
         g.add_argument("--kl_clip", type=float, default=None, help="KL clipping of the update (default: none)")
         g.add_argument("--momentum", type=float, default=None, help="momentum (default: per optimizer)")
         g.add_argument("--beta2", type=float, default=None,
@@ -296,6 +300,14 @@ class BaseOptions:
         if getattr(opt, "kfac_rank", None) is not None and getattr(opt, "damping_mode", None) == "exact":
             raise UserError("--kfac_rank works with the factored damping only; drop --damping_mode exact or "
                             "--kfac_rank")
+        if opt.kfac_structure != "block_diagonal":
+            if opt.optimizer != "noisy_kfac":
+                raise UserError(f"--kfac_structure {opt.kfac_structure} is for --optimizer noisy_kfac (--model MVG), "
+                                f"not {opt.optimizer}; drop --kfac_structure")
+            if opt.damping_mode == "exact" or opt.kfac_rank is not None:
+                flag = "--damping_mode exact" if opt.damping_mode == "exact" else "--kfac_rank"
+                raise UserError(f"--kfac_structure {opt.kfac_structure} needs exact factors with factored damping; "
+                                f"drop {flag}")
         info = DATASETS[opt.dataset]
         if opt.initial_size != info.input_size:
             c, s = info.in_channels, info.image_size

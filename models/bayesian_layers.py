@@ -29,6 +29,7 @@ pass's gradient w.r.t. the sample: the numerator of the reparameterisation Hessi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,10 @@ class BayesianLayer:
     sample_in_eval: bool
     last_noise: tuple[Tensor, Tensor | None] | None
     mean_noise: tuple[Tensor, Tensor | None] | None
+    #: noise handed over by a joint draw over several layers (``models.joint_posterior``), used once
+    joint_noise: tuple[Tensor, Tensor | None] | None = None
+    #: the entrywise marginal variance (out x in') when the layer's noise is part of a joint draw
+    joint_variance: Callable[[], Tensor] | None = None
 
     def _init_posterior(self, posterior: str, init_std: float) -> None:
         if posterior not in POSTERIORS:
@@ -198,7 +203,8 @@ class BayesianLayer:
         With autograd on, the noise is kept in ``last_noise`` and averaged into ``mean_noise``
         (over the samples since the optimizer last consumed it, for the prior term ``gamma_in * w``).
         """
-        wn, bn = self.sample_noise()
+        wn, bn = self.joint_noise if self.joint_noise is not None else self.sample_noise()
+        self.joint_noise = None
         if torch.is_grad_enabled():
             self.last_noise = (wn, bn)
             if self.mean_noise is None:
@@ -239,6 +245,8 @@ class BayesianLayer:
     def _marginal_std(self) -> tuple[Tensor, Tensor | None]:
         if self.posterior == "FFG":
             return self.weight_sigma.clone(), (self.bias_sigma.clone() if self.bias is not None else None)
+        if self.joint_variance is not None:
+            return self._split_matrix(self.joint_variance().sqrt())
         out_root, in_root = self.factor_roots()
         var = out_root.dense(left=True).square() @ self.mid_scale.square() @ in_root.dense(left=False).square()
         return self._split_matrix(var.sqrt())

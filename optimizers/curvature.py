@@ -247,6 +247,23 @@ def rule_for(module: nn.Module) -> Rule | None:
         if isinstance(module, kind):
             return rule
     return None
+def kfac_cross_factors(module: nn.Module, a: Tensor, g: Tensor, nxt: nn.Module, a_next: Tensor, g_next: Tensor,
+                       scale: float) -> tuple[Tensor, Tensor]:
+    """Cross factors of two adjacent Linear layers (MATH.md, "Block-tridiagonal"), normalised as ``kfac_factors``.
+
+    ``A_cross = mean_i sum_t a_t a_next_t^T`` (in' x in_next', each with its homogeneous 1) and
+    ``G_cross = mean_i (1/T) sum_t ds_t ds_next_t^T`` (out x out_next).
+    """
+    a, g = layer_patches(module, a, g)
+    a_next, g_next = layer_patches(nxt, a_next, g_next)
+    b, t, _ = a.shape
+    if module.bias is not None:
+        a = homogeneous(a)
+    if nxt.bias is not None:
+        a_next = homogeneous(a_next)
+    a, a_next = a.reshape(-1, a.shape[-1]), a_next.reshape(-1, a_next.shape[-1])
+    g, g_next = g.reshape(-1, g.shape[-1]), g_next.reshape(-1, g_next.shape[-1])
+    return (a.T @ a_next) / b, (g.T @ g_next) * (scale * scale / (b * t))
 
 
 class CurvatureCapture:
@@ -278,6 +295,13 @@ class CurvatureCapture:
         self.names = {m: n for n, m in self.layers}
         self.rules = {m: rule_for(m) for _, m in self.layers}
         self._called: set[nn.Module] | None = None  # modules run so far in the current forward of ``model``
+        # cross factors of adjacent layers (K-FAC only): upstream -> downstream, and the
+        # downstream layer's (a, g) kept until the upstream one's gradient arrives in the same pass
+        self.cross_next: dict[nn.Module, nn.Module] = {}
+        self.cross_stats: dict[nn.Module, list[Tensor]] = {}
+        self.cross_counts: dict[nn.Module, int] = {}
+        self._held: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+        self._holds: set[nn.Module] = set()
         self._handles = [m.register_forward_hook(self._forward_hook) for _, m in self.layers]
         self._handles += [model.register_forward_pre_hook(self._start_pass),
                           model.register_forward_hook(self._end_pass, always_call=True)]
@@ -312,6 +336,8 @@ class CurvatureCapture:
         rule = self.rules[module]
         fn = rule.diag if self.kind == "diag" else rule.kfac
         new = fn(module, a, g.detach(), float(a.shape[0]))
+        if self.cross_next:
+            self._on_cross(module, a, g.detach())
         old = self.stats.get(module)
         if old is None:
             self.stats[module] = list(new)
@@ -321,6 +347,38 @@ class CurvatureCapture:
                 if acc is not None:
                     acc += x
             self.counts[module] += 1
+
+    def track_pairs(self, pairs: list[tuple[nn.Module, nn.Module]]) -> None:
+        """Also accumulate the cross factors (``kfac_cross_factors``) of these adjacent layer pairs."""
+        if self.kind != "kfac":
+            raise ValueError("cross factors need kind='kfac'")
+        self.cross_next.update(dict(pairs))
+        self._holds.update(n for _, n in pairs)
+
+    def _on_cross(self, module: nn.Module, a: Tensor, g: Tensor) -> None:
+        # the downstream layer's gradient arrives first (the upstream one's is computed from it)
+        nxt = self.cross_next.get(module)
+        held = self._held.pop(nxt, None) if nxt is not None else None
+        if module in self._holds:
+            self._held[module] = (a, g)
+        if held is None:
+            return
+        new = kfac_cross_factors(module, a, g, nxt, *held, float(a.shape[0]))
+        old = self.cross_stats.get(module)
+        if old is None:
+            self.cross_stats[module], self.cross_counts[module] = list(new), 1
+        else:
+            for acc, x in zip(old, new):
+                acc += x
+            self.cross_counts[module] += 1
+
+    def pop_cross(self, module: nn.Module) -> list[Tensor] | None:
+        """The mean cross factors ``(A_cross, G_cross)`` of ``module`` and its downstream layer since the last pop."""
+        stat = self.cross_stats.pop(module, None)
+        if stat is None:
+            return None
+        n = self.cross_counts.pop(module)
+        return stat if n == 1 else [s / n for s in stat]
 
     def pop(self, module: nn.Module) -> list[Tensor | None] | None:
         """The mean statistic of ``module`` over the backward passes since the last pop."""
@@ -354,6 +412,9 @@ class CurvatureCapture:
         self.stats.clear()
         self.counts.clear()
         self.passes.clear()
+        self.cross_stats.clear()
+        self.cross_counts.clear()
+        self._held.clear()
 
     def remove(self) -> None:
         for h in self._handles:

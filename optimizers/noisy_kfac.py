@@ -39,6 +39,11 @@ torchsso (MATH.md, "Normalisation layers"): with ``w`` their affine parameters a
 time), ``D = V / (f + gamma)``, the same trust region and momentum, and, with
 ``norm_posterior="gaussian"``, ``sigma = sqrt(lambda/N) / sqrt(f + gamma_in)`` refreshed every step
 (``"point"``: no noise).
+
+``structure="block_tridiagonal"`` couples adjacent layers of every chain of Linear layers
+(``models.joint_posterior.find_chains``): the posterior covariance and the preconditioner become
+``(lambda/N) F-hat^-1`` and ``F-hat^-1`` of docs/MATH.md, "Block-tridiagonal Noisy K-FAC"
+(the link algebra is in ``optimizers.block_tridiagonal``); other layers stay block-diagonal.
 """
 
 from __future__ import annotations
@@ -49,8 +54,12 @@ import torch
 from torch import Tensor, nn
 
 from models.bayesian_layers import FactorRoot
+from models.joint_posterior import attach_chains
 from optimizers.base import NGVIOptimizer
+from optimizers.block_tridiagonal import link_decomposition, precondition_chain
 from optimizers.curvature import is_norm_layer
+
+STRUCTURES = ("block_diagonal", "block_tridiagonal")
 
 #: default steps between factor updates and between decompositions (the CLI's ``--t_stats`` / ``--t_inv``);
 #: with the warm-up as accurate as 1 / 20 on MNIST (README, "Speed") at a fraction of the cost
@@ -77,6 +86,15 @@ def factored_pi(A: Tensor, S: Tensor, eps: float = 1e-12) -> Tensor:
     ta = A.diagonal().mean().clamp_min(eps)
     ts = S.diagonal().mean().clamp_min(eps)
     return (ta / ts).sqrt()
+
+
+def factored_damped(A: Tensor, S: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """The factored-Tikhonov damped pair ``(A + pi sqrt(g) I, S + sqrt(g)/pi I)`` in float64."""
+    A, S = A.double(), S.double()
+    pi = factored_pi(A, S)
+    eye_a = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    eye_s = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+    return A + pi * gamma ** 0.5 * eye_a, S + gamma ** 0.5 / pi * eye_s
 
 
 def _cholesky_all(F: Tensor, shifts: list[Tensor]) -> list[Tensor]:
@@ -203,6 +221,8 @@ class NoisyKFAC(NGVIOptimizer):
             ``subspace_iters`` steps of subspace iteration warm-started at the previous refresh's.
         norm_posterior: affine parameters of normalisation layers (diagonal curvature): ``"point"``
             (no noise; default) or ``"gaussian"`` (a diagonal Gaussian posterior, sampled).
+        structure: ``"block_diagonal"`` (the paper) or ``"block_tridiagonal"`` (adjacent Linear layers
+            of a chain correlated; needs ``damping_mode="factored"`` and ``rank=None``).
     """
 
     posterior = "MVG"
@@ -211,7 +231,11 @@ class NoisyKFAC(NGVIOptimizer):
                  kl_weight: float = 1.0, prior_var: float = 1.0, damping: float = 1e-3, stat_decay: float = 0.95,
                  t_stats: int = T_STATS, t_inv: int = T_INV, damping_mode: str = "factored", fisher: str = "empirical",
                  kl_clip: float | None = 1e-3, init_precision: float = 1e3, rank: int | None = None,
-                 subspace_iters: int = 2, norm_posterior: str = "point") -> None:
+                 subspace_iters: int = 2, norm_posterior: str = "point", structure: str = "block_diagonal") -> None:
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+        if structure == "block_tridiagonal" and (damping_mode != "factored" or rank is not None):
+            raise ValueError("structure='block_tridiagonal' needs damping_mode='factored' and rank=None")
         if damping_mode not in ("factored", "exact"):
             raise ValueError(f"damping_mode must be 'factored' or 'exact', got {damping_mode!r}")
         if t_stats < 1 or t_inv < 1:
@@ -243,6 +267,12 @@ class NoisyKFAC(NGVIOptimizer):
             eye_o, eye_i = torch.eye(out, dtype=w.dtype, device=w.device), torch.eye(n_in, dtype=w.dtype,
                                                                                      device=w.device)
             layer.set_mvg_posterior(eye_o, eye_i, init_precision ** -0.5)
+        self.structure = structure
+        self.chains = attach_chains(model) if structure == "block_tridiagonal" else []
+        self._chained = {layer for chain in self.chains for layer in chain.layers}
+        self._upstream = {layer: nxt for chain in self.chains for layer, nxt in zip(chain.layers, chain.layers[1:])}
+        if self._upstream:
+            self.capture.track_pairs(list(self._upstream.items()))
 
     # -- matrix view of a layer -------------------------------------------------------------
     @staticmethod
@@ -327,8 +357,10 @@ class NoisyKFAC(NGVIOptimizer):
             if stats is not None and is_norm_layer(layer):
                 stats = [self._as_vector(layer, *stats)]
             work.append((layer, group, G, stats, noise))
+        crosses = {layer: self.capture.pop_cross(layer) for layer in self._upstream}
         # data-parallel: average gradients, factors and weight samples over ranks in one bucket
-        self.all_reduce_mean([t for _, _, G, stats, noise in work for t in (G, *(stats or ()), noise) if t is not None])
+        self.all_reduce_mean([t for _, _, G, stats, noise in work for t in (G, *(stats or ()), noise) if t is not None]
+                             + [t for c in crosses.values() if c is not None for t in c])
 
         updates = []
         for layer, group, G, stats, noise in work:
@@ -355,9 +387,14 @@ class NoisyKFAC(NGVIOptimizer):
             M = self._as_matrix(layer, layer.weight, layer.bias)
             W = M + noise if noise is not None else M
             V = G + self.gamma_in(group) * W
-            D = self._precondition(state, group, V) if self._has_decomposition(state) else V
+            if layer in self._chained:
+                D = None  # the chain's joint preconditioner, below
+            else:
+                D = self._precondition(state, group, V) if self._has_decomposition(state) else V
             updates.append((layer, group, state, V, D))
             self.capture.active = takes_stats(k + 1, group["t_stats"], group["t_inv"])
+        if self.chains:
+            updates = self._chain_updates(updates, crosses)
 
         nu = self._kl_clip_scale(updates)
         for layer, group, state, _, D in updates:
@@ -400,6 +437,86 @@ class NoisyKFAC(NGVIOptimizer):
             layer.set_ffg_posterior(std[:n_w].view_as(layer.weight),
                                     std[n_w:].view_as(layer.bias) if layer.bias is not None else None)
         return V, V / (f + gamma_in + group["damping"])
+    # -- block-tridiagonal chains (docs/MATH.md, "Block-tridiagonal Noisy K-FAC") ------------
+    def _chain_updates(self, updates: list, crosses: dict) -> list:
+        """Update the cross factors, refresh the links, and fill in the chains' joint preconditioned ``D``."""
+        index = {layer: j for j, (layer, *_) in enumerate(updates)}
+        updates = list(updates)
+        for chain in self.chains:
+            if any(layer not in index for layer in chain.layers):
+                continue  # a layer took no gradient this step: leave the chain's means alone
+            states = [self.state[layer.weight] for layer in chain.layers]
+            group = self.group_of(chain.layers[0].weight)
+            for layer, state in zip(chain.layers, states):
+                cross = crosses.get(layer)
+                if cross is None:
+                    continue
+                if "A_cross" not in state:
+                    state["A_cross"], state["G_cross"] = cross[0].clone(), cross[1].clone()
+                else:
+                    beta = group["stat_decay"]
+                    state["A_cross"].mul_(beta).add_(cross[0], alpha=1 - beta)
+                    state["G_cross"].mul_(beta).add_(cross[1], alpha=1 - beta)
+            k = int(states[0]["step"].item())
+            ready = all(self._has_decomposition(st) for st in states) and "A_cross" in states[0]
+            if ready and (refreshes(k, group["t_inv"]) or "gain" not in states[0]):
+                self._refresh_links(chain, states, group)
+            Vs = [updates[index[layer]][3] for layer in chain.layers]
+            if "gain" in states[0]:
+                Ds = precondition_chain(Vs, [(st["S_inv"], st["A_inv"]) for st in states], states[:-1])
+            else:
+                Ds = [self._precondition(st, group, V) if self._has_decomposition(st) else V
+                      for st, V in zip(states, Vs)]
+            for layer, D in zip(chain.layers, Ds):
+                j = index[layer]
+                updates[j] = (*updates[j][:4], D)
+        return updates
+
+    def _refresh_links(self, chain, states: list[dict], group: dict) -> None:
+        """Links of the gamma_in-damped factors (posterior, in the model) and gamma-damped ones (update, in state)."""
+        gamma_in = self.gamma_in(group)
+        gamma = gamma_in + group["damping"]
+        dtype = chain.layers[0].weight.dtype
+        for i, (st, nxt) in enumerate(zip(states[:-1], states[1:])):
+            post = link_decomposition(*factored_damped(st["A"], st["S"], gamma_in),
+                                      *factored_damped(nxt["A"], nxt["S"], gamma_in), st["A_cross"], st["G_cross"])
+            upd = post if gamma == gamma_in else link_decomposition(
+                *factored_damped(st["A"], st["S"], gamma), *factored_damped(nxt["A"], nxt["S"], gamma),
+                st["A_cross"], st["G_cross"])
+            chain.set_link(i, post["link_out"].to(dtype), post["link_in"].to(dtype), post["U_out"].to(dtype),
+                           post["U_in"].to(dtype), (post["gap"].rsqrt() - 1).to(dtype))
+            for key in ("link_out", "link_in", "P_out", "P_in"):
+                st[key] = upd[key].to(dtype)
+            st["gain"] = (1 / upd["gap"] - 1).to(dtype)
+            guarded = int(post["guarded"]) + (int(upd["guarded"]) if upd is not post else 0)
+            st["guard_count"] = st.get("guard_count", torch.zeros((), dtype=torch.int64)) + (guarded > 0)
+
+    def cross_factors(self) -> dict[tuple[str, str], tuple[Tensor, Tensor]]:
+        """The running-average cross factors ``(A_cross, G_cross)`` per pair of adjacent chain layers."""
+        out = {}
+        for chain in self.chains:
+            for (name, layer), name_next in zip(zip(chain.names, chain.layers), chain.names[1:]):
+                state = self.state[layer.weight]
+                if "A_cross" in state:
+                    out[(name, name_next)] = (state["A_cross"], state["G_cross"])
+        return out
+
+    def guard_count(self) -> int:
+        """How many link refreshes floored ``1 - s1 s2`` at ``GAP_FLOOR`` (docs/MATH.md), over all links."""
+        return sum(int(self.state[layer.weight].get("guard_count", 0)) for layer in self._upstream)
+
+    @torch.no_grad()
+    def sample_weights(self) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """One joint posterior sample ``{module_name: (weight, bias_or_None)}`` (chains drawn jointly)."""
+        noise = {}
+        for chain in self.chains:
+            noise.update(zip(chain.names, chain.draw()))
+        out = {}
+        for name, layer in self.layers:
+            wn, bn = noise[name] if name in noise else layer.sample_noise()
+            out[name] = (layer.weight.detach() + wn.view_as(layer.weight),
+                         layer.bias.detach() + bn if layer.bias is not None else None)
+        return out
 
     @staticmethod
     def _kl_clip_scale(updates: list[tuple]) -> Tensor | None:

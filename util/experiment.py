@@ -13,6 +13,7 @@ from torch import nn
 
 from data import DATASETS
 from models import build_model
+from models.joint_posterior import attach_chains
 from optimizers import VOGN, NoisyAdam, NoisyKFAC
 from util.errors import UserError
 
@@ -38,10 +39,13 @@ def setting(opt: argparse.Namespace, key: str):
 def make_model(opt: argparse.Namespace) -> nn.Module:
     info = DATASETS[opt.dataset]
     try:
-        return build_model(opt.arch, opt.model, info.in_channels, info.image_size, info.num_classes,
-                           hidden=opt.hidden)
+        model = build_model(opt.arch, opt.model, info.in_channels, info.image_size, info.num_classes,
+                            hidden=opt.hidden)
     except ValueError as e:
         raise UserError(f"{e}; choose another --arch") from None
+    if getattr(opt, "kfac_structure", "block_diagonal") == "block_tridiagonal":
+        attach_chains(model)  # the joint sampler's link buffers are part of the model's state
+    return model
 
 
 def make_optimizer(opt: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
@@ -63,7 +67,8 @@ def make_optimizer(opt: argparse.Namespace, model: nn.Module) -> torch.optim.Opt
         return NoisyKFAC(model, lr=lr, momentum=momentum, t_stats=opt.t_stats, t_inv=opt.t_inv,
                          rank=getattr(opt, "kfac_rank", None), damping_mode=setting(opt, "damping_mode"),
                          kl_clip=setting(opt, "kl_clip"),
-                         fisher="true" if fisher == "true" else "empirical", **common)
+                         fisher="true" if fisher == "true" else "empirical",
+                         structure=getattr(opt, "kfac_structure", "block_diagonal"), **common)
     if fisher == "true":
         raise UserError(f"--fisher true is implemented for noisy_kfac only; {name} takes example, batch or hessian")
     if name == "noisy_adam":

@@ -1,0 +1,488 @@
+"""Block-tridiagonal Noisy K-FAC against dense float64 references (docs/MATH.md, "Block-tridiagonal Noisy K-FAC").
+
+The references are written from MATH.md's definitions only: per-example pre-activation gradients by a
+loop over single examples, factors as sums of outer products, ``F-hat`` as the dense matrix that agrees
+with the tridiagonal Kronecker blocks and whose inverse is block-tridiagonal (the Gaussian-chain completion
+``F_{i,j} = F_{i,i+1} F_{i+1,i+1}^-1 F_{i+1,j}``, and the test checks that it has both properties), and
+inverses with ``torch.linalg.inv`` on the assembled matrix. Weights are vectorised column by column
+(``vec(W)``, W = [weight | bias]), so ``kron(A, S)`` is the block of ``A (x) S``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models
+from models import BayesianLinear
+from models.joint_posterior import attach_chains, find_chains
+from optimizers import NoisyKFAC, curvature
+
+SIZES = (5, 4, 3, 2)
+KW = dict(lr=0.05, num_data=8, kl_weight=1.0, prior_var=5.0, damping=0.02, stat_decay=0.8, momentum=0.9,
+          kl_clip=None, t_inv=1, init_precision=10.0)
+
+
+def chain_net(seed: int = 0) -> nn.Sequential:
+    """The 5-4-3-2 chain with biases, float64."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:])):
+        if i:
+            layers.append(nn.Tanh())
+        layers.append(BayesianLinear(a, b, posterior="MVG"))
+    return nn.Sequential(*layers).double()
+
+
+def chain_layers(model: nn.Sequential) -> list[BayesianLinear]:
+    return [m for m in model if isinstance(m, BayesianLinear)]
+
+
+def data(n: int = 12, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, SIZES[0], generator=gen, dtype=torch.float64) * 1.5, torch.randint(0, 2, (n,), generator=gen)
+
+
+def vec(m: torch.Tensor) -> torch.Tensor:
+    """Column-stacking vec of (..., out, in') matrices."""
+    return m.transpose(-1, -2).reshape(*m.shape[:-2], -1)
+
+
+def unvec(v: torch.Tensor, out: int, n_in: int) -> torch.Tensor:
+    return v.reshape(*v.shape[:-1], n_in, out).transpose(-1, -2)
+
+
+def as_matrix(w, b):
+    return torch.cat([w, b[..., None]], -1)
+
+
+# ============================================================================ dense references
+def per_example(Ws: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor):
+    """For each example: the homogeneous inputs a_{i-1} and own-loss pre-activation gradients g_i of every layer."""
+    out = []
+    for n in range(x.shape[0]):
+        h = x[n]
+        inputs, pre = [], []
+        for i, W in enumerate(Ws):
+            a = torch.cat([h, h.new_ones(1)])
+            s = W @ a
+            s.retain_grad()
+            inputs.append(a.detach())
+            pre.append(s)
+            h = torch.tanh(s) if i < len(Ws) - 1 else s
+        loss = F.cross_entropy(h[None], y[n:n + 1])
+        grads = torch.autograd.grad(loss, pre)
+        out.append((inputs, [g.detach() for g in grads]))
+    return out
+
+
+def batch_factors(Ws, x, y):
+    """Means over examples of a_i a_j^T and g_i g_j^T for |i - j| <= 1, and the mean weight gradients."""
+    per = per_example([W.detach().requires_grad_(True) for W in Ws], x, y)
+    L, b = len(Ws), len(per)
+    A = [sum(torch.outer(p[0][i], p[0][i]) for p in per) / b for i in range(L)]
+    S = [sum(torch.outer(p[1][i], p[1][i]) for p in per) / b for i in range(L)]
+    Ac = [sum(torch.outer(p[0][i], p[0][i + 1]) for p in per) / b for i in range(L - 1)]
+    Gc = [sum(torch.outer(p[1][i], p[1][i + 1]) for p in per) / b for i in range(L - 1)]
+    grad = [sum(torch.outer(p[1][i], p[0][i]) for p in per) / b for i in range(L)]
+    return A, S, Ac, Gc, grad
+
+
+def damped(A, S, gamma):
+    """MATH.md's factored Tikhonov damping of a diagonal pair."""
+    pi = math.sqrt((torch.trace(A).item() / A.shape[0]) / (torch.trace(S).item() / S.shape[0]))
+    return A + pi * math.sqrt(gamma) * torch.eye(A.shape[0]), S + math.sqrt(gamma) / pi * torch.eye(S.shape[0])
+
+
+def dense_fhat(A, S, Ac, Gc, gamma):
+    """F-hat of the damped factors: tridiagonal blocks as given, completed so that its inverse is block-tridiagonal."""
+    L = len(A)
+    blocks = [[None] * L for _ in range(L)]
+    for i in range(L):
+        Ad, Sd = damped(A[i], S[i], gamma)
+        blocks[i][i] = torch.kron(Ad, Sd)
+    for i in range(L - 1):
+        blocks[i][i + 1] = torch.kron(Ac[i], Gc[i])
+        blocks[i + 1][i] = blocks[i][i + 1].T
+    for gap in range(2, L):
+        for i in range(L - gap):
+            j = i + gap
+            blocks[i][j] = blocks[i][i + 1] @ torch.linalg.inv(blocks[i + 1][i + 1]) @ blocks[i + 1][j]
+            blocks[j][i] = blocks[i][j].T
+    Fh = torch.cat([torch.cat(row, 1) for row in blocks], 0)
+    # the defining property, checked: its inverse vanishes outside the tridiagonal blocks
+    sizes = [b.shape[0] for b in blocks[0][0:1]] + [blocks[i][i].shape[0] for i in range(1, L)]
+    offs = [0]
+    for s_ in sizes:
+        offs.append(offs[-1] + s_)
+    inv = torch.linalg.inv(Fh)
+    for i in range(L):
+        for j in range(L):
+            if abs(i - j) > 1:
+                blk = inv[offs[i]:offs[i + 1], offs[j]:offs[j + 1]]
+                assert blk.abs().max() < 1e-9 * inv.abs().max(), "reference F-hat is not a chain"
+    return Fh, offs
+
+
+def trained_chain(steps: int = 2, **overrides):
+    """A chain net and its block-tridiagonal optimizer after ``steps`` steps on a fixed batch."""
+    model = chain_net()
+    opt = NoisyKFAC(model, structure="block_tridiagonal", **{**KW, **overrides})
+    x, y = data()
+    for k in range(steps):
+        torch.manual_seed(100 + k)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+def state_factors(opt, layers):
+    st = [opt.state[m.weight] for m in layers]
+    return ([s["A"] for s in st], [s["S"] for s in st], [s["A_cross"] for s in st[:-1]],
+            [s["G_cross"] for s in st[:-1]])
+
+
+# ============================================================================ tests
+def test_chains_found_by_shape_and_elementwise_rule():
+    mlp = models.build_model("mlp", "MVG", 1, 28, 10, hidden=(100, 100))
+    assert [[n for n, _ in c] for c in find_chains(mlp)] == [["fc1", "fc2", "fc3"]]
+    lenet = models.build_model("lenet5", "MVG", 3, 32, 10)
+    assert [[n for n, _ in c] for c in find_chains(lenet)] == [["fc1", "fc2", "fc3"]]
+    assert find_chains(models.build_model("covnet", "MVG", 1, 28, 10)) == []
+    lin = [BayesianLinear(4, 3, posterior="MVG"), BayesianLinear(3, 3, posterior="MVG"),
+           BayesianLinear(2, 2, posterior="MVG"), BayesianLinear(2, 2, posterior="MVG")]
+    broken = nn.Sequential(lin[0], nn.BatchNorm1d(3), lin[1], nn.ReLU(), lin[2], nn.Dropout(), lin[3])
+    assert find_chains(broken) == []  # a norm layer, a shape mismatch, a non-elementwise module
+    ffg = nn.Sequential(BayesianLinear(4, 3, posterior="FFG"), BayesianLinear(3, 2, posterior="FFG"))
+    assert find_chains(ffg) == []
+
+
+def test_cross_factors_match_per_example_reference(float64):
+    model = chain_net()
+    layers = chain_layers(model)
+    opt = NoisyKFAC(model, structure="block_tridiagonal", **KW)
+    x, y = data()
+    opt.zero_grad()
+    torch.manual_seed(5)
+    refs = []
+    for _ in range(2):  # two MC samples: the statistics are averaged over them
+        F.cross_entropy(model(x), y).backward()
+        noises = [as_matrix(*m.last_noise) for m in layers]
+        Ws = [as_matrix(m.weight.detach(), m.bias.detach()) + n for m, n in zip(layers, noises)]
+        refs.append(batch_factors(Ws, x, y))
+    acc = [[(r0 + r1) / 2 for r0, r1 in zip(a, b)] for a, b in zip(*refs)]
+    opt.step()
+    got = opt.cross_factors()
+    assert list(got) == [("0", "2"), ("2", "4")]
+    for i, key in enumerate(got):
+        torch.testing.assert_close(got[key][0], acc[2][i], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got[key][1], acc[3][i], rtol=1e-10, atol=1e-12)
+    for i, m in enumerate(layers):
+        torch.testing.assert_close(opt.state[m.weight]["A"], acc[0][i], rtol=1e-10, atol=1e-12)
+
+
+def _implied_covariance(model):
+    """The sampler's covariance: its noise is linear in the standard normals, so map a basis through it."""
+    chain = attach_chains(model)[0]
+    shapes = [m.matrix_shape for m in chain.layers]
+    total = sum(o * i for o, i in shapes)
+    eye = torch.eye(total)
+    eps, off = [], 0
+    for o, i in shapes:
+        eps.append(unvec(eye[:, off:off + o * i], o, i))  # the basis vectors, in vec order
+        off += o * i
+    J = torch.cat([vec(w) for w in chain.noise_from(eps)], 1).T  # columns: noise of each basis vector
+    return J @ J.T
+
+
+def test_posterior_covariance_and_preconditioner_equal_dense_fhat_inverse(float64):
+    model, opt = trained_chain()
+    layers = chain_layers(model)
+    assert opt.guard_count() == 0
+    A, S, Ac, Gc = state_factors(opt, layers)
+    c2 = KW["kl_weight"] / KW["num_data"]
+    gamma_in = KW["kl_weight"] / (KW["num_data"] * KW["prior_var"])
+    Fh, offs = dense_fhat(A, S, Ac, Gc, gamma_in)
+    cov_ref = c2 * torch.linalg.inv(Fh)
+    cov = _implied_covariance(model)
+    torch.testing.assert_close(cov, cov_ref, rtol=1e-7, atol=1e-9 * cov_ref.abs().max())
+    # the coupling is real: adjacent layers correlate, so the test would see independent layers
+    std = cov_ref.diagonal().sqrt()
+    corr = cov_ref / std[:, None] / std[None]
+    assert corr[offs[0]:offs[1], offs[1]:offs[2]].abs().max() > 0.05
+    # marginal std of every entry (what the dashboard shows) is the dense diagonal's square root
+    for i, m in enumerate(layers):
+        o, n_in = m.matrix_shape
+        ref = unvec(cov_ref.diagonal()[offs[i]:offs[i + 1]].sqrt(), o, n_in)
+        torch.testing.assert_close(as_matrix(m.weight_std(), m.bias_std()), ref, rtol=1e-7, atol=0)
+
+    # preconditioner: F-hat of the gamma_in + gamma_ex damped factors, inverted densely
+    P_ref = torch.linalg.inv(dense_fhat(A, S, Ac, Gc, gamma_in + KW["damping"])[0])
+    from optimizers.block_tridiagonal import precondition_chain
+    states = [opt.state[m.weight] for m in layers]
+    total = Fh.shape[0]
+    eye = torch.eye(total)
+    Vs = [unvec(eye[:, offs[i]:offs[i + 1]], *m.matrix_shape) for i, m in enumerate(layers)]
+    Ds = precondition_chain(Vs, [(s["S_inv"], s["A_inv"]) for s in states], states[:-1])
+    P = torch.cat([vec(D) for D in Ds], 1).T
+    torch.testing.assert_close(P, P_ref, rtol=1e-7, atol=1e-9 * P_ref.abs().max())
+
+
+def test_200k_joint_samples_reproduce_the_covariance(float64):
+    model, opt = trained_chain()
+    layers = chain_layers(model)
+    A, S, Ac, Gc = state_factors(opt, layers)
+    gamma_in = KW["kl_weight"] / (KW["num_data"] * KW["prior_var"])
+    Fh, offs = dense_fhat(A, S, Ac, Gc, gamma_in)
+    cov_ref = KW["kl_weight"] / KW["num_data"] * torch.linalg.inv(Fh)
+    torch.manual_seed(7)
+    n = 200_000
+    draws = attach_chains(model)[0].draw((n,))
+    X = torch.cat([vec(as_matrix(w, b)) for w, b in draws], 1)
+    cov = X.T @ X / n
+    std = cov_ref.diagonal().sqrt()
+    err = (cov - cov_ref) / std[:, None] / std[None]  # on the correlation scale: sd ~ 1/sqrt(n) = 0.0022
+    assert err.abs().max() < 0.015, float(err.abs().max())
+    # non-adjacent layers (0 and 2) uncorrelated, adjacent ones correlated as computed
+    emp_corr = cov / cov.diagonal().sqrt()[:, None] / cov.diagonal().sqrt()[None]
+    assert emp_corr[offs[0]:offs[1], offs[2]:offs[3]].abs().max() < 0.015
+    ref_adj = (cov_ref / std[:, None] / std[None])[offs[0]:offs[1], offs[1]:offs[2]]
+    assert ref_adj.abs().max() > 0.05
+    torch.testing.assert_close(emp_corr[offs[0]:offs[1], offs[1]:offs[2]], ref_adj, rtol=0, atol=0.015)
+
+
+def test_forward_and_sample_weights_use_one_joint_draw(float64):
+    model, opt = trained_chain()
+    layers = chain_layers(model)
+    x, _ = data()
+    torch.manual_seed(11)
+    model(x)
+    used = [as_matrix(*m.last_noise) for m in layers]
+    torch.manual_seed(11)
+    sample = opt.sample_weights()
+    assert list(sample) == ["0", "2", "4"]
+    for m, name, noise in zip(layers, ("0", "2", "4"), used):
+        w, b = sample[name]
+        torch.testing.assert_close(as_matrix(w, b) - as_matrix(m.weight.detach(), m.bias.detach()), noise,
+                                   rtol=1e-12, atol=1e-14)
+    assert all(m.joint_noise is None for m in layers)  # each part used exactly once
+    model.eval()
+    assert torch.equal(model(x), model(x))  # eval mode: the means, no joint draw left behind
+
+
+def test_zero_cross_factors_is_exactly_block_diagonal(float64, monkeypatch):
+    def zero_cross(module, a, g, nxt, a_next, g_next, scale):
+        A, G = real(module, a, g, nxt, a_next, g_next, scale)
+        return torch.zeros_like(A), torch.zeros_like(G)
+
+    real = curvature.kfac_cross_factors
+    monkeypatch.setattr(curvature, "kfac_cross_factors", zero_cross)
+    x, y = data()
+    runs = {}
+    for structure in ("block_diagonal", "block_tridiagonal"):
+        model = chain_net()
+        opt = NoisyKFAC(model, structure=structure, **{**KW, "t_inv": 2, "kl_clip": 1e-2})
+        trace = []
+        for k in range(5):
+            torch.manual_seed(300 + k)
+            opt.zero_grad()
+            for _ in range(2):
+                F.cross_entropy(model(x), y).backward()
+            opt.step()
+            trace.append([t.clone() for m in chain_layers(model)
+                          for t in (*m.last_noise, m.weight, m.bias, m.weight_std(), m.bias_std())])
+        runs[structure] = trace
+    for k, (a, b) in enumerate(zip(runs["block_diagonal"], runs["block_tridiagonal"])):
+        for j, (ta, tb) in enumerate(zip(a, b)):
+            assert torch.equal(ta, tb), f"step {k} tensor {j}"
+
+
+class RefTridiagonal:
+    """A hand-written block-tridiagonal Noisy K-FAC step (dense F-hat), MATH.md with momentum and KL clip."""
+
+    def __init__(self, layers, lr, momentum, num_data, kl_weight, prior_var, damping, stat_decay, kl_clip, **_):
+        self.M = [as_matrix(m.weight.detach(), m.bias.detach()).clone() for m in layers]
+        self.shapes = [m.matrix_shape for m in layers]
+        self.lr, self.mom, self.beta, self.kl_clip = lr, momentum, stat_decay, kl_clip
+        self.gin = kl_weight / (num_data * prior_var)
+        self.gamma = self.gin + damping
+        self.stats = None
+        self.buf = [torch.zeros_like(m) for m in self.M]
+
+    def step(self, x, y, noise):
+        W = [m + n for m, n in zip(self.M, noise)]
+        A, S, Ac, Gc, grad = batch_factors(W, x, y)
+        new = [A, S, Ac, Gc]
+        if self.stats is None:
+            self.stats = new
+        else:
+            self.stats = [[self.beta * o + (1 - self.beta) * b for o, b in zip(old, bat)]
+                          for old, bat in zip(self.stats, new)]
+        Fh, offs = dense_fhat(*self.stats, self.gamma)
+        Vs = [g + self.gin * w for g, w in zip(grad, W)]
+        v = torch.cat([vec(V) for V in Vs])
+        d = torch.linalg.solve(Fh, v)
+        Ds = [unvec(d[offs[i]:offs[i + 1]], *s) for i, s in enumerate(self.shapes)]
+        nu = 1.0
+        if self.kl_clip is not None:
+            nu = min(1.0, math.sqrt(self.kl_clip / (self.lr ** 2 * float(d @ v))))
+        for i, D in enumerate(Ds):
+            self.buf[i] = self.mom * self.buf[i] + nu * D
+            self.M[i] = self.M[i] - self.lr * self.buf[i]
+        return nu
+
+
+@pytest.mark.parametrize("kl_clip", [None, 1e-3])
+def test_steps_match_hand_written_reference(float64, kl_clip):
+    kw = {**KW, "kl_clip": kl_clip}
+    model = chain_net()
+    layers = chain_layers(model)
+    opt = NoisyKFAC(model, structure="block_tridiagonal", **kw)
+    ref = RefTridiagonal(layers, **kw)
+    x, y = data()
+    nus = []
+    for k in range(3):
+        torch.manual_seed(400 + k)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        noise = [as_matrix(*m.last_noise) for m in layers]
+        opt.step()
+        nus.append(ref.step(x, y, noise))
+        for i, m in enumerate(layers):
+            torch.testing.assert_close(as_matrix(m.weight.detach(), m.bias.detach()), ref.M[i], rtol=1e-8, atol=1e-11,
+                                       msg=f"mean {i} step {k}")
+            torch.testing.assert_close(opt.state[m.weight]["momentum_buffer"], ref.buf[i], rtol=1e-8, atol=1e-11)
+    assert opt.guard_count() == 0
+    if kl_clip is not None:
+        assert min(nus) < 1.0, "the KL clip never engaged"
+
+
+def test_guard_floors_an_indefinite_chain_and_counts_it(float64):
+    model, opt = trained_chain(steps=1)
+    for st in (opt.state[m.weight] for m in chain_layers(model)[:-1]):
+        st["A_cross"].mul_(50.0)
+        st["G_cross"].mul_(50.0)
+    x, y = data()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.guard_count() > 0
+    for m in chain_layers(model):
+        assert torch.isfinite(m.weight).all() and torch.isfinite(m.weight_std()).all()
+
+
+def test_block_tridiagonal_needs_factored_damping():
+    with pytest.raises(ValueError, match="factored"):
+        NoisyKFAC(chain_net(), structure="block_tridiagonal", damping_mode="exact")
+    with pytest.raises(ValueError, match="rank=None"):
+        NoisyKFAC(chain_net(), structure="block_tridiagonal", rank=2)
+    with pytest.raises(ValueError, match="structure"):
+        NoisyKFAC(chain_net(), structure="dense")
+
+
+def test_state_dict_resume_is_bit_exact():
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 1, 4, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(10)]
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = models.build_model("mlp", "MVG", 1, 4, 3, hidden=(6, 5))
+        return model, NoisyKFAC(model, lr=1e-2, num_data=100, t_inv=3, t_stats=2, structure="block_tridiagonal")
+
+    def train(model, opt, part):
+        for xb, yb in part:
+            opt.zero_grad()
+            for _ in range(2):
+                F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+
+    model_a, opt_a = build(0)
+    torch.manual_seed(123)
+    train(model_a, opt_a, batches)
+    model_b, opt_b = build(0)
+    torch.manual_seed(123)
+    train(model_b, opt_b, batches[:5])
+    buf = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(), "rng": torch.get_rng_state()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model_c, opt_c = build(999)
+    model_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["opt"])
+    torch.set_rng_state(ckpt["rng"])
+    train(model_c, opt_c, batches[5:])
+    sa, sc = model_a.state_dict(), model_c.state_dict()
+    assert "fc1.link_out" in sa and sa.keys() == sc.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sc[key]), key
+    for p_a, p_c in zip(model_a.parameters(), model_c.parameters()):
+        st_a, st_c = opt_a.state[p_a], opt_c.state[p_c]
+        assert st_a.keys() == st_c.keys()
+        for key in st_a:
+            assert torch.equal(st_a[key], st_c[key]), key
+    assert "gain" in opt_a.state[model_a.fc1.weight]
+
+
+# ============================================================================ command line
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _script(script: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "DATA_ROOT"}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, str(REPO / script), *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_train_resume_and_test_through_the_cli(tmp_path, datafiles):
+    """train.py --kfac_structure block_tridiagonal: 2 epochs == 1 + --resume, bit for bit; test.py loads it."""
+    from util.checkpoint import load_checkpoint
+    data = datafiles.write_fake_mnist(tmp_path / "data", n_train=60, n_test=20)
+    common = ("--model", "MVG", "--kfac_structure", "block_tridiagonal", "--hidden", "8", "6", "--batch_size", "20",
+              "--data_root", str(data), "--ckpt_dir", str(tmp_path / "ckpt"), "--no_visdom", "--no_progress",
+              "--device", "cpu", "--t_inv", "2", "--test_samples", "2", "--num_threads", "1")
+    runs = {"whole": ("--epoch", "2"), "part": ("--epoch", "1")}
+    for name, extra in runs.items():
+        r = _script("train.py", *common, "--name", name, *extra, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+    r = _script("train.py", *common, "--name", "part", "--epoch", "2", "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = load_checkpoint(tmp_path / "ckpt" / "whole" / "epoch_2.pt")
+    b = load_checkpoint(tmp_path / "ckpt" / "part" / "epoch_2.pt")
+    assert "fc1.link_out" in a["model"] and a["model"]["fc1.link_out"].abs().sum() > 0
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for pid, st in a["optimizer"]["state"].items():
+        for key, value in st.items():
+            assert torch.equal(value, b["optimizer"]["state"][pid][key]), key
+    r = _script("test.py", "--ckpt_dir", str(tmp_path / "ckpt"), "--name", "whole", "--test_samples", "3",
+                "--device", "cpu", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '"test_acc"' in r.stdout
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (("--model", "FFG", "--kfac_structure", "block_tridiagonal"),
+     "error: --kfac_structure block_tridiagonal is for --optimizer noisy_kfac (--model MVG), not noisy_adam; "
+     "drop --kfac_structure"),
+    (("--model", "MVG", "--kfac_structure", "block_tridiagonal", "--damping_mode", "exact"),
+     "error: --kfac_structure block_tridiagonal needs exact factors with factored damping; drop --damping_mode exact"),
+    (("--model", "MVG", "--kfac_structure", "block_tridiagonal", "--kfac_rank", "5"),
+     "error: --kfac_structure block_tridiagonal needs exact factors with factored damping; drop --kfac_rank"),
+])
+def test_bad_structure_flags_are_one_error_line(argv, expected, capsys):
+    from option_parser import TrainOptions
+    with pytest.raises(SystemExit) as e:
+        TrainOptions().parse([*argv, "--device", "cpu"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == expected
