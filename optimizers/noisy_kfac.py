@@ -443,10 +443,15 @@ class NoisyKFAC(NGVIOptimizer):
         index = {layer: j for j, (layer, *_) in enumerate(updates)}
         updates = list(updates)
         for chain in self.chains:
-            if any(layer not in index for layer in chain.layers):
-                continue  # a layer took no gradient this step: leave the chain's means alone
             states = [self.state[layer.weight] for layer in chain.layers]
             group = self.group_of(chain.layers[0].weight)
+            if any(layer not in index for layer in chain.layers):  # a layer took no gradient: no joint step
+                for layer, st in zip(chain.layers, states):
+                    if layer in index:
+                        V = updates[index[layer]][3]
+                        D = self._precondition(st, group, V) if self._has_decomposition(st) else V
+                        updates[index[layer]] = (*updates[index[layer]][:4], D)
+                continue
             for layer, state in zip(chain.layers, states):
                 cross = crosses.get(layer)
                 if cross is None:

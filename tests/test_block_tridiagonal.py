@@ -486,3 +486,22 @@ def test_bad_structure_flags_are_one_error_line(argv, expected, capsys):
         TrainOptions().parse([*argv, "--device", "cpu"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == expected
+
+
+def test_a_chain_layer_without_gradient_falls_back_to_block_diagonal(float64):
+    model, opt = trained_chain()
+    layers = chain_layers(model)
+    x, y = data()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    layers[0].weight.grad = layers[0].bias.grad = None  # e.g. a frozen first layer
+    before = layers[0].weight.detach().clone()
+    gin = KW["kl_weight"] / (KW["num_data"] * KW["prior_var"])
+    Vs = [as_matrix(m.weight.grad, m.bias.grad) + gin * (as_matrix(m.weight.detach(), m.bias.detach())
+                                                         + as_matrix(*m.last_noise)) for m in layers[1:]]
+    bufs = [opt.state[m.weight]["momentum_buffer"].clone() for m in layers[1:]]
+    opt.step()
+    assert torch.equal(layers[0].weight, before)
+    for m, V, buf in zip(layers[1:], Vs, bufs):  # each remaining layer: its own block-diagonal step
+        st = opt.state[m.weight]
+        torch.testing.assert_close(st["momentum_buffer"], KW["momentum"] * buf + st["S_inv"] @ V @ st["A_inv"])
