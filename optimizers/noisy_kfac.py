@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from models.bayesian_layers import FactorRoot
 from models.joint_posterior import attach_chains
 from optimizers.base import NGVIOptimizer
-from optimizers.block_tridiagonal import link_decomposition, precondition_chain
+from optimizers.block_tridiagonal import posterior_link, precondition_chain, preconditioner_link
 from optimizers.curvature import is_norm_layer
 
 STRUCTURES = ("block_diagonal", "block_tridiagonal")
@@ -478,22 +478,27 @@ class NoisyKFAC(NGVIOptimizer):
         return updates
 
     def _refresh_links(self, chain, states: list[dict], group: dict) -> None:
-        """Links of the gamma_in-damped factors (posterior, in the model) and gamma-damped ones (update, in state)."""
+        """Links of the gamma_in-damped factors (posterior, in the model) and gamma-damped ones (update, in state).
+
+        Runs right after the layers' own refresh: the sampler's link reuses layer i's Cholesky factors
+        (its ``factor_roots()``), the update's link its damped inverses ``A_inv``, ``S_inv``.
+        """
         gamma_in = self.gamma_in(group)
         gamma = gamma_in + group["damping"]
         dtype = chain.layers[0].weight.dtype
-        for i, (st, nxt) in enumerate(zip(states[:-1], states[1:])):
-            post = link_decomposition(*factored_damped(st["A"], st["S"], gamma_in),
-                                      *factored_damped(nxt["A"], nxt["S"], gamma_in), st["A_cross"], st["G_cross"])
-            upd = post if gamma == gamma_in else link_decomposition(
-                *factored_damped(st["A"], st["S"], gamma), *factored_damped(nxt["A"], nxt["S"], gamma),
-                st["A_cross"], st["G_cross"])
+        for i, (layer, st, nxt) in enumerate(zip(chain.layers, states[:-1], states[1:])):
+            out_root, in_root = layer.factor_roots()  # Cholesky factors of the gamma_in-damped A, S
+            cross = st["A_cross"].double(), st["G_cross"].double()
+            damped_in = factored_damped(nxt["A"], nxt["S"], gamma_in)
+            post = posterior_link(in_root.mat.double(), out_root.mat.double(), *damped_in, *cross)
+            damped = damped_in if gamma == gamma_in else factored_damped(nxt["A"], nxt["S"], gamma)
+            upd = preconditioner_link(st["A_inv"].double(), st["S_inv"].double(), *damped, *cross)
             chain.set_link(i, post["link_out"].to(dtype), post["link_in"].to(dtype), post["U_out"].to(dtype),
                            post["U_in"].to(dtype), (post["gap"].rsqrt() - 1).to(dtype))
             for key in ("link_out", "link_in", "P_out", "P_in"):
                 st[key] = upd[key].to(dtype)
             st["gain"] = (1 / upd["gap"] - 1).to(dtype)
-            guarded = int(post["guarded"]) + (int(upd["guarded"]) if upd is not post else 0)
+            guarded = int(post["guarded"]) + int(upd["guarded"])
             st["guard_count"] = st.get("guard_count", torch.zeros((), dtype=torch.int64)) + (guarded > 0)
 
     def cross_factors(self) -> dict[tuple[str, str], tuple[Tensor, Tensor]]:
@@ -518,6 +523,9 @@ class NoisyKFAC(NGVIOptimizer):
             noise.update(zip(chain.names, chain.draw()))
         out = {}
         for name, layer in self.layers:
+            if not hasattr(layer, "sample_noise"):  # a deterministic (norm) layer
+                out[name] = (layer.weight.detach(), layer.bias.detach() if layer.bias is not None else None)
+                continue
             wn, bn = noise[name] if name in noise else layer.sample_noise()
             out[name] = (layer.weight.detach() + wn.view_as(layer.weight),
                          layer.bias.detach() + bn if layer.bias is not None else None)
