@@ -29,7 +29,7 @@ from optimizers import NoisyKFAC, curvature
 
 SIZES = (5, 4, 3, 2)
 KW = dict(lr=0.05, num_data=8, kl_weight=1.0, prior_var=5.0, damping=0.02, stat_decay=0.8, momentum=0.9,
-          kl_clip=None, t_inv=1, init_precision=10.0)
+          kl_clip=None, t_stats=1, t_inv=1, init_precision=10.0)
 
 
 def chain_net(seed: int = 0) -> nn.Sequential:
