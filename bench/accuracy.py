@@ -543,6 +543,10 @@ def report(args, store: dict, echo: bool = True) -> str:
         md += [f"## {name}: not run", "", why, ""]
     md += _settings_md(store)
     md += _sweep_md(store)
+    md += ["## Block-tridiagonal Noisy K-FAC", "",
+           "Block-tridiagonal vs block-diagonal Noisy K-FAC vs Noisy Adam on MNIST `mlp` (784-100-10 and "
+           "784-100-100-10), 3 seeds: [results_tridiagonal.md](results_tridiagonal.md), written by "
+           "`bench/tridiagonal.py`.", ""]
     md += ["## Published reference points (not produced by this benchmark)", "",
            "| setting | test acc % | NLL | ECE | source |", "| --- | --- | --- | --- | --- |"]
     for refs in PUBLISHED.values():

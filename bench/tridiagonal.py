@@ -123,12 +123,12 @@ def step_times(data: dict, rounds: int) -> dict:
     return out
 
 
-def mean_sd(xs: list[float]) -> str:
+def mean_sd(xs: list[float], fmt: str = ".4f") -> str:
     if not xs:
         return "-"
     m = statistics.mean(xs)
     sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{m:.4f} ± {sd:.4f}"
+    return f"{m:{fmt}} ± {sd:{fmt}}"
 
 
 def report(store: dict) -> str:
@@ -156,9 +156,9 @@ def report(store: dict) -> str:
             guards = [r["guard_count"] for r in ok if "guard_count" in r]
             lines.append(
                 f"| {method} | {len(ok)}{' (' + str(len(runs) - len(ok)) + ' diverged)' if len(ok) < len(runs) else ''}"
-                f" | {mean_sd([100 * r['acc'] for r in ok])} | {mean_sd([r['nll'] for r in ok])} | "
+                f" | {mean_sd([100 * r['acc'] for r in ok], '.2f')} | {mean_sd([r['nll'] for r in ok])} | "
                 f"{mean_sd([r['ece'] for r in ok])} | {mean_sd([r['ood_auroc'] for r in ok])} | "
-                f"{mean_sd([r['sec_per_epoch'] for r in ok])} | {', '.join(map(str, guards)) if guards else '-'} |")
+                f"{mean_sd([r['sec_per_epoch'] for r in ok], '.1f')} | {', '.join(map(str, guards)) or '-'} |")
         tri, diag = finals.get("KFAC-tri"), finals.get("KFAC-diag")
         if tri and diag:
             d = {k: statistics.mean(r[k] for r in tri) - statistics.mean(r[k] for r in diag)

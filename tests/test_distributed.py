@@ -62,6 +62,8 @@ CASES: dict[str, tuple[type | None, dict]] = {
     "noisy_adam_batch_fisher": (NoisyAdam, dict(_NGVI, fisher="batch")),
     "vogn": (VOGN, _NGVI),
     "noisy_kfac": (NoisyKFAC, dict(_NGVI, damping=1e-2, t_inv=2)),
+    # block-tridiagonal: the net's two Linear layers form a chain (cross factors in the bucket, joint noise)
+    "noisy_kfac_tridiagonal": (NoisyKFAC, dict(_NGVI, damping=1e-2, t_stats=1, t_inv=2, structure="block_tridiagonal")),
     "noisy_kfac_exact_clip": (NoisyKFAC, dict(_NGVI, damping=1e-2, t_inv=1, damping_mode="exact", kl_clip=1e-2)),
     "adam": (None, dict(lr=1e-2)),
 }
