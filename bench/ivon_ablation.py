@@ -22,7 +22,10 @@ predictive samples comes from the same trained networks. Training follows ``benc
         --configs base,ivon-like,IVON
     python bench/ivon_ablation.py --report_only
 
-Results accumulate in ``bench/results/ivon_ablation.json`` (a run already there is skipped).
+Results accumulate in ``bench/results/ivon_ablation.json`` (a run already there is skipped). The report
+adds, as reference rows, the accuracy study's runs of Noisy Adam (old defaults, lr 3e-3) and IVON (lr 0.1)
+from ``bench/results/accuracy.json``: same protocol, other random streams (that study also scores every epoch).
+s/epoch was measured on a shared, heavily loaded machine: not comparable between rows.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from common import RESULTS, environment  # noqa: E402
 from data import InMemoryLoader  # noqa: E402
 from optimizers import NoisyAdam  # noqa: E402
 from util.evaluation import predict  # noqa: E402
-from util.experiment import DEFAULTS, make_model  # noqa: E402
+from util.experiment import make_model  # noqa: E402
 from util.metrics import accuracy, ece, nll  # noqa: E402
 
 N_TRAIN = 60000
@@ -62,9 +65,8 @@ IVON_LIKE = {
 
 
 def base_settings() -> dict:
-    d = DEFAULTS["noisy_adam"]
-    return dict(lr=d["lr"], beta1=d["momentum"], beta2=0.999, prior_var=d["prior_var"], damping=d["damping"],
-                init_precision=d["init_precision"], fisher=d["fisher"])
+    """Noisy Adam's defaults before this study (fixed here, so that "base" stays the same runs)."""
+    return dict(lr=3e-3, beta1=0.9, beta2=0.999, prior_var=1.0, damping=1e-3, init_precision=1e3, fisher="example")
 
 
 def configs() -> dict[str, dict | None]:
@@ -161,8 +163,18 @@ def report(store: dict, samples: list[int]) -> str:
     for key, r in store["runs"].items():
         name = key.split("|")[1]
         by_task.setdefault((r["task"], r["epochs"]), {}).setdefault(name, []).append(r)
+    study = RESULTS / "accuracy.json"  # the accuracy study's runs of the same protocol, as reference rows
+    if study.exists():
+        for key, r in json.loads(study.read_text())["runs"].items():
+            ref = {("NoisyAdam", 0.003): "base (accuracy.py)", ("IVON", 0.1): "IVON (accuracy.py)"}.get(
+                (r["method"], r["lr"]))
+            if ref and key.startswith("test|") and r["n_train"] == N_TRAIN and (r.get("task"), r["epochs"]) in by_task:
+                final = {k: v for k, v in (r["final"] or {}).items() if k in ("acc", "nll", "ece")}
+                by_task[(r["task"], r["epochs"])].setdefault(ref, []).append(
+                    {"final": {"10": final} if final else {}, "sec_per_epoch": (r["final"] or {}).get("sec_per_epoch")})
     order = list(configs())
-    for (task, epochs), groups in sorted(by_task.items()):
+    rank = {t: i for i, t in enumerate(TASKS)}
+    for (task, epochs), groups in sorted(by_task.items(), key=lambda kv: (rank.get(kv[0][0], len(rank)), kv[0][1])):
         main = str(10 if 10 in samples else samples[0])
         md += [f"### {task}, {epochs} epochs (predictive: {main} samples)", "",
                "| config | n | test acc % | NLL | ECE | s/epoch |", "| --- | --- | --- | --- | --- | --- |"]
@@ -173,7 +185,8 @@ def report(store: dict, samples: list[int]) -> str:
             f = [r["final"][main] for r in ok if main in r["final"]]
             md.append(f"| {name} | {n} | {_ms([x['acc'] for x in f], '.2f', 100)} | {_ms([x['nll'] for x in f], '.4f')}"
                       f" | {_ms([x['ece'] for x in f], '.4f')} | {_ms([r['sec_per_epoch'] for r in ok], '.1f')} |")
-        other = [k for k in samples if str(k) != main]
+        other = [k for k in samples if str(k) != main
+                 and any(str(k) in r["final"] for rs in groups.values() for r in rs)]
         if other:
             md += ["", "Predictive samples (same networks): NLL / ECE", "",
                    "| config | " + " | ".join(f"{k} samples" if k else "mean weights" for k in other) + " |",
@@ -184,7 +197,8 @@ def report(store: dict, samples: list[int]) -> str:
                     f = [r["final"][str(k)] for r in groups[name] if str(k) in r["final"]]
                     nll_, ece_ = (statistics.mean(x[m] for x in f) for m in ("nll", "ece")) if f else (0, 0)
                     cells.append(f"{nll_:.4f} / {ece_:.4f}" if f else "-")
-                md.append(f"| {name} | " + " | ".join(cells) + " |")
+                if any(c != "-" for c in cells):
+                    md.append(f"| {name} | " + " | ".join(cells) + " |")
         md.append("")
     return "\n".join(md)
 
@@ -217,8 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         unknown = [c for c in names if c not in table]
         if unknown:
             p.error(f"unknown config(s) {unknown}; choose from {list(table)}")
-        for task in args.tasks.split(","):
-            for seed in range(args.seeds):  # seeds outer: a partial study has every config at seed 0
+        for seed in range(args.seeds):  # seeds outer: a partial study has every task and config at seed 0
+            for task in args.tasks.split(","):
                 for name in names:
                     key = f"{task}|{name}|seed={seed}|epochs={args.epochs}"
                     if key in store["runs"] and store["runs"][key]["settings"] == table[name]:
