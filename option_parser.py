@@ -19,10 +19,17 @@ Derived defaults (left ``None`` on the command line, filled in by ``parse``):
   model (model, optimizer, arch, hidden, dataset, n, ...) and ``data_root``
   are taken from the run's ``opt.json`` unless given on the command line.
 
-Per-optimizer hyper-parameters (``lr``, ``prior_var``, ``damping``,
-``init_precision``, ``fisher``, ``damping_mode``, ``momentum``, ``beta2``, ``kl_clip``,
-``norm_posterior``)
-stay ``None`` when not given: the optimizer picks its own default.
+Optimizer options (``lr``, ``momentum``, ``kl_weight``, ``prior_var``, ``damping``,
+``init_precision``, ``fisher``, ``damping_mode``, ``kl_clip``, ``t_stats``, ``t_inv``, ``kfac_rank``, ``beta2``,
+``norm_posterior``, ``eps``) default
+to the defaults of the optimizer class they configure (``util.experiment.optimizer_defaults`` reads them
+from its signature) and are filled in by ``parse``; one the chosen optimizer does not take stays
+``None``.  ``data_root`` becomes the folder the data set was found in (or would be downloaded to).  So
+``opt.txt``, ``opt.json``, the console and the dashboard show the values the run used.
+
+Training-only flags (the optimizer's, the schedule's, visdom's, ...) are not flags of test.py: it takes
+the run's values from its ``opt.json`` (options saved as ``None`` by older runs are resolved as above),
+and a training flag given to it is a one-line error.
 
 Extra attributes set by ``parse``: ``is_train`` (bool), ``explicit`` (sorted
 names of the options given on the command line), ``run_dir``
@@ -38,16 +45,18 @@ reproduce it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import NoReturn
 
-from data.datasets import DATASETS
+from data.datasets import DATASETS, resolve_data_root
+from models import ARCHS, POSTERIORS
 from optimizers.noisy_kfac import STRUCTURES as KFAC_STRUCTURES
-from optimizers.noisy_kfac import T_INV, T_STATS
-from util.checkpoint import latest_epoch, latest_run, list_epochs, list_runs, read_options, write_text_atomic
+from util.checkpoint import latest_epoch, list_epochs
 from util.errors import UserError, one_line
+from util.evaluation import EVAL_BATCH_SIZE
+from util.experiment import OPTIMIZER_CLASSES, optimizer_defaults, resolve_optimizer_options
+from util.run_dir import RunDir, latest_run, list_runs
 
 __all__ = [
     "BaseOptions",
@@ -61,9 +70,6 @@ __all__ = [
     "save_options",
 ]
 
-MODELS = ("FFG", "MVG", "MAP")
-OPTIMIZERS = ("noisy_adam", "noisy_kfac", "vogn", "adam", "sgd")
-ARCHS = ("mlp", "covnet", "lenet5", "resnet20")  # models.ARCHS (kept here so parsing needs no torch)
 DEFAULT_OPTIMIZER = {"FFG": "noisy_adam", "MVG": "noisy_kfac", "MAP": "adam"}
 DEFAULT_ARCH = {"MNIST": "mlp", "FashionMNIST": "mlp", "CIFAR10": "lenet5"}
 # Which optimizers can train which model (FFG: diagonal Gaussian posterior,
@@ -84,6 +90,24 @@ RUN_KEYS = (
 _INHERITED_AT_TEST = ("data_root",)
 # Of RUN_KEYS, the ones that must not be changed at test time (the weights would not fit).
 _FIXED_AT_TEST = ("model", "optimizer", "arch", "hidden", "dataset")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` except where the default is ``None`` (derived; the help text says how)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _per_optimizer(key: str) -> str:
+    """The default of option ``key`` of each optimizer that takes it, e.g. ``noisy_adam 0.003, adam 0.001``."""
+    values = {name: optimizer_defaults(name).get(key) for name in OPTIMIZER_CLASSES}
+    values = {name: v for name, v in values.items() if v is not None}
+    if len(set(map(str, values.values()))) == 1:
+        return f"default: {next(iter(values.values()))}"
+    return "default: " + ", ".join(f"{name} {v}" for name, v in values.items())
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -130,10 +154,10 @@ class BaseOptions:
 
     def initialize(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         """Add the shared flags to ``parser``."""
-        g = parser.add_argument_group("model and optimizer")
-        g.add_argument("--model", choices=MODELS, default="FFG",
+        g = parser.add_argument_group("model")
+        g.add_argument("--model", choices=POSTERIORS, default="FFG",
                        help="posterior: FFG (fully factorized Gaussian), MVG (matrix-variate Gaussian), MAP")
-        g.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+        g.add_argument("--optimizer", choices=tuple(OPTIMIZER_CLASSES), default=None,
                        help="default follows --model: FFG->noisy_adam, MVG->noisy_kfac, MAP->adam")
         g.add_argument("--arch", choices=ARCHS, default=None,
                        help="default by data set: MNIST/FashionMNIST->mlp, CIFAR10->lenet5")
@@ -143,44 +167,13 @@ class BaseOptions:
                        help="flattened input size (default C*H*W of the data set; must match it)")
         g.add_argument("--label_size", type=int, default=None,
                        help="number of classes (default from the data set; must match it)")
-        g.add_argument("--n", type=int, default=None,
-                       help="training-set size used in the ELBO (default: real size, or --subset)")
-        g.add_argument("--eps", type=float, default=1e-8, help="numerical epsilon")
-        g.add_argument("--kl_weight", type=float, default=1.0, help="weight of the KL term")
-        g.add_argument("--prior_var", type=float, default=None, help="prior variance (default: per optimizer)")
-        g.add_argument("--damping", type=float, default=None, help="damping (default: per optimizer)")
-        g.add_argument("--init_precision", type=float, default=None,
-                       help="initial posterior precision (default: per optimizer)")
-        g.add_argument("--t_stats", type=int, default=T_STATS, help="iterations between curvature-statistics updates")
-        g.add_argument("--t_inv", type=int, default=T_INV, help="iterations between curvature inversions")
-        g.add_argument("--kfac_rank", type=int, default=None,
-                       help="noisy_kfac: keep the top-K eigenpairs of each Kronecker factor larger than K, plus the "
-                            "mean of the rest of its spectrum (default: exact factors)")
-        g.add_argument("--fisher", choices=("example", "batch", "hessian", "true"), default=None,
-                       help="curvature estimate (default: per optimizer)")
-        g.add_argument("--damping_mode", choices=("factored", "exact"), default=None,
-                       help="K-FAC damping (default: per optimizer)")
-        g.add_argument("--kfac_structure", choices=KFAC_STRUCTURES, default="block_diagonal",
-                       help="noisy_kfac posterior: block_diagonal (layers independent) or block_tridiagonal "
-                            "(adjacent Linear layers of a chain correlated; docs/MATH.md)")
-        g.add_argument("--kl_clip", type=float, default=None, help="KL clipping of the update (default: none)")
-        g.add_argument("--momentum", type=float, default=None, help="momentum (default: per optimizer)")
-        g.add_argument("--beta2", type=float, default=None,
-                       help="running-average rate of the curvature, noisy_adam and vogn (default: per optimizer)")
-        g.add_argument("--norm_posterior", choices=("gaussian", "point"), default=None,
-                       help="affine parameters of BatchNorm/LayerNorm/GroupNorm layers (FFG/MVG): gaussian "
-                            "(sampled) or point (same preconditioned step, no noise) (default: per optimizer)")
-        g.add_argument("--train_samples", type=int, default=1, help="Monte Carlo samples per training step")
         g.add_argument("--test_samples", type=int, default=10,
                        help="Monte Carlo samples at evaluation (0 = use the mean weights)")
 
         g = parser.add_argument_group("data")
         g.add_argument("--dataset", choices=tuple(DATASETS), default="MNIST")
         g.add_argument("--data_root", default=None,
-                       help="folder with the data sets (default: $DATA_ROOT, then ./data)")
-        g.add_argument("--batch_size", type=int, default=100)
-        g.add_argument("--subset", type=int, default=None,
-                       help="use only N training examples (first N after a seeded shuffle)")
+                       help="folder with the data sets (default: $DATA_ROOT, then ./data; test.py: the run's)")
 
         g = parser.add_argument_group("run")
         g.add_argument("--seed", type=int, default=0)
@@ -190,20 +183,12 @@ class BaseOptions:
                             "the cores divided by the ranks per machine)")
         g.add_argument("--ckpt_dir", default="checkpoints", help="where runs are saved")
         g.add_argument("--name", default=None, help="experiment name (a folder under --ckpt_dir)")
-        g.add_argument("--no_progress", action="store_true", help="disable progress bars")
-
-        g = parser.add_argument_group("visdom")
-        g.add_argument("--display_server", default="http://localhost")
-        g.add_argument("--display_port", type=int, default=8097)
-        g.add_argument("--env", default="main", help="visdom environment")
-        g.add_argument("--no_visdom", action="store_true", help="do not send plots to visdom")
         return parser
 
     def build_parser(self) -> argparse.ArgumentParser:
         """A fresh parser with all of this class's flags."""
         script = "train.py" if self.is_train else "test.py"
-        parser = _ArgumentParser(prog=script, allow_abbrev=False,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        parser = _ArgumentParser(prog=script, allow_abbrev=False, formatter_class=_HelpFormatter)
         return self.initialize(parser)
 
     # -- parsing ------------------------------------------------------------
@@ -243,44 +228,23 @@ class BaseOptions:
             opt.hidden = [100]
         if opt.optimizer is None:
             opt.optimizer = DEFAULT_OPTIMIZER[opt.model]
+        resolve_optimizer_options(opt)  # the optimizer class's own defaults (None: not an option it takes)
         if opt.arch is None:
             opt.arch = DEFAULT_ARCH[opt.dataset]
         if opt.initial_size is None:
             opt.initial_size = info.input_size
         if opt.label_size is None:
             opt.label_size = info.num_classes
-        if opt.n is None:
-            opt.n = opt.subset if opt.subset is not None else info.train_size
+        if getattr(opt, "n", None) is None:
+            opt.n = getattr(opt, "subset", None) or info.train_size
         opt.device = _resolve_device(opt.device)
 
     def _check_ranges(self, opt: argparse.Namespace) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise UserError(msg)
+        need = _need
 
-        need(opt.batch_size >= 1, f"--batch_size must be a positive integer, got {opt.batch_size}")
-        need(opt.eps > 0, f"--eps must be > 0, got {opt.eps}")
-        need(opt.kl_weight >= 0, f"--kl_weight must be >= 0, got {opt.kl_weight}")
-        for flag in ("prior_var", "init_precision", "kl_clip"):
-            v = getattr(opt, flag)
-            need(v is None or v > 0, f"--{flag} must be > 0, got {v}")
-        need(opt.damping is None or opt.damping >= 0, f"--damping must be >= 0, got {opt.damping}")
-        need(opt.momentum is None or 0 <= opt.momentum < 1, f"--momentum must be in [0, 1), got {opt.momentum}")
-        need(opt.beta2 is None or 0 <= opt.beta2 < 1, f"--beta2 must be in [0, 1), got {opt.beta2}")
-        for flag in ("t_stats", "t_inv", "train_samples"):
-            v = getattr(opt, flag)
-            need(v >= 1, f"--{flag} must be a positive integer, got {v}")
-        need(opt.kfac_rank is None or opt.kfac_rank >= 1,
-             f"--kfac_rank must be a positive integer (omit it for exact factors), got {opt.kfac_rank}")
         need(opt.test_samples >= 0, f"--test_samples must be >= 0 (0 = mean weights), got {opt.test_samples}")
         need(opt.num_threads is None or opt.num_threads >= 1,
              f"--num_threads must be a positive integer, got {opt.num_threads}")
-        need(1 <= opt.display_port <= 65535, f"--display_port must be in 1..65535, got {opt.display_port}")
-        need(opt.n is None or opt.n >= 1, f"--n must be a positive integer, got {opt.n}")
-        train_size = DATASETS[opt.dataset].train_size
-        need(opt.subset is None or 1 <= opt.subset <= train_size,
-             f"--subset must be between 1 and {train_size} (the {opt.dataset} training-set size), "
-             f"got {opt.subset}")
         need(not opt.name or ("/" not in opt.name and opt.name not in (".", "..")),
              f"--name must be a plain folder name (no '/'), got {opt.name!r}")
 
@@ -300,7 +264,7 @@ class BaseOptions:
         if getattr(opt, "kfac_rank", None) is not None and getattr(opt, "damping_mode", None) == "exact":
             raise UserError("--kfac_rank works with the factored damping only; drop --damping_mode exact or "
                             "--kfac_rank")
-        if opt.kfac_structure != "block_diagonal":
+        if getattr(opt, "kfac_structure", None) not in (None, "block_diagonal"):
             if opt.optimizer != "noisy_kfac":
                 raise UserError(f"--kfac_structure {opt.kfac_structure} is for --optimizer noisy_kfac (--model MVG), "
                                 f"not {opt.optimizer}; drop --kfac_structure")
@@ -322,6 +286,11 @@ class BaseOptions:
             )
 
 
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise UserError(msg)
+
+
 class TrainOptions(BaseOptions):
     """Flags of train.py."""
 
@@ -330,8 +299,52 @@ class TrainOptions(BaseOptions):
     def initialize(self, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         """Add the shared flags plus the training flags."""
         parser = super().initialize(parser)
+        g = parser.add_argument_group("optimizer (each default is the optimizer class's own)")
+        g.add_argument("--lr", type=float, default=None, help=f"learning rate ({_per_optimizer('lr')})")
+        g.add_argument("--momentum", type=float, default=None,
+                       help=f"beta1 (Noisy Adam) or momentum ({_per_optimizer('momentum')})")
+        g.add_argument("--beta2", type=float, default=None,
+                       help=f"running-average rate of the curvature ({_per_optimizer('beta2')})")
+        g.add_argument("--n", type=int, default=None,
+                       help="training-set size N in the ELBO (default: the real size, or --subset)")
+        g.add_argument("--kl_weight", type=float, default=None,
+                       help=f"lambda, the weight of the KL term ({_per_optimizer('kl_weight')})")
+        g.add_argument("--prior_var", type=float, default=None,
+                       help=f"eta, the prior variance ({_per_optimizer('prior_var')})")
+        g.add_argument("--damping", type=float, default=None,
+                       help=f"extrinsic damping gamma_ex ({_per_optimizer('damping')})")
+        g.add_argument("--init_precision", type=float, default=None,
+                       help=f"posterior precision before the first step ({_per_optimizer('init_precision')})")
+        g.add_argument("--fisher", choices=("example", "batch", "hessian", "true"), default=None,
+                       help="curvature estimate: per-example squares (the empirical Fisher), squared batch "
+                            "gradient, reparameterisation Hessian (diagonal methods), or sampled labels "
+                            f"(noisy_kfac) ({_per_optimizer('fisher')})")
+        g.add_argument("--t_stats", type=int, default=None,
+                       help=f"steps between curvature-statistics updates ({_per_optimizer('t_stats')})")
+        g.add_argument("--t_inv", type=int, default=None,
+                       help=f"steps between curvature decompositions ({_per_optimizer('t_inv')})")
+        g.add_argument("--kfac_rank", type=int, default=None,
+                       help="noisy_kfac: keep the top-K eigenpairs of each Kronecker factor larger than K, plus the "
+                            "mean of the rest of its spectrum (default: exact factors)")
+        g.add_argument("--kfac_structure", choices=KFAC_STRUCTURES, default=None,
+                       help="noisy_kfac posterior: block_diagonal (layers independent) or block_tridiagonal "
+                            f"(adjacent Linear layers of a chain correlated; docs/MATH.md) "
+                            f"({_per_optimizer('kfac_structure')})")
+        g.add_argument("--norm_posterior", choices=("gaussian", "point"), default=None,
+                       help="affine parameters of BatchNorm/LayerNorm/GroupNorm layers (FFG/MVG): gaussian "
+                            "(sampled) or point (same preconditioned step, no noise) "
+                            f"({_per_optimizer('norm_posterior')})")
+        g.add_argument("--damping_mode", choices=("factored", "exact"), default=None,
+                       help=f"K-FAC damping ({_per_optimizer('damping_mode')})")
+        g.add_argument("--kl_clip", type=float, default=None,
+                       help=f"K-FAC trust region on the update ({_per_optimizer('kl_clip')}; 0 turns it off)")
+        g.add_argument("--eps", type=float, default=None, help=f"Adam's epsilon ({_per_optimizer('eps')})")
+        g.add_argument("--train_samples", type=int, default=1, help="Monte Carlo samples per training step")
+
         g = parser.add_argument_group("training")
-        g.add_argument("--lr", type=float, default=None, help="learning rate (default: per optimizer)")
+        g.add_argument("--batch_size", type=int, default=100)
+        g.add_argument("--subset", type=int, default=None,
+                       help="use only N training examples (first N after a seeded shuffle)")
         g.add_argument("--epoch", type=int, default=20, help="number of epochs to train")
         g.add_argument("--lr_schedule", choices=("none", "step", "exponential", "cosine"), default="none",
                        help="learning-rate schedule (the seed's MVG run used: step, x0.1 every 30 epochs)")
@@ -342,10 +355,40 @@ class TrainOptions(BaseOptions):
                        help="continue the run --name from its latest checkpoint")
         g.add_argument("--log_interval", type=int, default=100, help="iterations between iteration records")
         g.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR10 only)")
+        g.add_argument("--no_progress", action="store_true",
+                       help="no progress bar (without a terminal there is one line per epoch anyway)")
+
+        g = parser.add_argument_group("visdom")
+        g.add_argument("--display_server", default="http://localhost")
+        g.add_argument("--display_port", type=int, default=8097)
+        g.add_argument("--env", default="main", help="visdom environment")
+        g.add_argument("--no_visdom", action="store_true", help="do not send plots to visdom")
         return parser
 
     def _check_ranges(self, opt: argparse.Namespace) -> None:
         super()._check_ranges(opt)
+        need = _need
+        need(opt.batch_size >= 1, f"--batch_size must be a positive integer, got {opt.batch_size}")
+        need(opt.eps is None or opt.eps > 0, f"--eps must be > 0, got {opt.eps}")
+        need(opt.kl_weight is None or opt.kl_weight >= 0, f"--kl_weight must be >= 0, got {opt.kl_weight}")
+        for flag in ("prior_var", "init_precision"):
+            v = getattr(opt, flag)
+            need(v is None or v > 0, f"--{flag} must be > 0, got {v}")
+        need(opt.kl_clip is None or opt.kl_clip >= 0, f"--kl_clip must be >= 0 (0 turns it off), got {opt.kl_clip}")
+        need(opt.damping is None or opt.damping >= 0, f"--damping must be >= 0, got {opt.damping}")
+        need(opt.momentum is None or 0 <= opt.momentum < 1, f"--momentum must be in [0, 1), got {opt.momentum}")
+        need(opt.beta2 is None or 0 <= opt.beta2 < 1, f"--beta2 must be in [0, 1), got {opt.beta2}")
+        for flag in ("t_stats", "t_inv", "train_samples"):
+            v = getattr(opt, flag)
+            need(v is None or v >= 1, f"--{flag} must be a positive integer, got {v}")
+        need(opt.kfac_rank is None or opt.kfac_rank >= 1,
+             f"--kfac_rank must be a positive integer (omit it for exact factors), got {opt.kfac_rank}")
+        need(1 <= opt.display_port <= 65535, f"--display_port must be in 1..65535, got {opt.display_port}")
+        need(opt.n is None or opt.n >= 1, f"--n must be a positive integer, got {opt.n}")
+        train_size = DATASETS[opt.dataset].train_size
+        need(opt.subset is None or 1 <= opt.subset <= train_size,
+             f"--subset must be between 1 and {train_size} (the {opt.dataset} training-set size), "
+             f"got {opt.subset}")
         if opt.lr is not None and not opt.lr > 0:
             raise UserError(f"--lr must be > 0, got {opt.lr}")
         if opt.epoch <= 0:
@@ -362,6 +405,8 @@ class TrainOptions(BaseOptions):
     def resolve(self, opt: argparse.Namespace, explicit: set[str]) -> None:
         """Derived defaults plus ``name``/``run_dir``; checks ``--resume`` has something to resume."""
         super().resolve(opt, explicit)
+        if opt.data_root is None:  # recorded as found, so test.py finds the data where training did
+            opt.data_root = str(resolve_data_root(None, opt.dataset))
         if opt.name is None:
             opt.name = f"{opt.dataset}_{opt.model}_{opt.optimizer}_{opt.arch}"
         run_dir = Path(opt.ckpt_dir) / opt.name
@@ -383,12 +428,28 @@ class TestOptions(BaseOptions):
         parser = super().initialize(parser)
         g = parser.add_argument_group("evaluation")
         g.add_argument("--epoch", type=int, default=None, help="checkpoint epoch to load (default: latest)")
+        g.add_argument("--batch_size", type=int, default=EVAL_BATCH_SIZE,
+                       help="test examples per batch (one weight sample per batch and MC sample)")
         g.add_argument("--ood_dataset", choices=tuple(DATASETS), default=None,
                        help="also score out-of-distribution detection against this data set")
         return parser
 
+    def gather_options(self, argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
+        """As for train.py, but a training flag is one line saying test.py takes it from the run."""
+        args = sys.argv[1:] if argv is None else list(argv)
+        test_flags = {s for a in self.build_parser()._actions for s in a.option_strings}
+        train_flags = {s for a in TrainOptions().build_parser()._actions for s in a.option_strings}
+        for arg in args:
+            flag = arg.split("=", 1)[0]
+            if flag in train_flags and flag not in test_flags:
+                self.parser = self.build_parser()
+                self.parser.error(f"{flag} is a training option; test.py uses the run's value (from its opt.json), "
+                                  f"so drop {flag}")
+        return super().gather_options(args)
+
     def _check_ranges(self, opt: argparse.Namespace) -> None:
         super()._check_ranges(opt)
+        _need(opt.batch_size >= 1, f"--batch_size must be a positive integer, got {opt.batch_size}")
         if opt.epoch is not None and opt.epoch <= 0:
             raise UserError(f"--epoch must be a positive integer, got {opt.epoch}")
 
@@ -396,7 +457,7 @@ class TestOptions(BaseOptions):
         """Find the run and epoch, take the model-defining options from its opt.json."""
         ckpt_dir = Path(opt.ckpt_dir)
         if opt.name is None:
-            run_dir = latest_run(ckpt_dir, opt.model if "model" in explicit else None)
+            run_dir = latest_run(ckpt_dir, opt.model if "model" in explicit else None).path
             opt.name = run_dir.name
         else:
             run_dir = ckpt_dir / opt.name
@@ -407,7 +468,7 @@ class TestOptions(BaseOptions):
                     "pass one of them with --name"
                 )
         opt.run_dir = str(run_dir)
-        saved = read_options(run_dir)
+        saved = RunDir(run_dir).read_options()
         if saved is not None:
             for key in RUN_KEYS + _INHERITED_AT_TEST:
                 if key not in saved:
@@ -454,16 +515,18 @@ def _fmt(value: object) -> str:
 
 
 def format_options(opt: argparse.Namespace) -> str:
-    """The options as the seed's human-readable table (non-defaults marked)."""
+    """The options as the seed's human-readable table; a flag given on the command line shows its default."""
     cls = TrainOptions if getattr(opt, "is_train", True) else TestOptions
-    defaults = cls().build_parser()
-    known = {a.dest for a in defaults._actions}
+    parser = cls().build_parser()
+    defaults = {a.dest: a.default for a in parser._actions}
+    if getattr(opt, "optimizer", None) in OPTIMIZER_CLASSES:
+        defaults.update({k: v for k, v in optimizer_defaults(opt.optimizer).items() if k in defaults})
+    explicit = set(getattr(opt, "explicit", ()))
     lines = ["----------------- Options ---------------"]
     for k, v in sorted(vars(opt).items()):
         comment = ""
-        default = defaults.get_default(k)
-        if k in known and v != default:
-            comment = f"\t[default: {default}]"
+        if k in explicit and k in defaults and v != defaults[k]:
+            comment = f"\t[default: {defaults[k]}]"
         lines.append(f"{k:>25}: {str(v):<30}{comment}")
     lines.append("----------------- End -------------------")
     return "\n".join(lines)
@@ -475,7 +538,5 @@ def print_options(opt: argparse.Namespace) -> None:
 
 
 def save_options(opt: argparse.Namespace, run_dir: str | Path) -> None:
-    """Write ``opt.txt`` (human table) and ``opt.json`` into ``run_dir`` atomically."""
-    run_dir = Path(run_dir)
-    write_text_atomic(run_dir / "opt.txt", format_options(opt) + "\n")
-    write_text_atomic(run_dir / "opt.json", json.dumps(vars(opt), indent=2, sort_keys=True, default=str) + "\n")
+    """Write ``opt.txt`` (the table) and ``opt.json`` into ``run_dir`` atomically."""
+    RunDir(run_dir).save_options(vars(opt), format_options(opt))

@@ -14,7 +14,6 @@ and write ``epoch_<N>.pt`` atomically. ``--resume`` continues bit-for-bit (CPU).
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -29,21 +28,11 @@ from models import bayesian_layers
 from optimizers import NGVIOptimizer, NoisyKFAC
 from option_parser import TrainOptions, print_options, save_options
 from util import distributed
-from util.checkpoint import (
-    CHECKPOINT_FORMAT,
-    checkpoint_path,
-    latest_epoch,
-    list_epochs,
-    load_checkpoint,
-    remove_stale_temp_files,
-    rng_state,
-    save_atomic,
-    set_rng_state,
-    write_text_atomic,
-)
+from util.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, rng_state, set_rng_state
 from util.errors import UserError, run_cli
 from util.evaluation import evaluate
 from util.experiment import finite, make_model, make_optimizer, make_scheduler
+from util.run_dir import RunDir
 from util.visualizer import Visualizer
 
 
@@ -92,7 +81,7 @@ class StepRecords:
 
 
 def account(records: StepRecords, totals: tuple[dict, ...], epoch: int, ctx: distributed.DistContext,
-            run_dir: Path) -> None:
+            run: RunDir) -> None:
     """Add the steps since the last read to ``totals``; :class:`Diverged` at the first non-finite loss (any rank)."""
     first = records.first_step
     entries = records.read()
@@ -101,7 +90,7 @@ def account(records: StepRecords, totals: tuple[dict, ...], epoch: int, ctx: dis
     if bad != math.inf:
         step = int(bad)
         raise Diverged(f"training diverged at epoch {epoch}, step {step} (loss = {entries[step - first][0]}); "
-                       f"{_last_good(run_dir)}; lower --lr or raise --damping")
+                       f"{run.last_good()}; lower --lr or raise --damping")
     for value, correct, size in entries:
         for acc in totals:
             acc["loss"] += value * size
@@ -145,20 +134,6 @@ def fetch_data(name: str, data_root: str | None, ctx: distributed.DistContext) -
                                  "point --data_root at a folder that has it")
 
 
-def read_metrics(path: Path, up_to_epoch: int) -> list[str]:
-    """The lines of ``metrics.jsonl`` that belong to epochs ``<= up_to_epoch`` (for ``--resume``)."""
-    if not path.exists():
-        return []
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("epoch", 0) <= up_to_epoch:
-                keep.append(line)
-        except json.JSONDecodeError:  # a line cut by a kill mid-write
-            continue
-    return keep
-
-
 def main(argv: list[str] | None = None) -> None:
     opt = TrainOptions().parse(argv)
     ctx, device = distributed.setup(opt.device)
@@ -171,10 +146,10 @@ def main(argv: list[str] | None = None) -> None:
 def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
     if opt.num_threads:
         torch.set_num_threads(opt.num_threads)
-    run_dir = Path(opt.run_dir)
-    if not opt.resume and list_epochs(run_dir):
-        raise UserError(f"run {opt.name!r} already has checkpoints in {run_dir} (epochs "
-                        f"{', '.join(map(str, list_epochs(run_dir)))}); pass --resume to continue it "
+    run = RunDir(opt.run_dir)
+    if not opt.resume and run.epochs():
+        raise UserError(f"run {opt.name!r} already has checkpoints in {run.path} (epochs "
+                        f"{', '.join(map(str, run.epochs()))}); pass --resume to continue it "
                         "or --name for a new run")
     if ctx.is_main:
         print_options(opt)
@@ -197,31 +172,23 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
     torch.manual_seed(opt.seed + 1000 * ctx.rank)  # each rank draws its own weight noise
 
     start_epoch, iteration = 1, 0
-    metrics_path = run_dir / "metrics.jsonl"
     if opt.resume:
-        ckpt = restore(checkpoint_path(run_dir, latest_epoch(run_dir)), model, optimizer, scheduler, ctx, device,
-                       opt.seed)
+        ckpt = restore(run.checkpoint(run.latest_epoch()), model, optimizer, scheduler, ctx, device, opt.seed)
         start_epoch, iteration = ckpt["epoch"] + 1, ckpt["iteration"]
         if ctx.is_main:
-            write_text_atomic(metrics_path, "".join(line + "\n" for line in read_metrics(metrics_path, ckpt["epoch"])))
-            remove_stale_temp_files(run_dir)
+            run.truncate_metrics(ckpt["epoch"])
+            run.remove_temp_files()
             print(f"resuming {opt.name} from epoch {ckpt['epoch']}")
     elif ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_options(opt, run_dir)
-        metrics_path.write_text("")
+        run.start_metrics()
+        save_options(opt, run.path)
 
     vis = Visualizer(opt.display_server, opt.display_port, opt.env, opt.name,
                      enabled=ctx.is_main and not opt.no_visdom)
     vis.log_options({k: v for k, v in vars(opt).items() if k != "explicit"})
 
     def log(record: dict) -> None:
-        try:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:
-            raise UserError(f"cannot append to {metrics_path} ({e.strerror}); free disk space, then continue "
-                            f"with --resume ({_last_good(run_dir)})") from None
+        run.append_metrics(record)
         vis.log_record(record)
 
     samples_per_step = opt.train_samples if bayesian else 1
@@ -232,8 +199,10 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
         t0 = time.perf_counter()
         sums = {"loss": 0.0, "correct": 0, "seen": 0}
         window = {"loss": 0.0, "correct": 0, "seen": 0}
-        bar = tqdm(loader, desc=f"epoch {epoch}/{opt.epoch}", disable=opt.no_progress or not ctx.is_main,
-                   leave=False, file=sys.stdout, dynamic_ncols=True)
+        # a bar only on a terminal; redirected to a file, the epoch's line below is its one summary line
+        show_bar = ctx.is_main and not opt.no_progress and sys.stdout.isatty()
+        bar = tqdm(loader, desc=f"epoch {epoch}/{opt.epoch}", disable=not show_bar, leave=False, file=sys.stdout,
+                   dynamic_ncols=True)
         for step, (x, y) in enumerate(bar, 1):
             optimizer.zero_grad()
             for _ in range(samples_per_step):
@@ -248,11 +217,11 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
             try:
                 optimizer.step()
             except torch.linalg.LinAlgError:  # a non-finite loss reached the curvature factors
-                account(records, (sums, window), epoch, ctx, run_dir)
+                account(records, (sums, window), epoch, ctx, run)
                 raise
             iteration += 1
             if step % opt.log_interval == 0:
-                account(records, (sums, window), epoch, ctx, run_dir)
+                account(records, (sums, window), epoch, ctx, run)
                 if ctx.is_main:
                     rate = sums["seen"] * ctx.world_size / (time.perf_counter() - t0)
                     bar.set_postfix(loss=f"{window['loss'] / window['seen']:.3f}",
@@ -262,7 +231,7 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
                          "epoch_float": epoch - 1 + step / len(loader), "loss": window["loss"] / window["seen"],
                          "acc": window["correct"] / window["seen"], "lr": optimizer.param_groups[0]["lr"]})
                 window = {"loss": 0.0, "correct": 0, "seen": 0}
-        account(records, (sums,), epoch, ctx, run_dir)
+        account(records, (sums,), epoch, ctx, run)
         bar.close()
         seconds = time.perf_counter() - t0
         # the epoch's training loss and accuracy over all ranks' shards, not rank 0's alone
@@ -270,7 +239,7 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
             [sums["loss"], sums["correct"], sums["seen"]], ctx)
         distributed.average_running_stats(model)  # BatchNorm statistics of all ranks' shards
         if not finite(model):
-            raise Diverged(f"training diverged in epoch {epoch}: the weights are not finite; {_last_good(run_dir)}; "
+            raise Diverged(f"training diverged in epoch {epoch}: the weights are not finite; {run.last_good()}; "
                            "lower --lr or raise --damping")
 
         # -- evaluate (rank 0), log, checkpoint --------------------------------------------
@@ -293,18 +262,13 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
             log(record)
             if bayesian:
                 vis.log_posterior(epoch, *posterior_summaries(model, optimizer))
-            save_atomic({"format_version": CHECKPOINT_FORMAT, "epoch": epoch, "iteration": iteration,
-                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": rngs,
-                         "options": {k: v for k, v in vars(opt).items() if k != "explicit"}, "metrics": record},
-                        checkpoint_path(run_dir, epoch))
+            run.save_checkpoint({"format_version": CHECKPOINT_FORMAT, "epoch": epoch, "iteration": iteration,
+                                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(), "rng": rngs,
+                                 "options": {k: v for k, v in vars(opt).items() if k != "explicit"},
+                                 "metrics": record}, epoch)
     if ctx.is_main:
-        print(f"done: checkpoints in {run_dir}; evaluate with: python test.py --name {opt.name} --epoch {opt.epoch}")
-
-
-def _last_good(run_dir: Path) -> str:
-    last = latest_epoch(run_dir)
-    return f"the last good checkpoint is {checkpoint_path(run_dir, last)}" if last else "no checkpoint was written"
+        print(f"done: checkpoints in {run.path}; evaluate with: python test.py --name {opt.name} --epoch {opt.epoch}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ Every run trains one (task, method, seed, learning rate) for E epochs with ``tra
 (same in-memory loader, seeded the same way, batch 100, or the task's own): the options are built by
 ``option_parser.TrainOptions().parse([...])`` and turned into model and optimizer by
 ``util.experiment.make_model`` / ``make_optimizer``, so a run is what ``train.py`` would do
-with those flags (the per-optimizer ``DEFAULTS`` for everything but ``--lr``). IVON is not a
+with those flags (the optimizer classes' defaults for everything but ``--lr``). IVON is not a
 ``train.py`` optimizer: it is ``ivon.IVON(params, lr, ess=N)`` (package defaults otherwise:
 ``hess_init=1, weight_decay=1e-4, beta2=0.99999``) on the deterministic (MAP) model, each
 step inside ``optimizer.sampled_params(train=True)``.
@@ -31,11 +31,11 @@ for ``--sweep_epochs`` epochs (default ``--epochs``: the lr is tuned for the len
 at), training on the first 50,000 MNIST training images and scoring on the last 10,000 (a
 validation split; the test set is never used to tune); the lr with the lowest validation NLL
 is used for every task. ``--no_sweep`` uses the lrs an earlier sweep chose (stored in the
-JSON), else the defaults of ``util.experiment.DEFAULTS`` (IVON: 0.1).
+JSON), else the defaults of ``util.experiment.optimizer_defaults`` (IVON: 0.1).
 
 Results accumulate in ``bench/results/accuracy.json``, which is rewritten after every run; a run
 already there (same task, method, seed, lr, epochs, subset, and the same optimizer settings, so a
-change of ``util.experiment.DEFAULTS`` re-runs what it affects) is not run again, so an interrupted
+change of ``util.experiment.optimizer_defaults`` re-runs what it affects) is not run again, so an interrupted
 benchmark resumes where it stopped. From the JSON it writes ``docs/results.md`` (tables, sweep,
 published reference points, the commands) and ``bench/results/<task>_curves.png`` /
 ``<task>_reliability.png``.
@@ -79,7 +79,7 @@ from data import DATASETS, InMemoryLoader, find_data, load_split, take_subset  #
 from models import bayesian_layers  # noqa: E402
 from option_parser import TrainOptions  # noqa: E402
 from util.evaluation import ood_auroc, predict  # noqa: E402
-from util.experiment import DEFAULTS, finite, make_model, make_optimizer, setting  # noqa: E402
+from util.experiment import finite, make_model, make_optimizer, optimizer_defaults  # noqa: E402
 from util.metrics import accuracy, ece, nll, reliability_bins  # noqa: E402
 
 
@@ -117,7 +117,7 @@ GRID = {
     "VOGN": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
     "IVON": [0.05, 0.1, 0.2, 0.5],
 }
-DEFAULT_LR = {"IVON": 0.1, **{m: DEFAULTS[o]["lr"] for m, (_, o) in METHODS.items() if o}}
+DEFAULT_LR = {"IVON": 0.1, **{m: optimizer_defaults(o)["lr"] for m, (_, o) in METHODS.items() if o}}
 SWEEP_TASK = "mnist_mlp"
 NORM_ARCHS = ("resnet20",)  # archs with normalisation layers (where --norm_posterior matters)
 TEST_SAMPLES = 10
@@ -278,7 +278,7 @@ IVON_DEFAULTS = {k: v.default for k, v in inspect.signature(ivon.IVON).parameter
 
 def optimizer_settings(task: Task, method: str, lr: float, n: int, args: argparse.Namespace) -> dict:
     """Everything the run's optimizer is built with (stored with the run; a stored run whose settings
-    differ from today's, e.g. after a change of ``util.experiment.DEFAULTS``, is run again)."""
+    differ from today's, e.g. after a change of ``util.experiment.optimizer_defaults``, is run again)."""
     return _settings(method, options(task, method, lr, n, 0, args.data_root, args.device, args.augment,
                                      args.norm_posterior))
 
@@ -287,18 +287,15 @@ def _settings(method: str, opt: argparse.Namespace) -> dict:
     if method == "IVON":
         return {"lr": float(opt.lr_ivon), "ess": opt.n, **IVON_DEFAULTS}
     name = opt.optimizer
-    out = {"optimizer": name, "lr": opt.lr if opt.lr is not None else DEFAULTS[name]["lr"], "n": opt.n,
-           "batch_size": opt.batch_size, "kl_weight": opt.kl_weight, "train_samples": opt.train_samples,
+    # the same keys as stored runs hold (the baselines' kl_weight was recorded as 1, Adam's eps never)
+    out = {"optimizer": name, "lr": opt.lr, "n": opt.n, "batch_size": opt.batch_size,
+           "kl_weight": 1.0 if opt.kl_weight is None else opt.kl_weight, "train_samples": opt.train_samples,
            "test_samples": 0 if method == "Adam" else opt.test_samples}
-    for k, v in DEFAULTS[name].items():
-        out.setdefault(k, v)
-    if "norm_posterior" in out:  # only a model with norm layers depends on it
-        if opt.arch in NORM_ARCHS:
-            out["norm_posterior"] = setting(opt, "norm_posterior")
-        else:
-            del out["norm_posterior"]
-    if name == "noisy_kfac":
-        out.update(t_stats=opt.t_stats, t_inv=opt.t_inv)
+    for k in optimizer_defaults(name):
+        if k not in out and k not in ("eps", "norm_posterior") and getattr(opt, k) is not None:
+            out[k] = getattr(opt, k)
+    if opt.arch in NORM_ARCHS and getattr(opt, "norm_posterior", None) is not None:
+        out["norm_posterior"] = opt.norm_posterior  # only a model with norm layers depends on it
     return out
 
 
@@ -529,7 +526,7 @@ def report(args, store: dict, echo: bool = True) -> str:
                  if r.get("optimizer_settings") != optimizer_settings(task, r["method"], r["lr"], r["n_train"], args)]
         if stale:
             md += ["", f"**Stale:** {', '.join(stale)} ran with optimizer settings that differ from today's "
-                   "`util.experiment.DEFAULTS`; run the command again to refresh them."]
+                   "`util.experiment.optimizer_defaults`; run the command again to refresh them."]
         md += [""] + _verdict(runs) + [""] + _mean_weights(runs) + _other_lrs(store, name, plan, args)
         have = {m: [r for r in rs if r["final"] is not None] for m, rs in runs.items()}
         if any(have.values()):
@@ -636,8 +633,8 @@ def _settings_md(store: dict) -> list[str]:
         return []
     md = ["## Optimizer settings", "",
           "Besides the learning rate (tables above) and N = the training-set size (`--n` / IVON's `ess`), the runs "
-          "used these settings (`util.experiment.DEFAULTS` for the `train.py` optimizers, the `ivon` package's "
-          "defaults for IVON):", "", "| method | settings |", "| --- | --- |"]
+          "used these settings (the optimizer classes' defaults for the `train.py` optimizers, the `ivon` "
+          "package's defaults for IVON):", "", "| method | settings |", "| --- | --- |"]
     for method in METHODS:
         for text in sorted(seen.get(method, ())):
             md.append(f"| {method} | {text} |")
@@ -656,7 +653,7 @@ def _sweep_md(store: dict) -> list[str]:
                f"the next {info['n_validation']} (a validation split held out of the **training** set; the test "
                f"set is not used). Criterion: {info['criterion']}. Cells: validation NLL / accuracy %; "
                "**bold** = chosen. Everything else is each optimizer's default "
-               "(`util.experiment.DEFAULTS`; IVON: the `ivon` package's defaults with `ess` = training-set size).",
+               "(its class's; IVON: the `ivon` package's defaults with `ess` = training-set size).",
                "", "| method | " + " | ".join(f"lr {i + 1}" for i in range(width)) + " | chosen |",
                "| --- " * (width + 2) + "|"]
         for method, grid in info["grid"].items():

@@ -8,7 +8,7 @@ For ``mlp`` on MNIST shapes (batch 100 of 1x28x28), ``lenet5`` on CIFAR-10 shape
 
 (IVON wraps the forward/backward in ``optimizer.sampled_params(train=True)``). The optimizers
 are built as ``train.py`` builds them with default flags (``util.experiment.make_optimizer``,
-so the per-optimizer ``DEFAULTS``; NoisyKFAC: its default ``t_stats``, ``t_inv``, plus
+so the optimizer classes' defaults; NoisyKFAC: its default ``t_stats``, ``t_inv``, plus
 ``NoisyKFACr<K>`` = ``--kfac_rank K`` for each K of ``--kfac_rank``); IVON uses ``lr=0.1, ess=N``.
 The timed unit is a block of ``t_inv`` consecutive steps for every method, so NoisyKFAC's
 statistics and decompositions are amortised exactly (one refresh per block, after the untimed
@@ -64,7 +64,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from models import build_model  # noqa: E402
 from optimizers.noisy_kfac import T_INV, T_STATS  # noqa: E402
-from util.experiment import DEFAULTS, make_optimizer  # noqa: E402
+from util.experiment import make_optimizer, optimizer_defaults  # noqa: E402
 
 METHODS = ["Adam", "NoisyAdam", "NoisyAdamBatch", "NoisyAdamHessian", "VOGN", "NoisyKFAC", "IVON"]
 #: the low-rank Noisy K-FAC variants are named ``NoisyKFACr<K>`` (added to METHODS by ``--kfac_rank``)
@@ -176,7 +176,7 @@ def side_flops(n: int, m: int, rank: int | None, solve: bool) -> float:
 
 
 def flop_model(method: str, shapes: list[LayerShape],
-               extra_damping: bool = DEFAULTS["noisy_kfac"]["damping"] > 0) -> float:
+               extra_damping: bool = optimizer_defaults("noisy_kfac")["damping"] > 0) -> float:
     """FLOPs of one step of ``method`` (elementwise ops counted as 1 FLOP per entry, randn too)."""
     total = forward_backward_flops(shapes)
     params = sum(s.params for s in shapes)

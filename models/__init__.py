@@ -1,8 +1,8 @@
 """Bayesian layers and the architectures (the seeds' three and ResNet-20)."""
 
-from models.architectures import ARCHS, bayesianize, build_model
+from models.architectures import ARCHS, POSTERIORS, bayesianize, build_model
 from models.bayesian_layers import (
-    POSTERIORS,
+    BAYESIAN_POSTERIORS,
     BayesianBatchNorm1d,
     BayesianBatchNorm2d,
     BayesianBatchNorm3d,
@@ -19,7 +19,7 @@ from models.bayesian_layers import (
 )
 
 __all__ = [
-    "ARCHS", "POSTERIORS", "BayesianBatchNorm1d", "BayesianBatchNorm2d", "BayesianBatchNorm3d", "BayesianConv2d",
-    "BayesianGroupNorm", "BayesianLayer", "BayesianLayerNorm", "BayesianLinear", "BayesianNorm",
+    "ARCHS", "BAYESIAN_POSTERIORS", "POSTERIORS", "BayesianBatchNorm1d", "BayesianBatchNorm2d", "BayesianBatchNorm3d",
+    "BayesianConv2d", "BayesianGroupNorm", "BayesianLayer", "BayesianLayerNorm", "BayesianLinear", "BayesianNorm",
     "bayesian_layers", "bayesian_norm", "bayesianize", "build_model", "predictive", "sampling",
 ]

@@ -27,16 +27,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.bayesian_layers import BayesianBatchNorm2d, BayesianConv2d, BayesianLinear, bayesian_norm
+from models.bayesian_layers import (
+    BAYESIAN_POSTERIORS,
+    BayesianBatchNorm2d,
+    BayesianConv2d,
+    BayesianLinear,
+    bayesian_norm,
+)
 
 ARCHS = ("mlp", "covnet", "lenet5", "resnet20")
+#: what ``build_model(posterior=...)`` (and ``--model``) takes: the Bayesian layers' posteriors and MAP
+POSTERIORS = (*BAYESIAN_POSTERIORS, "MAP")
 
 
 def _layers(posterior: str) -> tuple:
     """``(linear, conv, batchnorm2d)`` constructors for ``posterior``."""
     if posterior == "MAP":
         return nn.Linear, nn.Conv2d, nn.BatchNorm2d
-    if posterior in ("FFG", "MVG"):
+    if posterior in BAYESIAN_POSTERIORS:
         return (partial(BayesianLinear, posterior=posterior), partial(BayesianConv2d, posterior=posterior),
                 BayesianBatchNorm2d)
     raise ValueError(f"posterior must be MAP, FFG or MVG, got {posterior!r}")

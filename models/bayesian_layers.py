@@ -14,7 +14,7 @@ written by the optimizer after every step (the "two-step update" of the first se
   (``U = Q_S, V = Q_A^T, R = c / sqrt(d_S d_A^T + gamma)``) and low-rank factors
   (``U``, ``V`` = ``iso I + Q diag(coef) Q^T``), and gives the marginal variances in closed
   form: ``Var[W_ij] = ((U*U) (R*R) (V*V))_ij``. ``U`` and ``V`` are stored as a ``FactorRoot``
-  each (MATH.md, "Noisy K-FAC"): a dense matrix, a Cholesky factor ``L`` applied by triangular
+  each (docs/MATH.md, "Noisy K-FAC"): a dense matrix, a Cholesky factor ``L`` applied by triangular
   solves (``U = L^-T``, ``V = L^-1``, never formed), or a low-rank-plus-isotropic matrix applied
   in O(n K).
 
@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-POSTERIORS = ("FFG", "MVG")
+#: the posteriors a Bayesian layer holds (``models.POSTERIORS`` adds the point estimate MAP)
+BAYESIAN_POSTERIORS = ("FFG", "MVG")
 
 #: how one side of the MVG noise is stored (``FactorRoot.kind``; the layers' ``*_kind`` buffers)
 ROOT_KINDS = ("dense", "cholesky", "low_rank")
@@ -95,8 +96,8 @@ class BayesianLayer:
     joint_variance: Callable[[], Tensor] | None = None
 
     def _init_posterior(self, posterior: str, init_std: float) -> None:
-        if posterior not in POSTERIORS:
-            raise ValueError(f"posterior must be one of {POSTERIORS}, got {posterior!r}")
+        if posterior not in BAYESIAN_POSTERIORS:
+            raise ValueError(f"posterior must be one of {BAYESIAN_POSTERIORS}, got {posterior!r}")
         self.posterior = posterior
         self.sample_in_eval = False
         self.last_noise = self.mean_noise = None

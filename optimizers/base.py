@@ -1,7 +1,7 @@
 """What the three natural-gradient VI optimizers share: the model's Bayesian layers, the
 curvature hooks, the ELBO constants, and the cross-rank reduction of statistics.
 
-Symbols follow ``MATH.md``: N = ``num_data``, lambda = ``kl_weight``, eta = ``prior_var``,
+Symbols follow ``docs/MATH.md``: N = ``num_data``, lambda = ``kl_weight``, eta = ``prior_var``,
 intrinsic damping ``gamma_in = lambda / (N eta)``, extrinsic damping ``gamma_ex = damping``.
 
 Usage (the two-step update of the first seed)::
@@ -38,7 +38,7 @@ class NGVIOptimizer(Optimizer):
 
     posterior: str = ""
 
-    def __init__(self, model: nn.Module, defaults: dict, capture_kind: str, fisher: str = "empirical",
+    def __init__(self, model: nn.Module, defaults: dict, capture_kind: str, fisher: str = "example",
                  norm_posterior: str = "point") -> None:
         for key in ("lr", "num_data", "kl_weight", "prior_var"):
             if not defaults[key] > 0:
@@ -86,6 +86,11 @@ class NGVIOptimizer(Optimizer):
     def gamma_in(group: dict) -> float:
         """Intrinsic damping ``lambda / (N eta)`` (the prior's precision in the ELBO's scale)."""
         return group["kl_weight"] / (group["num_data"] * group["prior_var"])
+
+    @classmethod
+    def gamma(cls, group: dict) -> float:
+        """Total damping ``gamma = gamma_in + gamma_ex`` of the mean update (``gamma_ex`` = ``damping``)."""
+        return cls.gamma_in(group) + group["damping"]
 
     @staticmethod
     def noise_scale(group: dict) -> float:

@@ -275,15 +275,16 @@ class CurvatureCapture:
     optimizer step are averaged by the consumer. Statistics are added to ``stats[module]``
     while ``active`` (K-FAC switches it off on steps that take no statistics); with
     ``fisher="true"`` they come only from the sampled-label pass (``sampled_label_backward``),
-    with ``"empirical"`` from the ordinary passes. The loss is assumed to be the *mean* over
-    the batch of per-example losses.
+    with ``"example"`` (the empirical Fisher: the data's labels) from the ordinary passes. The loss
+    is assumed to be the *mean* over the batch of per-example losses.
     """
 
-    def __init__(self, model: nn.Module, kind: str, fisher: str = "empirical") -> None:
+    def __init__(self, model: nn.Module, kind: str, fisher: str = "example") -> None:
         if kind not in ("diag", "kfac", "none"):
             raise ValueError(f"kind must be 'diag', 'kfac' or 'none', got {kind!r}")
-        if fisher not in ("empirical", "true"):
-            raise ValueError(f"fisher must be 'empirical' or 'true', got {fisher!r}")
+        fisher = "example" if fisher == "empirical" else fisher  # the older name of "example"
+        if fisher not in ("example", "true"):
+            raise ValueError(f"fisher must be 'example' (the data's labels) or 'true' (sampled labels), got {fisher!r}")
         self.kind = kind
         self.fisher = fisher
         self.layers = supported_layers(model)
@@ -395,7 +396,7 @@ class CurvatureCapture:
     def sampled_label_backward(self, logits: Tensor, params: list[Tensor]) -> None:
         """Record the statistic from a backward at labels drawn from the model's predictive.
 
-        The "true" Fisher (MATH.md): the parameter gradients of this pass are returned by
+        The "true" Fisher (docs/MATH.md, "Curvature capture"): the parameter gradients of this pass are returned by
         ``autograd.grad`` and dropped, so ``.grad`` is untouched, and the graph is retained
         for the ordinary backward that follows.
         """

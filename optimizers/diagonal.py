@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from optimizers.base import NGVIOptimizer
 
-#: the curvature estimators of the diagonal methods (MATH.md, "Noisy Adam and VOGN")
+#: the curvature estimators of the diagonal methods (docs/MATH.md, "Noisy Adam and VOGN")
 FISHERS = ("example", "batch", "hessian")
 
 
@@ -116,7 +116,7 @@ class DiagonalNGVI(NGVIOptimizer):
         if sampled:  # the prior term at the sampled weights w = mu + noise
             torch._foreach_add_([x for x, _ in sampled], [n for _, n in sampled], alpha=gamma_in)
         torch._foreach_lerp_(exp_avgs, v, 1 - beta1)
-        if group["fisher"] == "hessian":  # the positivity correction (MATH.md), from the old f
+        if group["fisher"] == "hessian":  # the positivity correction (docs/MATH.md), from the old f
             corr = torch._foreach_sub(fishers, list(stats))
             torch._foreach_mul_(corr, corr)
             torch._foreach_div_(corr, torch._foreach_add(fishers, gamma_in))
@@ -124,7 +124,7 @@ class DiagonalNGVI(NGVIOptimizer):
         if group["fisher"] == "hessian":
             torch._foreach_add_(fishers, corr, alpha=0.5 * (1 - beta2) ** 2)
         bias_correction = 1 - beta1 ** states[0]["step"].item()
-        denom = torch._foreach_add(fishers, gamma_in + group["damping"])
+        denom = torch._foreach_add(fishers, self.gamma(group))
         torch._foreach_addcdiv_(list(params), exp_avgs, denom, value=-group["lr"] / bias_correction)
 
     @torch.no_grad()

@@ -1,7 +1,7 @@
 """Noisy Adam: natural-gradient VI for a fully factorised Gaussian posterior.
 
 Zhang, Sun, Duvenaud, Grosse, "Noisy Natural Gradient as Variational Inference", ICML 2018,
-Algorithm 1 (MATH.md, "FFG posterior"). The prior term is taken at the *sampled* weights.
+Algorithm 1 (docs/MATH.md, "Noisy Adam and VOGN"). The prior term is taken at the *sampled* weights.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Noisy K-FAC: natural-gradient VI for a matrix-variate Gaussian posterior.
 
-Zhang, Sun, Duvenaud, Grosse, ICML 2018, Algorithm 2 (MATH.md, "MVG posterior"). Each layer
+Zhang, Sun, Duvenaud, Grosse, ICML 2018, Algorithm 2 (docs/MATH.md, "Noisy K-FAC"). Each layer
 is one matrix ``W`` (out x in', the bias as the homogeneous last column; convolutions use the
 KFC factors of Grosse & Martens 2016) with posterior
 
@@ -75,7 +75,7 @@ def refreshes(k: int, t_inv: int) -> bool:
     """Whether step k (from 1) decomposes the factors: k - 1 = 0, 1, 2, 4, 8, ... < t_inv, then every t_inv.
 
     Factors estimated from a few batches change fast; the warm-up refreshes them while they do
-    (MATH.md, "Noisy K-FAC"), at a cost of log2(t_inv) extra decompositions in a whole run.
+    (docs/MATH.md, "Noisy K-FAC"), at a cost of log2(t_inv) extra decompositions in a whole run.
     """
     j = k - 1
     return j % t_inv == 0 or (j < t_inv and j & (j - 1) == 0)
@@ -148,7 +148,7 @@ def damped_roots(F: Tensor, shift_in: Tensor, shift: Tensor | None, rank: int | 
     ``shift=None``: the same as ``shift_in``.
 
     Exact (``rank`` None or >= n): ``R = L^-1`` from the Cholesky factor ``L`` (kept as ``L``,
-    applied by triangular solves) and the dense ``P``. Low rank (MATH.md, "Low-rank factors"):
+    applied by triangular solves) and the dense ``P``. Low rank (docs/MATH.md, "Noisy K-FAC", low-rank factors):
     ``F ~ F_K = Q diag(d) Q^T + r (I - Q Q^T)`` with the top-K eigenpairs ``(Q, d)`` and ``r`` the
     mean of the remaining eigenvalues, ``(tr F - sum d) / (n - K)`` (so ``tr F_K = tr F``); then
     ``(F_K + s I)^p = (r + s)^p I + Q diag((d + s)^p - (r + s)^p) Q^T`` for ``p = -1/2`` (the root)
@@ -206,13 +206,14 @@ class NoisyKFAC(NGVIOptimizer):
         model: a network of ``MVG`` Bayesian layers (``models.build_model(..., "MVG", ...)``).
         lr: step size alpha.
         momentum: heavy-ball momentum on the preconditioned update (0 = Algorithm 2 as printed).
-        num_data, kl_weight, prior_var, damping: N, lambda, eta, gamma_ex of MATH.md.
+        num_data, kl_weight, prior_var, damping: N, lambda, eta, gamma_ex of docs/MATH.md.
         stat_decay: beta, running-average weight of the Kronecker factors.
         t_stats, t_inv: refresh the factors every ``t_stats`` steps, their decompositions (and
             the posterior's sampling scale) every ``t_inv`` steps.
         damping_mode: ``"factored"`` (paper) or ``"exact"`` (eigenbasis).
-        fisher: ``"empirical"`` (true labels) or ``"true"`` (labels sampled from the model; call
-            ``true_fisher_backward(logits)`` before ``loss.backward()``).
+        fisher: ``"example"`` (the empirical Fisher: the data's labels; ``"empirical"`` is an older name)
+            or ``"true"`` (labels sampled from the model; call ``true_fisher_backward(logits)`` before
+            ``loss.backward()``).
         kl_clip: trust region on the update (``None`` = off), as in distributed K-FAC.
         init_precision: isotropic posterior precision before the first step.
         rank: ``None`` (exact factors) or K: a factor larger than K keeps its top-K eigenpairs and
@@ -229,7 +230,7 @@ class NoisyKFAC(NGVIOptimizer):
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9, num_data: int = 60000,
                  kl_weight: float = 1.0, prior_var: float = 1.0, damping: float = 1e-3, stat_decay: float = 0.95,
-                 t_stats: int = T_STATS, t_inv: int = T_INV, damping_mode: str = "factored", fisher: str = "empirical",
+                 t_stats: int = T_STATS, t_inv: int = T_INV, damping_mode: str = "factored", fisher: str = "example",
                  kl_clip: float | None = 1e-3, init_precision: float = 1e3, rank: int | None = None,
                  subspace_iters: int = 2, norm_posterior: str = "point", structure: str = "block_diagonal") -> None:
         if structure not in STRUCTURES:
@@ -298,7 +299,7 @@ class NoisyKFAC(NGVIOptimizer):
     def _precondition(self, state: dict, group: dict, V: Tensor) -> Tensor:
         if group["damping_mode"] == "factored":
             return self._stored_root(state, "A_inv").right(self._stored_root(state, "S_inv").left(V))
-        gamma = self.gamma_in(group) + group["damping"]
+        gamma = self.gamma(group)
         QS, QA = state["QS"], state["QA"]
         return QS @ ((QS.T @ V @ QA) / (state["dS"][:, None] * state["dA"][None, :] + gamma)) @ QA.T
 
@@ -321,7 +322,7 @@ class NoisyKFAC(NGVIOptimizer):
         c = self.noise_scale(group)
         if group["damping_mode"] == "factored":
             bases = tuple(state[k] if k + "_coef" in state else None for k in ("A_inv", "S_inv"))
-            dec = factored_decomposition(state["A"], state["S"], gamma_in, gamma_in + group["damping"],
+            dec = factored_decomposition(state["A"], state["S"], gamma_in, self.gamma(group),
                                          group["rank"], bases, group["subspace_iters"])
             for key in ("A_inv", "S_inv"):
                 root = dec[key]

@@ -2,7 +2,7 @@
 
 Khan et al., "Fast and Scalable Bayesian Deep Learning by Weight-Perturbation in Adam",
 ICML 2018; the second seed (Jain & Khan), Algorithm 1; momentum, tempering and several MC
-samples per step as in Osawa et al., NeurIPS 2019 (MATH.md, "VOGN")::
+samples per step as in Osawa et al., NeurIPS 2019 (docs/MATH.md, "Noisy Adam and VOGN")::
 
     s     <- beta2 s + (1 - beta2) mean_i g_i**2
     mu    <- mu - lr (g + lambda_p mu / N) / (s + lambda_p / N)
@@ -14,7 +14,7 @@ in Khan et al. (the seed's pseudo-code writes ``s_t``). ``kl_weight`` tempers bo
 ``momentum`` is ``beta1`` on the numerator, and each forward/backward pair before ``step()``
 is one MC sample. The per-example squared gradients come from the shared hooks, so
 convolution and pooling layers work without changes to the model; ``fisher="hessian"`` replaces
-them by the reparameterisation Hessian estimate (MATH.md, "Noisy Adam and VOGN").
+them by the reparameterisation Hessian estimate (docs/MATH.md, "Noisy Adam and VOGN").
 """
 
 from __future__ import annotations

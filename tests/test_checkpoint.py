@@ -18,13 +18,13 @@ import util.checkpoint as ckpt
 from util.checkpoint import (
     CHECKPOINT_FORMAT,
     latest_epoch,
-    latest_run,
     list_epochs,
     load_checkpoint,
     save_atomic,
     write_text_atomic,
 )
 from util.errors import UserError
+from util.run_dir import latest_run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -205,13 +205,13 @@ def test_latest_run(tmp_path: Path) -> None:
     b = _make_run(tmp_path, "b", "MVG", [1], 2_000_000)
     _make_run(tmp_path, "c", "MAP", [], 3_000_000)  # no checkpoints: ignored
     (tmp_path / "stray.pt").write_bytes(b"")
-    assert latest_run(tmp_path) == b
-    assert latest_run(tmp_path, "FFG") == a
-    assert latest_run(tmp_path, "MVG") == b
+    assert latest_run(tmp_path).path == b
+    assert latest_run(tmp_path, "FFG").path == a
+    assert latest_run(tmp_path, "MVG").path == b
     with pytest.raises(UserError, match="--model MAP"):
         latest_run(tmp_path, "MAP")
     os.utime(a / "epoch_2.pt", (3_000_000, 3_000_000))
-    assert latest_run(tmp_path) == a
+    assert latest_run(tmp_path).path == a
 
 
 def test_latest_run_none(tmp_path: Path) -> None:

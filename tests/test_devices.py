@@ -30,6 +30,7 @@ from optimizers import VOGN, NoisyAdam, NoisyKFAC
 from util.checkpoint import rng_state, save_atomic, set_rng_state
 from util.distributed import DistContext
 from util.errors import UserError
+from util.run_dir import RunDir
 
 CPU = torch.device("cpu")
 
@@ -198,14 +199,14 @@ def test_step_records_sum_like_python_floats_and_name_the_first_bad_step(tmp_pat
         expect["correct"] += 5 if step != 2 else 0
         expect["seen"] += 5
     totals = {"loss": 0.0, "correct": 0, "seen": 0}
-    train.account(rec, (totals,), 1, DistContext(), tmp_path)
+    train.account(rec, (totals,), 1, DistContext(), RunDir(tmp_path))
     assert totals == expect  # bit-identical to reading .item() every step
 
     rec.add(4, torch.tensor(0.5), torch.eye(10)[:5], torch.arange(5))
     rec.add(5, torch.tensor(math.nan), torch.eye(10)[:5], torch.arange(5))
     rec.add(6, torch.tensor(math.inf), torch.eye(10)[:5], torch.arange(5))
     with pytest.raises(train.Diverged, match=r"^training diverged at epoch 3, step 5 \(loss = nan\)"):
-        train.account(rec, (totals,), 3, DistContext(), tmp_path)
+        train.account(rec, (totals,), 3, DistContext(), RunDir(tmp_path))
 
 
 # --------------------------------------------------------------------------- 4. data download

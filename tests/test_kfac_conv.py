@@ -1,5 +1,5 @@
 """Noisy K-FAC on convolutions and bias-free layers, with one or several MC samples per step,
-against a hand-written float64 step (MATH.md, "MVG posterior").
+against a hand-written float64 step (docs/MATH.md, "Noisy K-FAC").
 
 The reference never uses the library's matrix view of a layer: a convolution's matrix is
 ``weight.reshape(out, C_in kh kw)`` (row-major, the order of ``reference.conv_patches``) with the

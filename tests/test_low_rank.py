@@ -1,5 +1,5 @@
 """Low-rank Kronecker factors (``NoisyKFAC(rank=K)``): sampler and preconditioner against dense float64
-references built from a full eigendecomposition, written out here (MATH.md, "Low-rank factors")."""
+references built from a full eigendecomposition, written out here (docs/MATH.md, "Noisy K-FAC", low-rank factors)."""
 
 from __future__ import annotations
 

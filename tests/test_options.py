@@ -15,7 +15,7 @@ from option_parser import TestOptions as _TestOptions  # "Test*" names would be 
 from option_parser import TrainOptions, format_options, save_options
 from util.checkpoint import save_atomic
 from util.errors import UserError
-from util.experiment import DEFAULTS, make_model, make_optimizer
+from util.experiment import make_model, make_optimizer, optimizer_defaults
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,9 +51,11 @@ def test_train_defaults() -> None:
     assert (o.model, o.optimizer, o.arch, o.dataset) == ("FFG", "noisy_adam", "mlp", "MNIST")
     assert o.hidden == [100] and o.batch_size == 100 and o.epoch == 20
     assert o.n == 60000 and o.initial_size == 784 and o.label_size == 10
-    assert o.eps == 1e-8 and o.kl_weight == 1.0 and (o.t_stats, o.t_inv) == (10, 100)
-    assert o.train_samples == 1 and o.test_samples == 10 and o.seed == 0
-    assert o.lr is None and o.prior_var is None and o.damping is None and o.fisher is None
+    assert o.kl_weight == 1.0 and o.train_samples == 1 and o.test_samples == 10 and o.seed == 0
+    # every optimizer option resolved to Noisy Adam's own defaults; the ones it does not take stay None
+    assert (o.lr, o.momentum, o.prior_var, o.damping, o.init_precision, o.fisher) == (3e-3, 0.9, 1.0, 1e-3, 1e3,
+                                                                                      "example")
+    assert o.eps is None and o.t_stats is None and o.t_inv is None and o.kl_clip is None and o.damping_mode is None
     assert o.lr_schedule == "none" and o.lr_decay == 0.1 and o.lr_step == 30
     assert o.device == "cpu" and o.ckpt_dir == "checkpoints"
     assert o.name == "MNIST_FFG_noisy_adam_mlp" and o.run_dir == os.path.join("checkpoints", o.name)
@@ -297,8 +299,8 @@ def test_run_cli_turns_user_error_into_one_line(capsys: pytest.CaptureFixture) -
 def test_beta2_and_fisher_reach_the_diagonal_optimizers(optimizer: str) -> None:
     o = train("--optimizer", optimizer)
     opt = make_optimizer(o, make_model(o))
-    assert opt.param_groups[0]["betas"][1] == DEFAULTS[optimizer]["beta2"]
-    assert opt.param_groups[0]["fisher"] == DEFAULTS[optimizer]["fisher"]
+    assert opt.param_groups[0]["betas"][1] == optimizer_defaults(optimizer)["beta2"]
+    assert opt.param_groups[0]["fisher"] == optimizer_defaults(optimizer)["fisher"]
     o = train("--optimizer", optimizer, "--beta2", "0.5", "--fisher", "hessian")
     opt = make_optimizer(o, make_model(o))
     assert opt.param_groups[0]["betas"][1] == 0.5 and opt.param_groups[0]["fisher"] == "hessian"

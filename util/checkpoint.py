@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import os
 import re
 import tempfile
@@ -37,11 +36,8 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "checkpoint_path",
     "latest_epoch",
-    "latest_run",
     "list_epochs",
-    "list_runs",
     "load_checkpoint",
-    "read_options",
     "remove_stale_temp_files",
     "rng_state",
     "save_atomic",
@@ -240,59 +236,6 @@ def load_checkpoint(
             f"{CHECKPOINT_FORMAT}; use the code version that wrote it, or retrain"
         )
     return obj
-
-
-def read_options(run_dir: str | os.PathLike) -> dict | None:
-    """The options saved in ``<run_dir>/opt.json``, or None if missing or unreadable."""
-    try:
-        with open(Path(run_dir) / "opt.json", encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def list_runs(ckpt_dir: str | os.PathLike) -> list[Path]:
-    """Run directories under ``ckpt_dir`` that hold at least one checkpoint, newest first.
-
-    "Newest" is the modification time of the run's latest checkpoint file.
-    """
-    root = Path(ckpt_dir)
-    try:
-        dirs = [p for p in root.iterdir() if p.is_dir()]
-    except OSError:
-        return []
-    stamped = []
-    for d in dirs:
-        last = latest_epoch(d)
-        if last is None:
-            continue
-        try:
-            mtime = checkpoint_path(d, last).stat().st_mtime_ns
-        except OSError:
-            continue
-        stamped.append((mtime, d.name, d))
-    stamped.sort(reverse=True)
-    return [d for _, _, d in stamped]
-
-
-def latest_run(ckpt_dir: str | os.PathLike, model: str | None = None) -> Path:
-    """The most recently written run under ``ckpt_dir`` (of ``model``, if given).
-
-    A run qualifies if it has at least one ``epoch_<N>.pt``; with ``model``, its
-    ``opt.json`` must also record that model.  :class:`UserError` if none does.
-    """
-    for run in list_runs(ckpt_dir):
-        if model is None:
-            return run
-        opts = read_options(run)
-        if opts is not None and opts.get("model") == model:
-            return run
-    which = f" for --model {model}" if model else ""
-    raise UserError(
-        f"no run with checkpoints{which} in {ckpt_dir}; train one first "
-        f"(python train.py{' --model ' + model if model else ''} ...) or pass --name/--ckpt_dir"
-    )
 
 
 def rng_state(device: torch.device) -> dict:

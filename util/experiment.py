@@ -1,12 +1,14 @@
 """From parsed options to the objects of a run: model, optimizer, LR schedule.
 
-The per-optimizer defaults live here, in one table, so that ``train.py``, ``test.py``, the
-benchmarks and the README agree. They were chosen on MNIST (see README, "Defaults").
+Each optimizer option (``--lr``, ``--damping``, ...) defaults to the default of the optimizer class it configures,
+read from the class's signature by :func:`optimizer_defaults`: the classes are the one home of those defaults.
+``option_parser`` fills them in before anything is printed or saved, so a run records the values it used.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 
 import torch
 from torch import nn
@@ -17,23 +19,41 @@ from models.joint_posterior import attach_chains
 from optimizers import VOGN, NoisyAdam, NoisyKFAC
 from util.errors import UserError
 
-#: defaults used when a flag is left unset (``None``)
-DEFAULTS: dict[str, dict] = {
-    "noisy_adam": dict(lr=3e-3, momentum=0.9, beta2=0.999, prior_var=1.0, damping=1e-3, init_precision=1e3,
-                       fisher="example", norm_posterior="point"),
-    "vogn": dict(lr=1e-2, momentum=0.9, beta2=0.999, prior_var=1.0, damping=0.0, init_precision=1e3, fisher="example",
-                 norm_posterior="point"),
-    "noisy_kfac": dict(lr=1e-3, momentum=0.9, prior_var=1.0, damping=1e-3, init_precision=1e3, fisher="example",
-                       kl_clip=1e-3, damping_mode="factored", norm_posterior="point"),
-    "adam": dict(lr=1e-3),
-    "sgd": dict(lr=1e-1, momentum=0.9),
-}
+#: the optimizer class behind each ``--optimizer``
+OPTIMIZER_CLASSES: dict[str, type] = {"noisy_adam": NoisyAdam, "vogn": VOGN, "noisy_kfac": NoisyKFAC,
+                                      "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+#: the options that configure an optimizer; each one an optimizer does not take stays ``None``
+OPTIMIZER_OPTIONS = ("lr", "momentum", "beta2", "kl_weight", "prior_var", "damping", "init_precision", "fisher",
+                     "damping_mode", "kl_clip", "t_stats", "t_inv", "kfac_rank", "kfac_structure", "norm_posterior",
+                     "eps")
+#: the SGD baseline's defaults (torch's are lr 1e-3 without momentum)
+SGD_DEFAULTS = {"lr": 0.1, "momentum": 0.9}
 
 
-def setting(opt: argparse.Namespace, key: str):
-    """The flag's value, or the optimizer's default when the flag was left unset."""
-    value = getattr(opt, key, None)
-    return DEFAULTS[opt.optimizer].get(key) if value is None else value
+def _signature_defaults(cls: type) -> dict:
+    params = inspect.signature(cls).parameters
+    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+
+
+def optimizer_defaults(name: str) -> dict:
+    """The defaults of the options optimizer ``name`` takes, read from its class (``momentum``, ``beta2``: the
+    ``betas`` of Noisy Adam; ``kfac_rank``: Noisy K-FAC's ``rank``)."""
+    if name == "sgd":
+        return dict(SGD_DEFAULTS)
+    found = _signature_defaults(OPTIMIZER_CLASSES[name])
+    if name == "noisy_adam":
+        found["momentum"], found["beta2"] = found["betas"]
+    if name == "noisy_kfac":
+        found["kfac_rank"], found["kfac_structure"] = found["rank"], found["structure"]
+    return {k: found[k] for k in OPTIMIZER_OPTIONS if k in found}
+
+
+def resolve_optimizer_options(opt: argparse.Namespace) -> None:
+    """Set every optimizer option of ``opt`` left ``None`` (or absent) to the default of ``opt.optimizer``'s class."""
+    defaults = optimizer_defaults(opt.optimizer)
+    for key in OPTIMIZER_OPTIONS:
+        if getattr(opt, key, None) is None:
+            setattr(opt, key, defaults.get(key))
 
 
 def make_model(opt: argparse.Namespace) -> nn.Module:
@@ -49,31 +69,29 @@ def make_model(opt: argparse.Namespace) -> nn.Module:
 
 
 def make_optimizer(opt: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of ``opt`` (options left ``None`` take the class's defaults; ``--kl_clip 0`` is off)."""
+    opt = argparse.Namespace(**vars(opt))
+    resolve_optimizer_options(opt)
     name = opt.optimizer
-    lr, momentum = setting(opt, "lr"), setting(opt, "momentum")
     if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, eps=opt.eps)
+        return torch.optim.Adam(model.parameters(), lr=opt.lr, eps=opt.eps)
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    common = dict(num_data=opt.n, kl_weight=opt.kl_weight, prior_var=setting(opt, "prior_var"),
-                  damping=setting(opt, "damping"), init_precision=setting(opt, "init_precision"),
-                  norm_posterior=setting(opt, "norm_posterior"))
-    fisher = setting(opt, "fisher")
+        return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum)
+    common = dict(lr=opt.lr, num_data=opt.n, kl_weight=opt.kl_weight, prior_var=opt.prior_var, damping=opt.damping,
+                  init_precision=opt.init_precision, norm_posterior=opt.norm_posterior)
     if name == "noisy_kfac":
         if getattr(opt, "beta2", None) is not None:
             raise UserError("--beta2 is for noisy_adam and vogn; drop it for noisy_kfac")
-        if fisher in ("batch", "hessian"):
-            raise UserError(f"--fisher {fisher} is for the diagonal optimizers; noisy_kfac takes example or true")
-        return NoisyKFAC(model, lr=lr, momentum=momentum, t_stats=opt.t_stats, t_inv=opt.t_inv,
-                         rank=getattr(opt, "kfac_rank", None), damping_mode=setting(opt, "damping_mode"),
-                         kl_clip=setting(opt, "kl_clip"),
-                         fisher="true" if fisher == "true" else "empirical",
-                         structure=getattr(opt, "kfac_structure", "block_diagonal"), **common)
-    if fisher == "true":
+        if opt.fisher in ("batch", "hessian"):
+            raise UserError(f"--fisher {opt.fisher} is for the diagonal optimizers; noisy_kfac takes example or true")
+        return NoisyKFAC(model, momentum=opt.momentum, t_stats=opt.t_stats, t_inv=opt.t_inv, rank=opt.kfac_rank,
+                         damping_mode=opt.damping_mode, kl_clip=opt.kl_clip or None, fisher=opt.fisher,
+                         structure=opt.kfac_structure, **common)
+    if opt.fisher == "true":
         raise UserError(f"--fisher true is implemented for noisy_kfac only; {name} takes example, batch or hessian")
     if name == "noisy_adam":
-        return NoisyAdam(model, lr=lr, betas=(momentum, setting(opt, "beta2")), fisher=fisher, **common)
-    return VOGN(model, lr=lr, momentum=momentum, beta2=setting(opt, "beta2"), fisher=fisher, **common)
+        return NoisyAdam(model, betas=(opt.momentum, opt.beta2), fisher=opt.fisher, **common)
+    return VOGN(model, momentum=opt.momentum, beta2=opt.beta2, fisher=opt.fisher, **common)
 
 
 def make_scheduler(opt: argparse.Namespace, optimizer: torch.optim.Optimizer):

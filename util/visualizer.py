@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import math
 import sys
 import zlib
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from util.run_dir import RunDir
 
 SKIP_KEYS = frozenset({"kind", "epoch", "iteration", "epoch_float"})
 ACCURACY_KEYS = {"train_acc": "train", "test_acc": "test"}
@@ -421,23 +422,6 @@ class Visualizer:
         self._call("save", [self.env])
 
 
-def _read_records(path: Path) -> list[dict]:
-    records = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                print(f"warning: {path}:{line_no}: not JSON, skipped", file=sys.stderr)
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
-
-
 def main(argv: list[str] | None = None) -> int:
     """Replay checkpoints/<name>/metrics.jsonl (and opt.json) into visdom."""
     parser = argparse.ArgumentParser(prog="python -m util.visualizer", description="Replay a finished run into visdom.")
@@ -448,17 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="trace name (default: the run's name)")
     args = parser.parse_args(argv)
 
-    metrics = args.run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        print(f"error: {metrics} not found", file=sys.stderr)
+    run = RunDir(args.run_dir)
+    if not run.metrics_path.is_file():
+        print(f"error: {run.metrics_path} not found", file=sys.stderr)
         return 1
-    options: dict = {}
-    opt_file = args.run_dir / "opt.json"
-    if opt_file.is_file():
-        try:
-            options = json.loads(opt_file.read_text())
-        except ValueError:
-            print(f"warning: {opt_file} is not JSON, options pane skipped", file=sys.stderr)
+    options = run.read_options() or {}
+    if not options and (run.path / RunDir.OPTIONS_JSON).is_file():
+        print(f"warning: {run.path / RunDir.OPTIONS_JSON} is not JSON, options pane skipped", file=sys.stderr)
     name = args.name or str(options.get("name") or args.run_dir.resolve().name)
 
     vis = Visualizer(server=args.server, port=args.port, env=args.env, name=name)
@@ -466,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if options:
         vis.log_options(options)
-    records = _read_records(metrics)
+    records = run.read_metrics(warn=True)
     vis.replay(records)
     vis.save()
     if not vis.enabled:
