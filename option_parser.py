@@ -22,7 +22,7 @@ Derived defaults (left ``None`` on the command line, filled in by ``parse``):
 Optimizer options (``lr``, ``momentum``, ``kl_weight``, ``prior_var``, ``damping``,
 ``init_precision``, ``fisher``, ``damping_mode``, ``kl_clip``, ``t_stats``, ``t_inv``, ``kfac_rank``, ``beta2``,
 ``norm_posterior``, ``eps``) default
-to the defaults of the optimizer class they configure (``util.experiment.optimizer_defaults`` reads them
+to the defaults of the optimizer class they configure (``experiment.optimizer_defaults`` reads them
 from its signature) and are filled in by ``parse``; one the chosen optimizer does not take stays
 ``None``.  ``data_root`` becomes the folder the data set was found in (or would be downloaded to).  So
 ``opt.txt``, ``opt.json``, the console and the dashboard show the values the run used.
@@ -50,12 +50,12 @@ from pathlib import Path
 from typing import NoReturn
 
 from data.datasets import DATASETS, resolve_data_root
+from evaluation import EVAL_BATCH_SIZE
+from experiment import OPTIMIZER_CLASSES, optimizer_defaults, resolve_optimizer_options
 from models import ARCHS, POSTERIORS
 from optimizers.noisy_kfac import STRUCTURES as KFAC_STRUCTURES
 from util.checkpoint import latest_epoch, list_epochs
 from util.errors import UserError, one_line
-from util.evaluation import EVAL_BATCH_SIZE
-from util.experiment import OPTIMIZER_CLASSES, optimizer_defaults, resolve_optimizer_options
 from util.run_dir import RunDir, latest_run, list_runs
 
 __all__ = [

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from data import load_split
+from evaluation import evaluate, ood_auroc, predict
+from experiment import make_model
 from option_parser import TestOptions
 from util.checkpoint import checkpoint_path, load_checkpoint
 from util.errors import UserError, run_cli
-from util.evaluation import evaluate, ood_auroc, predict
-from util.experiment import make_model
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ Tasks (a task is skipped, with a note, when its data set is not found):
 Every run trains one (task, method, seed, learning rate) for E epochs with ``train.py``'s step
 (same in-memory loader, seeded the same way, batch 100, or the task's own): the options are built by
 ``option_parser.TrainOptions().parse([...])`` and turned into model and optimizer by
-``util.experiment.make_model`` / ``make_optimizer``, so a run is what ``train.py`` would do
+``experiment.make_model`` / ``make_optimizer``, so a run is what ``train.py`` would do
 with those flags (the optimizer classes' defaults for everything but ``--lr``). IVON is not a
 ``train.py`` optimizer: it is ``ivon.IVON(params, lr, ess=N)`` (package defaults otherwise:
 ``hess_init=1, weight_decay=1e-4, beta2=0.99999``) on the deterministic (MAP) model, each
@@ -31,11 +31,11 @@ for ``--sweep_epochs`` epochs (default ``--epochs``: the lr is tuned for the len
 at), training on the first 50,000 MNIST training images and scoring on the last 10,000 (a
 validation split; the test set is never used to tune); the lr with the lowest validation NLL
 is used for every task. ``--no_sweep`` uses the lrs an earlier sweep chose (stored in the
-JSON), else the defaults of ``util.experiment.optimizer_defaults`` (IVON: 0.1).
+JSON), else the defaults of ``experiment.optimizer_defaults`` (IVON: 0.1).
 
 Results accumulate in ``bench/results/accuracy.json``, which is rewritten after every run; a run
 already there (same task, method, seed, lr, epochs, subset, and the same optimizer settings, so a
-change of ``util.experiment.optimizer_defaults`` re-runs what it affects) is not run again, so an interrupted
+change of ``experiment.optimizer_defaults`` re-runs what it affects) is not run again, so an interrupted
 benchmark resumes where it stopped. From the JSON it writes ``docs/results.md`` (tables, sweep,
 published reference points, the commands) and ``bench/results/<task>_curves.png`` /
 ``<task>_reliability.png``.
@@ -76,10 +76,11 @@ from common import REPO, RESULTS, environment  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from data import DATASETS, InMemoryLoader, find_data, load_split, take_subset  # noqa: E402
+from evaluation import ood_auroc, predict  # noqa: E402
+from experiment import finite, make_model, make_optimizer, optimizer_defaults  # noqa: E402
 from models import bayesian_layers  # noqa: E402
 from option_parser import TrainOptions  # noqa: E402
-from util.evaluation import ood_auroc, predict  # noqa: E402
-from util.experiment import finite, make_model, make_optimizer, optimizer_defaults  # noqa: E402
+from training import train_step  # noqa: E402
 from util.metrics import accuracy, ece, nll, reliability_bins  # noqa: E402
 
 
@@ -181,6 +182,15 @@ def scores(probs: Tensor, labels: Tensor) -> dict[str, float]:
     return {"acc": accuracy(probs, labels), "nll": nll(probs, labels), "ece": ece(probs, labels)}
 
 
+class _NonFinite(Exception):
+    """A step's loss is not finite (the step is not taken)."""
+
+
+def _finite_loss(loss: Tensor, logits: Tensor) -> None:
+    if not math.isfinite(loss.item()):
+        raise _NonFinite(loss.item())
+
+
 def train_run(task: Task, method: str, lr: float, seed: int, epochs: int, train: tuple[Tensor, Tensor],
               evaluation: tuple[Tensor, Tensor], ood: Tensor | None, args: argparse.Namespace,
               label: str) -> dict:
@@ -208,23 +218,24 @@ def train_run(task: Task, method: str, lr: float, seed: int, epochs: int, train:
         t0 = time.perf_counter()
         loss_sum, seen = 0.0, 0
         for step, (x, y) in enumerate(loader, 1):
-            optimizer.zero_grad()
             if method == "IVON":
+                optimizer.zero_grad()
                 with optimizer.sampled_params(train=True):
                     optimizer.zero_grad()
                     loss = F.cross_entropy(model(x), y)
                     loss.backward()
-            else:
-                logits = model(x)
-                if bayesian:
-                    optimizer.true_fisher_backward(logits)
-                loss = F.cross_entropy(logits, y)
-                loss.backward()
-            value = loss.item()
-            if not math.isfinite(value):
-                diverged = f"loss {value} at epoch {epoch}, step {step}"
-                break
-            optimizer.step()
+                value = loss.item()
+                if not math.isfinite(value):
+                    diverged = f"loss {value} at epoch {epoch}, step {step}"
+                    break
+                optimizer.step()
+            else:  # the step train.py takes (MC samples, true-Fisher pass, cross-rank averaging)
+                try:
+                    loss, _ = train_step(model, optimizer, x, y, opt.train_samples, before_step=_finite_loss)
+                except _NonFinite as e:
+                    diverged = f"loss {e.args[0]} at epoch {epoch}, step {step}"
+                    break
+                value = loss.item()
             loss_sum += value * len(y)
             seen += len(y)
         seconds = time.perf_counter() - t0
@@ -278,7 +289,7 @@ IVON_DEFAULTS = {k: v.default for k, v in inspect.signature(ivon.IVON).parameter
 
 def optimizer_settings(task: Task, method: str, lr: float, n: int, args: argparse.Namespace) -> dict:
     """Everything the run's optimizer is built with (stored with the run; a stored run whose settings
-    differ from today's, e.g. after a change of ``util.experiment.optimizer_defaults``, is run again)."""
+    differ from today's, e.g. after a change of ``experiment.optimizer_defaults``, is run again)."""
     return _settings(method, options(task, method, lr, n, 0, args.data_root, args.device, args.augment,
                                      args.norm_posterior))
 
@@ -526,7 +537,7 @@ def report(args, store: dict, echo: bool = True) -> str:
                  if r.get("optimizer_settings") != optimizer_settings(task, r["method"], r["lr"], r["n_train"], args)]
         if stale:
             md += ["", f"**Stale:** {', '.join(stale)} ran with optimizer settings that differ from today's "
-                   "`util.experiment.optimizer_defaults`; run the command again to refresh them."]
+                   "`experiment.optimizer_defaults`; run the command again to refresh them."]
         md += [""] + _verdict(runs) + [""] + _mean_weights(runs) + _other_lrs(store, name, plan, args)
         have = {m: [r for r in rs if r["final"] is not None] for m, rs in runs.items()}
         if any(have.values()):

@@ -47,9 +47,9 @@ from accuracy import TASKS, Data, ivon_predict, options  # noqa: E402
 from common import RESULTS, environment  # noqa: E402
 
 from data import InMemoryLoader  # noqa: E402
+from evaluation import predict  # noqa: E402
+from experiment import make_model  # noqa: E402
 from optimizers import NoisyAdam  # noqa: E402
-from util.evaluation import predict  # noqa: E402
-from util.experiment import make_model  # noqa: E402
 from util.metrics import accuracy, ece, nll  # noqa: E402
 
 N_TRAIN = 60000

@@ -7,7 +7,7 @@ For ``mlp`` on MNIST shapes (batch 100 of 1x28x28), ``lenet5`` on CIFAR-10 shape
     optimizer.zero_grad(); loss = F.cross_entropy(model(x), y); loss.backward(); optimizer.step()
 
 (IVON wraps the forward/backward in ``optimizer.sampled_params(train=True)``). The optimizers
-are built as ``train.py`` builds them with default flags (``util.experiment.make_optimizer``,
+are built as ``train.py`` builds them with default flags (``experiment.make_optimizer``,
 so the optimizer classes' defaults; NoisyKFAC: its default ``t_stats``, ``t_inv``, plus
 ``NoisyKFACr<K>`` = ``--kfac_rank K`` for each K of ``--kfac_rank``); IVON uses ``lr=0.1, ess=N``.
 The timed unit is a block of ``t_inv`` consecutive steps for every method, so NoisyKFAC's
@@ -62,9 +62,9 @@ from common import (  # noqa: E402
 )
 from torch import Tensor, nn  # noqa: E402
 
+from experiment import make_optimizer, optimizer_defaults  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizers.noisy_kfac import T_INV, T_STATS  # noqa: E402
-from util.experiment import make_optimizer, optimizer_defaults  # noqa: E402
 
 METHODS = ["Adam", "NoisyAdam", "NoisyAdamBatch", "NoisyAdamHessian", "VOGN", "NoisyKFAC", "IVON"]
 #: the low-rank Noisy K-FAC variants are named ``NoisyKFACr<K>`` (added to METHODS by ``--kfac_rank``)

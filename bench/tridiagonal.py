@@ -3,7 +3,7 @@
 Two architectures, ``mlp`` 784-100-10 (``--hidden 100``) and 784-100-100-10 (``--hidden 100 100``); methods
 ``NoisyAdam`` (FFG), ``KFAC-diag`` (``--kfac_structure block_diagonal``) and ``KFAC-tri``
 (``--kfac_structure block_tridiagonal``). Each run is what ``train.py`` does with those flags (options from
-``TrainOptions().parse``, model and optimizer from ``util.experiment``; same in-memory loader and seed), at the
+``TrainOptions().parse``, model and optimizer from ``experiment``; same in-memory loader and seed), at the
 learning rates ``bench/accuracy.py``'s 10-epoch sweep chose (Noisy Adam 3e-3, Noisy K-FAC 1e-3, the same for
 both structures), Noisy K-FAC with ``--t_stats 1 --t_inv 20`` (the defaults when this was measured) and every
 other setting at its default. After the last epoch: test accuracy, NLL, ECE (15
@@ -38,9 +38,9 @@ import torch.nn.functional as F  # noqa: E402
 from common import REPO, RESULTS, environment, interleaved  # noqa: E402
 
 from data import InMemoryLoader, load_split  # noqa: E402
+from evaluation import evaluate, ood_auroc, predict  # noqa: E402
+from experiment import finite, make_model, make_optimizer  # noqa: E402
 from option_parser import TrainOptions  # noqa: E402
-from util.evaluation import evaluate, ood_auroc, predict  # noqa: E402
-from util.experiment import finite, make_model, make_optimizer  # noqa: E402
 
 #: method -> train.py flags
 METHODS = {

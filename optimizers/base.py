@@ -22,12 +22,12 @@ import math
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from models.bayesian_layers import BayesianLayer, BayesianNorm
 from optimizers.curvature import CurvatureCapture, is_norm_layer, supported_layers
+from util.distributed import all_reduce_mean, is_distributed
 
 #: how the affine parameters of normalisation layers are treated (MATH.md, "Normalisation layers")
 NORM_POSTERIORS = ("gaussian", "point")
@@ -126,20 +126,3 @@ class NGVIOptimizer(Optimizer):
             return None
         with torch.enable_grad():
             return closure()
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_mean(tensors: list[Tensor]) -> None:
-    """Average ``tensors`` in place over all ranks with one flat all-reduce (no-op on one process)."""
-    if not is_distributed() or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()

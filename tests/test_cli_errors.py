@@ -29,10 +29,10 @@ import pytest
 import torch
 from conftest import write_fake_mnist, write_idx
 
+from experiment import make_model, make_optimizer, make_scheduler
 from option_parser import TrainOptions, save_options
 from util.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
 from util.errors import UserError
-from util.experiment import make_model, make_optimizer, make_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train
+import training
 from data import datasets as ds
 from data import has_data
 from models import build_model
@@ -84,7 +84,7 @@ def test_resume_keeps_rng_state_and_step_counters_on_the_cpu(tmp_path: Path, nam
     torch.manual_seed(123)  # another RNG state, to be replaced by the saved one
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # copying into meta parameters is a no-op, and says so
-        ckpt = train.restore(path, model2, optimizer2, scheduler2, DistContext(), meta, seed=0)
+        ckpt = training.restore(path, model2, optimizer2, scheduler2, DistContext(), meta, seed=0)
     assert ckpt["epoch"] == 1
     assert torch.equal(torch.get_rng_state(), saved_rng["torch"])
     states = list(optimizer2.state.values())
@@ -157,7 +157,7 @@ def test_checkpoint_with_cuda_state_resumes_on_a_machine_without_cuda(tmp_path: 
     path = tmp_path / "epoch_1.pt"
     save_atomic({"epoch": 1, "iteration": 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng": [rng]}, path)
-    train.restore(path, model, optimizer, scheduler, DistContext(), CPU, seed=0)
+    training.restore(path, model, optimizer, scheduler, DistContext(), CPU, seed=0)
     assert torch.equal(torch.get_rng_state(), rng["torch"])
 
 
@@ -187,7 +187,7 @@ def test_optimizer_built_before_the_parameters_move(name: str) -> None:
 
 
 def test_step_records_sum_like_python_floats_and_name_the_first_bad_step(tmp_path: Path) -> None:
-    rec = train.StepRecords(4, CPU)
+    rec = training.StepRecords(4, CPU)
     losses = [0.25, 1 / 3, 0.7]
     expect = {"loss": 0.0, "correct": 0, "seen": 0}
     for step, value in enumerate(losses, 1):
@@ -199,14 +199,14 @@ def test_step_records_sum_like_python_floats_and_name_the_first_bad_step(tmp_pat
         expect["correct"] += 5 if step != 2 else 0
         expect["seen"] += 5
     totals = {"loss": 0.0, "correct": 0, "seen": 0}
-    train.account(rec, (totals,), 1, DistContext(), RunDir(tmp_path))
+    training.account(rec, (totals,), 1, DistContext(), RunDir(tmp_path))
     assert totals == expect  # bit-identical to reading .item() every step
 
     rec.add(4, torch.tensor(0.5), torch.eye(10)[:5], torch.arange(5))
     rec.add(5, torch.tensor(math.nan), torch.eye(10)[:5], torch.arange(5))
     rec.add(6, torch.tensor(math.inf), torch.eye(10)[:5], torch.arange(5))
-    with pytest.raises(train.Diverged, match=r"^training diverged at epoch 3, step 5 \(loss = nan\)"):
-        train.account(rec, (totals,), 3, DistContext(), RunDir(tmp_path))
+    with pytest.raises(training.Diverged, match=r"^training diverged at epoch 3, step 5 \(loss = nan\)"):
+        training.account(rec, (totals,), 3, DistContext(), RunDir(tmp_path))
 
 
 # --------------------------------------------------------------------------- 4. data download
@@ -243,14 +243,14 @@ def test_failed_download_leaves_no_files(tmp_path: Path, no_data_env: Path, monk
 @pytest.mark.parametrize("local_rank", [0, 1])
 def test_one_rank_per_machine_downloads(monkeypatch: pytest.MonkeyPatch, local_rank: int) -> None:
     calls, flags = [], []
-    monkeypatch.setattr(train, "ensure_data", lambda name, root: calls.append(name))
+    monkeypatch.setattr(training, "ensure_data", lambda name, root: calls.append(name))
 
     def barrier(flag: bool, ctx: DistContext) -> bool:  # the all-reduce every rank waits at
         flags.append(flag)
         return flag
 
-    monkeypatch.setattr(train.distributed, "broadcast_flag", barrier)
-    train.fetch_data("MNIST", None, DistContext(rank=local_rank + 2, world_size=4, local_rank=local_rank))
+    monkeypatch.setattr(training.distributed, "broadcast_flag", barrier)
+    training.fetch_data("MNIST", None, DistContext(rank=local_rank + 2, world_size=4, local_rank=local_rank))
     assert calls == (["MNIST"] if local_rank == 0 else []) and flags == [False]
 
 
@@ -258,12 +258,12 @@ def test_failed_download_stops_every_rank(monkeypatch: pytest.MonkeyPatch) -> No
     def offline(name: str, root: object) -> None:
         raise UserError("MNIST data not found (download failed)")
 
-    monkeypatch.setattr(train, "ensure_data", offline)
-    monkeypatch.setattr(train.distributed, "broadcast_flag", lambda flag, ctx: True)  # rank 0 failed
+    monkeypatch.setattr(training, "ensure_data", offline)
+    monkeypatch.setattr(training.distributed, "broadcast_flag", lambda flag, ctx: True)  # rank 0 failed
     with pytest.raises(UserError, match="download failed"):
-        train.fetch_data("MNIST", None, DistContext(rank=0, world_size=2))
+        training.fetch_data("MNIST", None, DistContext(rank=0, world_size=2))
     with pytest.raises(UserError, match="see the error of local rank 0"):
-        train.fetch_data("MNIST", None, DistContext(rank=1, world_size=2, local_rank=1))
+        training.fetch_data("MNIST", None, DistContext(rank=1, world_size=2, local_rank=1))
 
 
 def test_state_dict_before_the_first_step_round_trips() -> None:

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiment import make_model, make_optimizer, optimizer_defaults
 from option_parser import TestOptions as _TestOptions  # "Test*" names would be collected by pytest
 from option_parser import TrainOptions, format_options, save_options
 from util.checkpoint import save_atomic
 from util.errors import UserError
-from util.experiment import make_model, make_optimizer, optimizer_defaults
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from experiment import make_model, make_optimizer, optimizer_defaults
 from optimizers import NoisyAdam, NoisyKFAC
 from option_parser import TestOptions as _TestOptions  # "Test*" names would be collected by pytest
 from option_parser import TrainOptions, save_options
-from util.experiment import make_model, make_optimizer, optimizer_defaults
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -3,8 +3,8 @@
 Each rank draws its own weight noise (seeded from ``--seed`` and the rank), so K ranks give K
 Monte-Carlo samples per step. The natural-gradient optimizers average gradients, curvature
 statistics and the prior's weight sample across ranks themselves, in one bucketed all-reduce
-per step (``NGVIOptimizer.all_reduce_mean``); the deterministic baselines use
-``average_gradients`` below. Only rank 0 logs, writes checkpoints and talks to visdom.
+per step (``all_reduce_mean`` below, the one home of the collectives); the deterministic baselines use
+``average_gradients``. Only rank 0 logs, evaluates, writes checkpoints and talks to visdom.
 """
 
 from __future__ import annotations
@@ -14,10 +14,26 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
-from optimizers.base import all_reduce_mean
 from util.errors import UserError
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_mean(tensors: list[Tensor]) -> None:
+    """Average ``tensors`` in place over all ranks with one flat all-reduce (no-op on one process)."""
+    if not is_distributed() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 @dataclass
