@@ -113,7 +113,7 @@ class Runs:
 
     def test(self, key: str, name: str, args: list[str]) -> tuple[str, list[str]]:
         return key, ["test.py", "--data_root", str(self.data_root), "--ckpt_dir", str(self.ckpt), "--name", name,
-                     *COMMON, *args]
+                     "--num_threads", "1", *args]
 
     def start(self, jobs: list[tuple[str, list[str]]]) -> None:
         workers = max(2, min(4, os.cpu_count() or 2))
