@@ -437,6 +437,8 @@ class TestOptions(BaseOptions):
     def gather_options(self, argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
         """As for train.py, but a training flag is one line saying test.py takes it from the run."""
         args = sys.argv[1:] if argv is None else list(argv)
+        # test.py shows neither a dashboard nor a progress bar: these two hold as given (scripts pass them to both)
+        args = [a for a in args if a not in ("--no_visdom", "--no_progress")]
         test_flags = {s for a in self.build_parser()._actions for s in a.option_strings}
         train_flags = {s for a in TrainOptions().build_parser()._actions for s in a.option_strings}
         for arg in args:

@@ -109,9 +109,9 @@ def test_old_options_with_none_still_resolve_at_test_time(old_run: Path) -> None
     assert o.lr == 1e-3 and o.kl_clip == 1e-3 and o.fisher == "example" and o.data_root is None
 
 
-@pytest.mark.parametrize("flag", ["--damping", "--lr", "--kl_clip", "--no_visdom", "--subset", "--t_inv"])
+@pytest.mark.parametrize("flag", ["--damping", "--lr", "--kl_clip", "--display_port", "--subset", "--t_inv"])
 def test_training_flags_are_an_error_in_test_py(capsys: pytest.CaptureFixture, old_run: Path, flag: str) -> None:
-    value = [] if flag == "--no_visdom" else ["5"]
+    value = ["5"]
     with pytest.raises(SystemExit) as info:
         _TestOptions().parse(["--ckpt_dir", str(old_run), flag, *value])
     err = capsys.readouterr().err
