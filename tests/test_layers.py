@@ -12,7 +12,7 @@ from torch import nn
 
 import models
 from models import BayesianConv2d, BayesianLayer, BayesianLinear
-from optimizers import NoisyKFAC
+from optimizers import NoisyAdam, NoisyKFAC
 from optimizers.noisy_kfac import factored_decomposition
 
 
@@ -368,3 +368,36 @@ def test_mean_noise_averages_the_samples_since_the_last_step():
     with torch.no_grad():  # evaluation-time samples do not count
         layer(torch.randn(4, 3))
     torch.testing.assert_close(layer.mean_noise[0], torch.stack(seen).mean(0))
+
+
+def test_noisy_adam_samples_are_exactly_the_posterior_gaussian(float64):
+    """After real Noisy Adam steps, w = mu + sigma eps with sigma = sqrt((lambda/N) / (f + gamma_in)) (MATH.md):
+    the standardised draws are N(0, 1) (KS test, moments) and independent across entries."""
+    torch.manual_seed(11)
+    model = models.build_model("mlp", "FFG", 1, 4, 3, hidden=(5,))
+    opt = NoisyAdam(model, lr=1e-2, betas=(0.9, 0.5), num_data=50, kl_weight=0.8, prior_var=2.0, damping=1e-3,
+                    init_precision=None)
+    for _ in range(3):
+        x, y = torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    layer = models.bayesian_layers(model)[0][1]
+    f = opt.state[layer.weight]["fisher"]
+    sigma_ref = ((0.8 / 50) / (f + 0.8 / (50 * 2.0))).sqrt()  # independent of the layer's buffers
+    assert sigma_ref.max() / sigma_ref.min() > 1.5  # genuinely per-parameter
+    n = 10_000
+    w, _ = draw(layer, n)
+    z = (w - layer.weight.detach()) / sigma_ref
+    flat = z.reshape(n, -1)
+    torch.testing.assert_close(flat.mean(0), torch.zeros(flat.shape[1]), rtol=0, atol=5 / n**0.5)
+    torch.testing.assert_close(flat.var(0), torch.ones(flat.shape[1]), rtol=0, atol=6 * (2 / n) ** 0.5)
+    kurt = (flat**4).mean(0) / flat.var(0) ** 2
+    assert (kurt - 3).abs().max() < 8 * (24 / n) ** 0.5
+    pooled = flat[:, :8].reshape(-1).sort().values  # KS against N(0, 1)
+    cdf = torch.special.ndtr(pooled)
+    m = pooled.numel()
+    ks = torch.maximum(torch.arange(1, m + 1) / m - cdf, cdf - torch.arange(m) / m).max()
+    assert ks < 1.95 / m**0.5, ks  # 0.1% level
+    corr = torch.corrcoef(flat[:, :6].T)
+    assert (corr - torch.eye(6)).abs().max() < 5 / n**0.5
