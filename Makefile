@@ -32,7 +32,7 @@ lint: setup
 
 ## visdom: install visdom's web assets from the npm registry if missing, then serve on $(PORT)
 visdom: setup
-	$(PY) -m util.visdom_server --port $(PORT)
+	$(PY) -m tools.visdom_server --port $(PORT)
 
 bench: setup
 	DATA_ROOT=$(DATA_ROOT) $(PY) bench/step_time.py

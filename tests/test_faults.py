@@ -40,9 +40,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tools.visdom_server import wait_for_server
 from util.checkpoint import CRASH_ENV, list_epochs, load_checkpoint
 from util.errors import UserError
-from util.visdom_server import wait_for_server
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "train.py"

@@ -1,6 +1,6 @@
 """End to end: offline visdom server + a short training run + headless Chromium.
 
-Starts ``python -m util.visdom_server`` (which installs visdom's web assets
+Starts ``python -m tools.visdom_server`` (which installs visdom's web assets
 from the npm registry on first use) on a free loopback port, runs
 ``train.py`` for one epoch on 2000 MNIST images with the dashboard pointed at
 it (``--log_interval 4`` so the per-interval windows get points), then checks
@@ -89,14 +89,14 @@ def non_loopback_ip() -> str | None:
 
 
 class OfflineServer:
-    """``python -m util.visdom_server`` on a free loopback port."""
+    """``python -m tools.visdom_server`` on a free loopback port."""
 
     def __init__(self, tmp: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env_path = tmp / "envs"
         self.log_path = tmp / "server.log"
-        cmd = [sys.executable, "-m", "util.visdom_server", "--port", str(self.port), "--hostname", "127.0.0.1"]
+        cmd = [sys.executable, "-m", "tools.visdom_server", "--port", str(self.port), "--hostname", "127.0.0.1"]
         cmd += ["--env_path", str(self.env_path), "-logging_level", "WARNING"]
         self.log = open(self.log_path, "w")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)

@@ -1,4 +1,4 @@
-"""Fast tests of util.visualizer (and util.visdom_server's helpers).
+"""Fast tests of util.visualizer (and tools.visdom_server's helpers).
 
 The servers started here are real visdom servers on free loopback ports,
 started without the web assets (the API does not need them).
@@ -20,7 +20,7 @@ import pytest
 import visdom  # noqa: F401  (imported up front so timings below measure the network only)
 from visdom_helpers import free_port, saved_env
 
-from util import visdom_server
+from tools import visdom_server
 from util.visualizer import Visualizer, _series, spectrum_grid, std_histograms
 from util.visualizer import main as replay_main
 
@@ -159,7 +159,7 @@ def test_no_server_warns_once_and_never_raises(capsys: pytest.CaptureFixture[str
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith(f"warning: no visdom server at http://127.0.0.1:{port} ")
-    assert "python -m util.visdom_server" in lines[0] and "metrics.jsonl" in lines[0]
+    assert "python -m tools.visdom_server" in lines[0] and "metrics.jsonl" in lines[0]
 
 
 def test_disabled_is_silent(capsys: pytest.CaptureFixture[str]) -> None:
@@ -304,7 +304,7 @@ def test_replay_cli_without_server_fails_cleanly(tmp_path: Path) -> None:
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("warning: no visdom server")
 
 
-# --- util.visdom_server helpers -------------------------------------------------------
+# --- tools.visdom_server helpers -------------------------------------------------------
 
 
 def test_server_command_binds_loopback_only_for_loopback_names() -> None:
@@ -329,7 +329,7 @@ def test_assets_listed_where_build_py_wants_them(tmp_path: Path) -> None:
 
 def _run_server_main(tmp_path: Path, path_env: str) -> subprocess.CompletedProcess[str]:
     code = (
-        "import sys, pathlib; from util import visdom_server as v;"
+        "import sys, pathlib; from tools import visdom_server as v;"
         f"v.visdom_static_dir = lambda: pathlib.Path({str(tmp_path / 'static')!r});"
         "sys.exit(v.main(['--install-only']))"
     )

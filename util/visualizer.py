@@ -31,7 +31,7 @@ SPECTRUM_COLUMNS = 64
 #: plotly's default trace colours (RGB)
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-START_HINT = "python -m util.visdom_server"
+START_HINT = "python -m tools.visdom_server"
 
 
 def _is_number(value: Any) -> bool:

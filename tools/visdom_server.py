@@ -9,7 +9,7 @@ writes ``static/version.built`` so visdom never tries to download again.
 
 Usage::
 
-    python -m util.visdom_server [--port 8097] [--hostname 127.0.0.1]
+    python -m tools.visdom_server [--port 8097] [--hostname 127.0.0.1]
                                  [--env_path DIR] [--install-only]
 
 Any further arguments are passed on to ``visdom.server`` (e.g.
@@ -249,7 +249,7 @@ def wait_for_server(url: str, timeout: float = 30.0) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Install the assets if needed, then exec visdom's server."""
     parser = argparse.ArgumentParser(
-        prog="python -m util.visdom_server",
+        prog="python -m tools.visdom_server",
         description="Start visdom's server without internet access (assets come from the npm registry, once).",
         epilog="Other arguments go to visdom.server unchanged, e.g. -logging_level WARNING.",
     )
