@@ -407,6 +407,8 @@ class TrainOptions(BaseOptions):
         super().resolve(opt, explicit)
         if opt.data_root is None:  # recorded as found, so test.py finds the data where training did
             opt.data_root = str(resolve_data_root(None, opt.dataset))
+        # absolute, so test.py run from another folder still finds it
+        opt.data_root = str(Path(opt.data_root).absolute())
         if opt.name is None:
             opt.name = f"{opt.dataset}_{opt.model}_{opt.optimizer}_{opt.arch}"
         run_dir = Path(opt.ckpt_dir) / opt.name
