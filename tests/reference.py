@@ -7,6 +7,8 @@ one. The tests compare the library's vectorised hooks against these in float64.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -109,3 +111,45 @@ def naive_kronecker_factors(model: nn.Module, x: Tensor, y: Tensor) -> dict[str,
                 acc[name][0] = acc[name][0] + a_i / b
                 acc[name][1] = acc[name][1] + s_i / b
     return {n: (v[0], v[1]) for n, v in acc.items()}
+
+
+class KFACPosteriorReference:
+    """The Noisy K-FAC posterior and preconditioner of MATH.md written with dense inverses (and ``kron`` for the
+    exact damping), shared by the hand-written step references. Needs ``M``, ``dec`` (the factors ``(A, S)`` per
+    layer at the last refresh, or None), ``mode``, ``gin``, ``damping``, ``c2 = lambda/N`` and ``init_std``.
+    """
+
+    @staticmethod
+    def damped(A, S, gamma):
+        pi = math.sqrt((torch.trace(A).item() / A.shape[0]) / (torch.trace(S).item() / S.shape[0]))
+        return A + pi * math.sqrt(gamma) * torch.eye(A.shape[0]), S + math.sqrt(gamma) / pi * torch.eye(S.shape[0])
+
+    def std(self, ell):
+        if self.dec is None:
+            return torch.full_like(self.M[ell], self.init_std)
+        A, S = self.dec[ell]
+        if self.mode == "factored":
+            Ag, Sg = self.damped(A, S, self.gin)
+            return (self.c2 * torch.linalg.inv(Sg).diagonal()[:, None] * torch.linalg.inv(Ag).diagonal()[None]).sqrt()
+        cov = self.c2 * torch.linalg.inv(torch.kron(A, S) + self.gin * torch.eye(A.shape[0] * S.shape[0]))
+        return cov.diagonal().sqrt().reshape(A.shape[0], S.shape[0]).T  # column-major vec
+
+    def noise(self, ell, eps):
+        """The factored sampler W - M = sqrt(lambda/N) L_S^-T E L_A^-1 (None where it is not unique)."""
+        if self.dec is None:
+            return self.init_std * eps
+        if self.mode != "factored":
+            return None
+        Ag, Sg = self.damped(*self.dec[ell], self.gin)
+        LA, LS = torch.linalg.cholesky(Ag), torch.linalg.cholesky(Sg)
+        return math.sqrt(self.c2) * torch.linalg.inv(LS).T @ eps @ torch.linalg.inv(LA)
+
+    def precondition(self, ell, V):
+        A, S = self.dec[ell]
+        gamma = self.gin + self.damping
+        if self.mode == "factored":
+            Ag, Sg = self.damped(A, S, gamma)
+            return torch.linalg.inv(Sg) @ V @ torch.linalg.inv(Ag)
+        F_ = torch.kron(A, S) + gamma * torch.eye(A.shape[0] * S.shape[0])
+        d = torch.linalg.inv(F_) @ V.T.reshape(-1)  # column-major vec
+        return d.reshape(A.shape[0], S.shape[0]).T

@@ -20,7 +20,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import conv_patches
+from reference import KFACPosteriorReference, conv_patches
 from torch import nn
 
 from models import BayesianConv2d, BayesianLinear
@@ -104,7 +104,7 @@ def batch_statistics(layers, Ws, x, y):
     return G, A, S
 
 
-class RefNoisyKFAC:
+class RefNoisyKFAC(KFACPosteriorReference):
     """MATH.md's Noisy K-FAC step (momentum, KL clip, t_stats, t_inv, both dampings), several samples."""
 
     def __init__(self, layers, lr, momentum, num_data, kl_weight, prior_var, damping, stat_decay, t_stats, t_inv,
@@ -123,40 +123,6 @@ class RefNoisyKFAC:
         self.buf = [torch.zeros_like(m) for m in self.M]
         self.k = 0
         self.nus = []
-
-    @staticmethod
-    def damped(A, S, gamma):
-        pi = math.sqrt((torch.trace(A).item() / A.shape[0]) / (torch.trace(S).item() / S.shape[0]))
-        return A + pi * math.sqrt(gamma) * torch.eye(A.shape[0]), S + math.sqrt(gamma) / pi * torch.eye(S.shape[0])
-
-    def std(self, ell):
-        if self.dec is None:
-            return torch.full_like(self.M[ell], self.init_std)
-        A, S = self.dec[ell]
-        if self.mode == "factored":
-            Ag, Sg = self.damped(A, S, self.gin)
-            return (self.c2 * torch.linalg.inv(Sg).diagonal()[:, None] * torch.linalg.inv(Ag).diagonal()[None]).sqrt()
-        cov = self.c2 * torch.linalg.inv(torch.kron(A, S) + self.gin * torch.eye(A.shape[0] * S.shape[0]))
-        return cov.diagonal().sqrt().reshape(A.shape[0], S.shape[0]).T  # column-major vec
-
-    def noise(self, ell, eps):
-        """The factored sampler ``sqrt(lambda/N) L_S^-T E L_A^-1`` (None for exact damping: basis signs)."""
-        if self.dec is None:
-            return self.init_std * eps
-        if self.mode != "factored":
-            return None
-        Ag, Sg = self.damped(*self.dec[ell], self.gin)
-        LA, LS = torch.linalg.cholesky(Ag), torch.linalg.cholesky(Sg)
-        return math.sqrt(self.c2) * torch.linalg.inv(LS).T @ eps @ torch.linalg.inv(LA)
-
-    def precondition(self, ell, V):
-        A, S = self.dec[ell]
-        gamma = self.gin + self.damping
-        if self.mode == "factored":
-            Ag, Sg = self.damped(A, S, gamma)
-            return torch.linalg.inv(Sg) @ V @ torch.linalg.inv(Ag)
-        F_ = torch.kron(A, S) + gamma * torch.eye(A.shape[0] * S.shape[0])
-        return (torch.linalg.inv(F_) @ V.T.reshape(-1)).reshape(A.shape[0], S.shape[0]).T
 
     def step(self, x, y, noises):
         """``noises``: per MC sample, the list of per-layer noise matrices of that forward pass."""
