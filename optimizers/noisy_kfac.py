@@ -199,6 +199,15 @@ def eigen_decomposition(A: Tensor, S: Tensor) -> dict[str, Tensor]:
     return {"QA": QA, "dA": dA.clamp_min(0), "QS": QS, "dS": dS.clamp_min(0)}
 
 
+def _running_average(state: dict, keys: tuple[str, str], new: tuple[Tensor, Tensor], beta: float) -> None:
+    """``X <- beta X + (1 - beta) X_batch`` for a pair of factors; the first batch initialises them."""
+    for key, x in zip(keys, new):
+        if key not in state:
+            state[key] = x.clone()
+        else:
+            state[key].mul_(beta).add_(x, alpha=1 - beta)
+
+
 class NoisyKFAC(NGVIOptimizer):
     """Noisy K-FAC (MVG posterior).
 
@@ -376,12 +385,7 @@ class NoisyKFAC(NGVIOptimizer):
                 raise RuntimeError("NoisyKFAC(fisher='true') took no statistics: call "
                                    "optimizer.true_fisher_backward(logits) before loss.backward()")
             if stats is not None:
-                if "A" not in state:
-                    state["A"], state["S"] = stats[0].clone(), stats[1].clone()
-                else:
-                    beta = group["stat_decay"]
-                    state["A"].mul_(beta).add_(stats[0], alpha=1 - beta)
-                    state["S"].mul_(beta).add_(stats[1], alpha=1 - beta)
+                _running_average(state, ("A", "S"), stats, group["stat_decay"])
             refresh = "A" in state and (refreshes(k, group["t_inv"]) or not self._has_decomposition(state))
             if refresh:
                 self._decompose(layer, state, group)
@@ -457,12 +461,7 @@ class NoisyKFAC(NGVIOptimizer):
                 cross = crosses.get(layer)
                 if cross is None:
                     continue
-                if "A_cross" not in state:
-                    state["A_cross"], state["G_cross"] = cross[0].clone(), cross[1].clone()
-                else:
-                    beta = group["stat_decay"]
-                    state["A_cross"].mul_(beta).add_(cross[0], alpha=1 - beta)
-                    state["G_cross"].mul_(beta).add_(cross[1], alpha=1 - beta)
+                _running_average(state, ("A_cross", "G_cross"), cross, group["stat_decay"])
             k = int(states[0]["step"].item())
             ready = all(self._has_decomposition(st) for st in states) and "A_cross" in states[0]
             if ready and (refreshes(k, group["t_inv"]) or "gain" not in states[0]):
