@@ -20,8 +20,8 @@ from data import load_split
 from evaluation import evaluate, ood_auroc, predict
 from experiment import make_model
 from option_parser import TestOptions
-from util.checkpoint import checkpoint_path, load_checkpoint
 from util.errors import UserError, run_cli
+from util.run_dir import RunDir
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     if opt.num_threads:
         torch.set_num_threads(opt.num_threads)
     device = torch.device(opt.device)
-    path = checkpoint_path(opt.run_dir, opt.epoch)
-    ckpt = load_checkpoint(path, map_location=device)
+    run = RunDir(opt.run_dir)
+    path = run.checkpoint(opt.epoch)
+    ckpt = run.load_checkpoint(opt.epoch)
     model = make_model(opt).to(device)
     try:
         model.load_state_dict(ckpt["model"])

@@ -75,7 +75,7 @@ class StepRecords:
 
 
 def account(records: StepRecords, totals: tuple[dict, ...], epoch: int, ctx: distributed.DistContext,
-            run: RunDir) -> None:
+            run: RunDir | None) -> None:
     """Add the steps since the last read to ``totals``; :class:`Diverged` at the first non-finite loss (any rank)."""
     first = records.first_step
     entries = records.read()
@@ -83,8 +83,9 @@ def account(records: StepRecords, totals: tuple[dict, ...], epoch: int, ctx: dis
     bad = distributed.min_over_ranks(bad, ctx)
     if bad != math.inf:
         step = int(bad)
+        where = f"{run.last_good()}; " if run is not None else ""
         raise Diverged(f"training diverged at epoch {epoch}, step {step} (loss = {entries[step - first][0]}); "
-                       f"{run.last_good()}; lower --lr or raise --damping")
+                       f"{where}lower --lr or raise --damping")
     for value, correct, size in entries:
         for acc in totals:
             acc["loss"] += value * size
@@ -152,14 +153,15 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
     return loss, logits
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader, epoch: int, run: RunDir,
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader, epoch: int, run: RunDir | None,
                 records: StepRecords, ctx: distributed.DistContext | None = None, samples: int = 1,
                 log_interval: int = 100, on_log: Callable[[int, dict], None] | None = None,
                 progress: str | None = None) -> dict:
     """Train one epoch; returns its ``loss``, ``acc`` (over all ranks' shards), ``seconds`` and ``steps``.
 
     Every ``log_interval`` steps ``on_log(step, window)`` gets the interval's mean ``loss`` and ``acc`` (rank 0
-    logs them). ``progress``: the description of a progress bar (None: no bar).
+    logs them). ``progress``: the description of a progress bar (None: no bar). ``run``: the run folder that
+    :class:`Diverged` names the last good checkpoint of (None: a run without checkpoints, e.g. a benchmark).
     """
     ctx = ctx or distributed.DistContext()
     model.train()

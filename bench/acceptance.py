@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from util.run_dir import RunDir  # noqa: E402
 
 #: name -> (train.py flags, epochs, threshold on test.py accuracy, 1-epoch threshold or None)
 RUNS = {
@@ -40,7 +42,7 @@ def run(name: str, flags: list[str], epochs: int, ckpt_dir: Path, data_root: str
     test = [sys.executable, "test.py", f"--epoch={epochs}", *common]
     out = subprocess.run(test, cwd=REPO, check=True, capture_output=True, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
-    records = [json.loads(line) for line in (ckpt_dir / name / "metrics.jsonl").read_text().splitlines()]
+    records = RunDir(ckpt_dir / name).read_metrics()
     epochs_rec = [r for r in records if r["kind"] == "epoch"]
     result["epoch1_test_acc"] = epochs_rec[0]["test_acc"]
     result["sec_per_epoch_median"] = statistics.median(r["sec_per_epoch"] for r in epochs_rec)

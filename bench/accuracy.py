@@ -80,7 +80,7 @@ from evaluation import ood_auroc, predict  # noqa: E402
 from experiment import finite, make_model, make_optimizer, optimizer_defaults  # noqa: E402
 from models import bayesian_layers  # noqa: E402
 from option_parser import TrainOptions  # noqa: E402
-from training import train_step  # noqa: E402
+from training import Diverged, StepRecords, train_epoch  # noqa: E402
 from util.metrics import accuracy, ece, nll, reliability_bins  # noqa: E402
 
 
@@ -122,6 +122,8 @@ DEFAULT_LR = {"IVON": 0.1, **{m: optimizer_defaults(o)["lr"] for m, (_, o) in ME
 SWEEP_TASK = "mnist_mlp"
 NORM_ARCHS = ("resnet20",)  # archs with normalisation layers (where --norm_posterior matters)
 TEST_SAMPLES = 10
+#: steps between the divergence checks of a run (train.py's --log_interval default)
+LOG_INTERVAL = 100
 VALIDATION = 10000
 #: published numbers, shown beside ours and labeled as such (never produced by this script)
 PUBLISHED = {
@@ -182,15 +184,6 @@ def scores(probs: Tensor, labels: Tensor) -> dict[str, float]:
     return {"acc": accuracy(probs, labels), "nll": nll(probs, labels), "ece": ece(probs, labels)}
 
 
-class _NonFinite(Exception):
-    """A step's loss is not finite (the step is not taken)."""
-
-
-def _finite_loss(loss: Tensor, logits: Tensor) -> None:
-    if not math.isfinite(loss.item()):
-        raise _NonFinite(loss.item())
-
-
 def train_run(task: Task, method: str, lr: float, seed: int, epochs: int, train: tuple[Tensor, Tensor],
               evaluation: tuple[Tensor, Tensor], ood: Tensor | None, args: argparse.Namespace,
               label: str) -> dict:
@@ -217,8 +210,8 @@ def train_run(task: Task, method: str, lr: float, seed: int, epochs: int, train:
         loader.set_epoch(epoch)
         t0 = time.perf_counter()
         loss_sum, seen = 0.0, 0
-        for step, (x, y) in enumerate(loader, 1):
-            if method == "IVON":
+        if method == "IVON":
+            for step, (x, y) in enumerate(loader, 1):
                 optimizer.zero_grad()
                 with optimizer.sampled_params(train=True):
                     optimizer.zero_grad()
@@ -229,15 +222,15 @@ def train_run(task: Task, method: str, lr: float, seed: int, epochs: int, train:
                     diverged = f"loss {value} at epoch {epoch}, step {step}"
                     break
                 optimizer.step()
-            else:  # the step train.py takes (MC samples, true-Fisher pass, cross-rank averaging)
-                try:
-                    loss, _ = train_step(model, optimizer, x, y, opt.train_samples, before_step=_finite_loss)
-                except _NonFinite as e:
-                    diverged = f"loss {e.args[0]} at epoch {epoch}, step {step}"
-                    break
-                value = loss.item()
-            loss_sum += value * len(y)
-            seen += len(y)
+                loss_sum += value * len(y)
+                seen += len(y)
+        else:  # the epoch train.py runs (MC samples, true-Fisher pass, cross-rank averaging)
+            try:
+                result = train_epoch(model, optimizer, loader, epoch, None, StepRecords(LOG_INTERVAL, device),
+                                     samples=opt.train_samples, log_interval=LOG_INTERVAL)
+                loss_sum, seen = result["loss"], 1
+            except Diverged as e:
+                diverged = str(e)
         seconds = time.perf_counter() - t0
         if diverged is None and not finite(model):
             diverged = f"non-finite weights after epoch {epoch}"
