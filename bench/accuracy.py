@@ -110,12 +110,12 @@ METHODS = {
     "IVON": ("MAP", None),
 }
 #: the learning rates the sweep tries: the default and factors of about 3 around it, extended
-#: downwards where a sweep chose the lowest value (Adam and VOGN, with 10 epochs)
+#: downwards where a sweep chose the lowest value (Adam, with 10 epochs)
 GRID = {
     "Adam": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
-    "NoisyAdam": [1e-3, 3e-3, 1e-2, 3e-2],
+    "NoisyAdam": [3e-2, 1e-1, 3e-1],
     "NoisyKFAC": [3e-4, 1e-3, 3e-3, 1e-2],
-    "VOGN": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+    "VOGN": [3e-2, 1e-1, 3e-1],
     "IVON": [0.05, 0.1, 0.2, 0.5],
 }
 DEFAULT_LR = {"IVON": 0.1, **{m: optimizer_defaults(o)["lr"] for m, (_, o) in METHODS.items() if o}}

@@ -85,6 +85,10 @@ def configs() -> dict[str, dict | None]:
     out["+beta2 +fisher"] = {**base_settings(), **IVON_LIKE["beta2"], **IVON_LIKE["fisher"]}
     out["+beta2=0.9999"] = {**base_settings(), "beta2": 0.9999}
     out["+beta2=0.9999 +fisher"] = {**base_settings(), "beta2": 0.9999, **IVON_LIKE["fisher"]}
+    # IVON's optimisation (small sigma_0, step lr / f_0 = 0.1, f nearly frozen) with our curvature and prior:
+    # the candidate defaults, which also train ResNet-20 (issue 10)
+    out["+init +beta2 +lr"] = {**base_settings(), **IVON_LIKE["init"], **IVON_LIKE["beta2"], **IVON_LIKE["lr"]}
+    out["+init +beta2=0.9999 +lr"] = {**out["+init +beta2 +lr"], "beta2": 0.9999}
     out["IVON"] = None
     return out
 

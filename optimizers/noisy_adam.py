@@ -25,6 +25,9 @@ class NoisyAdam(DiagonalNGVI):
             bounds the step as the Fisher estimate shrinks late in training (without it the MNIST
             MLP's test accuracy fell from 97.2% at epoch 7 to 96.1% at epoch 20).
         init_precision: posterior precision per weight before the first step (``None``: the prior).
+            The defaults (``init_precision = 6e4``, ``beta2 = 0.99999``, ``lr = 0.1``) are IVON's optimisation
+            in our symbols: sigma_0 = 0.004, a precision that moves only slowly from it, and a first mean step
+            ``lr / f_0 = 0.1`` (f_0 = 1 at N = 60000); docs/MATH.md, "Noisy Adam and VOGN".
         fisher: ``"example"`` (mean of per-example squared gradients: the diagonal empirical
             Fisher) or ``"batch"`` (square of the mini-batch gradient, as in Vadam and the first
             seed's code: about 1/B of the Fisher plus the squared mean, so a wider posterior) or
@@ -37,8 +40,8 @@ class NoisyAdam(DiagonalNGVI):
 
     prior_at_sample = True
 
-    def __init__(self, model: nn.Module, lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, model: nn.Module, lr: float = 0.1, betas: tuple[float, float] = (0.9, 0.99999),
                  num_data: int = 60000, kl_weight: float = 1.0, prior_var: float = 1.0, damping: float = 1e-3,
-                 init_precision: float | None = 1e3, fisher: str = "example", norm_posterior: str = "point") -> None:
+                 init_precision: float | None = 6e4, fisher: str = "example", norm_posterior: str = "point") -> None:
         super().__init__(model, lr, betas, num_data, kl_weight, prior_var, damping, init_precision, fisher,
                          norm_posterior)

@@ -12,7 +12,7 @@ with prior precision ``lambda_p = 1 / prior_var``. The mean update uses the *new
 in Khan et al. (the seed's pseudo-code writes ``s_t``). ``kl_weight`` tempers both terms
 (``gamma_in = kl_weight / (N prior_var)``, ``sigma**2 = (kl_weight/N) / (s + gamma_in)``),
 ``momentum`` is ``beta1`` on the numerator, and each forward/backward pair before ``step()``
-is one MC sample. The per-example squared gradients come from the shared hooks, so
+is one MC sample. The defaults (``lr`` 0.1, ``beta2`` 0.99999, ``init_precision`` 6e4) are Noisy Adam's. The per-example squared gradients come from the shared hooks, so
 convolution and pooling layers work without changes to the model; ``fisher="hessian"`` replaces
 them by the reparameterisation Hessian estimate (docs/MATH.md, "Noisy Adam and VOGN").
 """
@@ -29,8 +29,8 @@ class VOGN(DiagonalNGVI):
 
     prior_at_sample = False
 
-    def __init__(self, model: nn.Module, lr: float = 1e-2, momentum: float = 0.9, beta2: float = 0.999,
+    def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9, beta2: float = 0.99999,
                  num_data: int = 60000, kl_weight: float = 1.0, prior_var: float = 1.0, damping: float = 0.0,
-                 init_precision: float | None = 1e3, fisher: str = "example", norm_posterior: str = "point") -> None:
+                 init_precision: float | None = 6e4, fisher: str = "example", norm_posterior: str = "point") -> None:
         super().__init__(model, lr, (momentum, beta2), num_data, kl_weight, prior_var, damping, init_precision,
                          fisher, norm_posterior)

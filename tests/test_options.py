@@ -53,8 +53,8 @@ def test_train_defaults() -> None:
     assert o.n == 60000 and o.initial_size == 784 and o.label_size == 10
     assert o.kl_weight == 1.0 and o.train_samples == 1 and o.test_samples == 10 and o.seed == 0
     # every optimizer option resolved to Noisy Adam's own defaults; the ones it does not take stay None
-    assert (o.lr, o.momentum, o.prior_var, o.damping, o.init_precision, o.fisher) == (3e-3, 0.9, 1.0, 1e-3, 1e3,
-                                                                                      "example")
+    assert (o.lr, o.momentum, o.beta2, o.prior_var, o.damping, o.init_precision, o.fisher) == (
+        0.1, 0.9, 0.99999, 1.0, 1e-3, 6e4, "example")
     assert o.eps is None and o.t_stats is None and o.t_inv is None and o.kl_clip is None and o.damping_mode is None
     assert o.lr_schedule == "none" and o.lr_decay == 0.1 and o.lr_step == 30
     assert o.device == "cpu" and o.ckpt_dir == "checkpoints"
