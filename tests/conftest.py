@@ -171,3 +171,14 @@ def require_module(name: str) -> object:
         return importlib.import_module(name)
     except ImportError as e:
         require(False, f"module {name!r} is not installed ({e}); `make setup` installs it")
+
+
+def tensors(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in nested dicts/lists/tuples (a checkpoint), by path: to compare two of them bit for bit."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    out: dict[str, torch.Tensor] = {}
+    for k, v in items:
+        out.update(tensors(v, f"{prefix}/{k}"))
+    return out

@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tensors
 
 from data import load_split
 
@@ -192,15 +193,6 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 def checkpoint(run_dir: Path, epoch: int) -> dict:
     return torch.load(run_dir / f"epoch_{epoch}.pt", map_location="cpu", weights_only=False)
 
-
-def tensors(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    out: dict[str, torch.Tensor] = {}
-    for k, v in items:
-        out.update(tensors(v, f"{prefix}/{k}"))
-    return out
 
 
 # -- epoch order -----------------------------------------------------------------------------------

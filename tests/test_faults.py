@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tensors
 
 from tools.visdom_server import wait_for_server
 from util.checkpoint import CRASH_ENV, list_epochs, load_checkpoint
@@ -123,16 +124,6 @@ def comparable(run_dir: Path) -> list[str]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.dumps({k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK}) for line in lines]
 
-
-def tensors(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor in nested dicts/lists, by path."""
-    if isinstance(obj, torch.Tensor):
-        return {prefix: obj}
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    out: dict[str, torch.Tensor] = {}
-    for k, v in items:
-        out.update(tensors(v, f"{prefix}/{k}"))
-    return out
 
 
 def assert_same_state(run_a: Path, run_b: Path, epoch: int) -> None:
