@@ -206,11 +206,11 @@ def train_run(task: Task, method: str, lr: float, seed: int, epochs: int, train:
     diverged = None
     probs = None
     for epoch in range(1, epochs + 1):
-        model.train()
-        loader.set_epoch(epoch)
         t0 = time.perf_counter()
         loss_sum, seen = 0.0, 0
         if method == "IVON":
+            model.train()
+            loader.set_epoch(epoch)
             for step, (x, y) in enumerate(loader, 1):
                 optimizer.zero_grad()
                 with optimizer.sampled_params(train=True):
