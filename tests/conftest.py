@@ -182,3 +182,16 @@ def tensors(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
     for k, v in items:
         out.update(tensors(v, f"{prefix}/{k}"))
     return out
+
+
+def assert_same_training_state(model_a, opt_a, model_b, opt_b) -> None:
+    """Bit-equal model state dicts and per-parameter optimizer states (same keys, ``torch.equal`` values)."""
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    for p_a, p_b in zip(model_a.parameters(), model_b.parameters()):
+        st_a, st_b = opt_a.state[p_a], opt_b.state[p_b]
+        assert st_a.keys() == st_b.keys()
+        for key in st_a:
+            assert torch.equal(st_a[key], st_b[key]), key

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_same_training_state
 from torch import nn
 
 import models
@@ -421,15 +422,8 @@ def test_state_dict_resume_is_bit_exact():
     opt_c.load_state_dict(ckpt["opt"])
     torch.set_rng_state(ckpt["rng"])
     train(model_c, opt_c, batches[5:])
-    sa, sc = model_a.state_dict(), model_c.state_dict()
-    assert "fc1.link_out" in sa and sa.keys() == sc.keys()
-    for key in sa:
-        assert torch.equal(sa[key], sc[key]), key
-    for p_a, p_c in zip(model_a.parameters(), model_c.parameters()):
-        st_a, st_c = opt_a.state[p_a], opt_c.state[p_c]
-        assert st_a.keys() == st_c.keys()
-        for key in st_a:
-            assert torch.equal(st_a[key], st_c[key]), key
+    assert "fc1.link_out" in model_a.state_dict()
+    assert_same_training_state(model_a, opt_a, model_c, opt_c)
     assert "gain" in opt_a.state[model_a.fc1.weight]
 
 

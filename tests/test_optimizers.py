@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_same_training_state
 from reference import KFACPosteriorReference
 from torch import nn
 
@@ -459,13 +460,5 @@ def test_state_dict_resume_is_bit_exact(config):
     torch.set_rng_state(ckpt["rng"])
     train(model_c, opt_c, batches[5:])
 
-    sa, sc = model_a.state_dict(), model_c.state_dict()
-    assert sa.keys() == sc.keys()
-    for key in sa:
-        assert torch.equal(sa[key], sc[key]), key
-    for p_a, p_c in zip(model_a.parameters(), model_c.parameters()):
-        st_a, st_c = opt_a.state[p_a], opt_c.state[p_c]
-        assert st_a.keys() == st_c.keys()
-        for key in st_a:
-            assert torch.equal(st_a[key], st_c[key]), key
+    assert_same_training_state(model_a, opt_a, model_c, opt_c)
     assert torch.equal(torch.get_rng_state(), rng_a)
