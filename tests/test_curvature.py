@@ -233,3 +233,32 @@ def test_parameter_free_batchnorm_is_fine():
     model.eval()
     x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
     assert_stats_equal(optimizers.sum_grad_squared(model, x, y), naive_sum_grad_squared(model, x, y))
+
+
+@pytest.mark.parametrize("fisher", ["example", "true"])
+def test_capture_lets_go_of_layer_inputs_after_their_backward_pass(fisher):
+    """A layer's input is held until its statistic is taken, not for as long as the graph lives.
+
+    Held with the graph, every layer's input outlived the step, which cost ResNet-20 a page-faulting
+    reallocation of its activations at each step (``CurvatureCapture``'s docstring).
+    """
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from optimizers.curvature import CurvatureCapture
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    capture = CurvatureCapture(model, "diag", fisher=fisher)
+    seen = []
+    model[2].register_forward_hook(lambda m, inputs, out: seen.append(StorageWeakRef(inputs[0].untyped_storage())))
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    if fisher == "true":
+        capture.sampled_label_backward(logits, list(model.parameters()))
+    loss.backward()
+    gc.collect()
+    assert seen[0].expired()  # while the graph (``logits``, ``loss``) is still alive
+    assert capture.pop(model[2]) is not None and capture.pop(model[0]) is not None

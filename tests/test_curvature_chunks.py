@@ -36,6 +36,18 @@ def conv_net(bias: bool) -> nn.Module:
     )
 
 
+def wide_conv_net(bias: bool) -> nn.Module:
+    """Convolutions on small maps with many channels (kw C_in > 8 W_out: the NHWC patch layout), then one without."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(12, 4, 3, stride=(1, 2), padding=(2, 1), dilation=(2, 1), bias=bias),  # 7x6 -> 7x3, NHWC
+        nn.ReLU(),
+        nn.Conv2d(4, 3, 2, bias=bias),  # -> 6x2, kw C_in = 8 < 8 W_out: NCHW
+        nn.Flatten(),
+        nn.Linear(3 * 6 * 2, 5, bias=bias),
+    )
+
+
 def sequence_net(bias: bool) -> nn.Module:
     """A linear layer on (B, T, in) inputs (T = 4 patches per example), then a linear classifier."""
     torch.manual_seed(0)
@@ -57,14 +69,18 @@ def set_chunks(monkeypatch, model: nn.Module, per_chunk: int | None) -> None:
     first = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     n_in = first.weight[0].numel()
     monkeypatch.setattr(curvature, "_CHUNK_ELEMENTS", per_chunk * first.weight.shape[0] * n_in)
-    monkeypatch.setattr(curvature, "_PATCH_CHUNK_ELEMENTS", per_chunk * n_in * 30)  # T = 30 for the first conv
+    monkeypatch.setattr(curvature, "_GRAD_CHUNK_ELEMENTS", per_chunk * first.weight.shape[0] * n_in)
+    t = 21 if getattr(first, "in_channels", None) == 12 else 30  # T of the first conv: wide_conv_net, conv_net
+    monkeypatch.setattr(curvature, "_PATCH_CHUNK_ELEMENTS", per_chunk * n_in * t)
 
 
 @pytest.mark.parametrize("chunks", list(CHUNKS))
 @pytest.mark.parametrize("bias", [True, False])
-def test_sum_grad_squared_conv_in_chunks(monkeypatch, chunks, bias):
-    model = conv_net(bias)
-    x, y = data((2, 9, 8))
+@pytest.mark.parametrize("net", ["conv_net", "wide_conv_net"])
+def test_sum_grad_squared_conv_in_chunks(monkeypatch, chunks, bias, net):
+    model, x_shape = {"conv_net": (conv_net, (2, 9, 8)), "wide_conv_net": (wide_conv_net, (12, 7, 6))}[net]
+    model = model(bias)
+    x, y = data(x_shape)
     set_chunks(monkeypatch, model, CHUNKS[chunks])
     got = optimizers.sum_grad_squared(model, x, y)
     ref = naive_sum_grad_squared(model, x, y)

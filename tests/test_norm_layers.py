@@ -100,6 +100,25 @@ def test_batchnorm_train_mode_holds_batch_statistics_constant(float64):
                        {k: ref[k] for k in ("1.weight", "1.bias", "4.weight", "4.bias")})
 
 
+class _CloneBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm whose output is not the batch-norm node's (so the rule computes the batch statistics)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).clone()
+
+
+def test_batchnorm_statistics_without_the_autograd_node(float64):
+    """Training mode: where the output's node does not hold the batch statistics, they are computed: same squares."""
+    def net(bn: type) -> nn.Module:
+        torch.manual_seed(3)
+        return randomise_norms(nn.Sequential(nn.Conv2d(2, 3, 3), bn(3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 4)))
+
+    torch.manual_seed(5)
+    x, y = torch.randn(6, 2, 5, 5) * 2 + 1, torch.randint(0, 4, (6,))
+    got = optimizers.sum_grad_squared(net(_CloneBatchNorm2d).train(), x, y)
+    assert_stats_equal(got, optimizers.sum_grad_squared(net(nn.BatchNorm2d).train(), x, y))
+
+
 def test_sum_grad_squared_residual_block(float64):
     """Hooks on a residual graph (skip + 1x1 projection, modules outside nn.Sequential) stay exact."""
     torch.manual_seed(4)
