@@ -36,7 +36,7 @@ need nothing: the hooks see whatever gradient flows through them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -124,9 +124,39 @@ def conv_patches(module: nn.Conv2d, x: Tensor, padded: bool = False) -> Tensor:
         x = F.pad(x, pad)
     b, c, h, w = x.shape
     (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
-    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = _output_size(module, h, w)
     s = x.stride()
     return x.as_strided((b, c, kh, kw, ho, wo), (s[0], s[1], dh * s[2], dw * s[3], sh * s[2], sw * s[3]))
+
+
+def _output_size(module: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
+    """``(H_out, W_out)`` of a convolution on an already padded h x w input."""
+    (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+    return (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+
+
+def _padded_chunks(module: nn.Conv2d, a: Tensor, chunk: int, nhwc: bool = False) -> Iterator[tuple[int, Tensor]]:
+    """``(i, x)`` for the chunks ``a[i:i + chunk]``, each zero-padded as the layer pads (NCHW, or NHWC).
+
+    The padded chunks share one reused buffer (``_Scratch``), so a chunk is valid until the next one;
+    an unpadded NCHW chunk is ``a``'s own slice.
+    """
+    b, c_in, h, w = a.shape
+    left, right, top, bottom = module._reversed_padding_repeated_twice
+    if not (nhwc or left or right or top or bottom):
+        yield from ((i, a[i:i + chunk]) for i in range(0, b, chunk))
+        return
+    hp, wp = top + h + bottom, left + w + right
+    padded = _scratch.get("padded", (chunk, hp, wp, c_in) if nhwc else (chunk, c_in, hp, wp), a)
+    padded.zero_()  # the border; the interior is overwritten chunk by chunk
+    if nhwc:
+        interior = padded[:, top:top + h, left:left + w].permute(0, 3, 1, 2)
+    else:
+        interior = padded[:, :, top:top + h, left:left + w]
+    for i in range(0, b, chunk):
+        n = min(chunk, b - i)
+        interior[:n].copy_(a[i:i + n])
+        yield i, padded[:n]
 
 
 def layer_patches(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -179,46 +209,26 @@ def _conv_grad_squared(module: nn.Conv2d, a: Tensor, g: Tensor, scale: float) ->
     g = g.reshape(b, g.shape[1], -1)  # (B, out, T)
     out, t = g.shape[1], g.shape[2]
     chunk = max(1, min(_GRAD_CHUNK_ELEMENTS // (out * n_in), _PATCH_CHUNK_ELEMENTS // (t * n_in), b))
-    left, right, top, bottom = module._reversed_padding_repeated_twice
-    _, c_in, h, w = a.shape
-    hp, wp = top + h + bottom, left + w + right
+    c_in = a.shape[1]
     (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
-    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    left, right, top, bottom = module._reversed_padding_repeated_twice
+    ho, wo = _output_size(module, a.shape[2] + top + bottom, a.shape[3] + left + right)
     nhwc = dw == 1 and kw * c_in > 8 * wo
-    copy_input = nhwc or left or right or top or bottom
-    if copy_input:
-        padded = _scratch.get("padded", (chunk, hp, wp, c_in) if nhwc else (chunk, c_in, hp, wp), a)
-        padded.zero_()  # the border; the interior is overwritten chunk by chunk
     patches = _scratch.get("patches", (chunk, t, n_in) if nhwc else (chunk, n_in, t), a)
     per_example = _scratch.get("per_example", (chunk, out, n_in), a)
-
-    def views(n: int) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor, Tensor]:
-        """For a chunk of n: (padded interior, patch view, patch buffer as that view, bmm operand, gradients)."""
-        if not copy_input:
-            return None, None, patches[:n], patches[:n].transpose(1, 2), per_example[:n]
-        x = padded[:n]
+    sq_w = a.new_zeros(out, n_in)
+    for i, x in _padded_chunks(module, a, chunk, nhwc):
+        n = x.shape[0]
         if nhwc:  # (n, H_out, W_out, kh, kw, C_in): T x in, "in" ordered (kh, kw, C_in)
             s = x.stride()
             view = x.as_strided((n, ho, wo, kh, kw, c_in), (s[0], sh * s[1], sw * s[2], dh * s[1], dw * s[2], s[3]))
-            interior, operand = x[:, top:top + h, left:left + w].permute(0, 3, 1, 2), patches[:n]
+            operand = patches[:n]
         else:
             view = conv_patches(module, x, padded=True)
-            interior, operand = x[:, :, top:top + h, left:left + w], patches[:n].transpose(1, 2)
-        return interior, view, patches[:n].view(view.shape), operand, per_example[:n]
-
-    sq_w = a.new_zeros(out, n_in)
-    full = views(chunk)
-    for i in range(0, b, chunk):
-        n = min(chunk, b - i)
-        interior, view, patch_view, operand, grads = full if n == chunk else views(n)
-        if copy_input:
-            interior.copy_(a[i:i + n])
-        else:
-            view = conv_patches(module, a[i:i + n])
-            patch_view = patch_view.view(view.shape)
-        patch_view.copy_(view)
-        torch.bmm(g[i:i + n], operand, out=grads)
-        sq_w += grads.square_().sum(0)
+            operand = patches[:n].transpose(1, 2)
+        patches[:n].view(view.shape).copy_(view)
+        torch.bmm(g[i:i + n], operand, out=per_example[:n])
+        sq_w += per_example[:n].square_().sum(0)
     c = scale * scale / b
     sq_w *= c
     if nhwc:
@@ -241,21 +251,27 @@ def kfac_factors(module: nn.Module, a: Tensor, g: Tensor, scale: float) -> tuple
 
 
 def _conv_kfac_factors(module: nn.Conv2d, a: Tensor, g: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """``kfac_factors`` of a convolution, with the patches copied once into an (in [+1], B T) matrix.
+    """``kfac_factors`` of a convolution: A summed over chunks of the batch, each chunk's patches copied
+    into one reused (in [+1]) x (chunk T) matrix (bounded by ``_PATCH_CHUNK_ELEMENTS``, so it stays in cache).
 
     Same values as the generic path (unfold, transpose, append the 1, reshape), without its two
-    strided copies of the B x T x in patch tensor.
+    strided copies of the whole B x T x in patch tensor.
     """
     b, n_in = a.shape[0], module.weight[0].numel()
-    view = conv_patches(module, a).permute(1, 2, 3, 0, 4, 5)  # (C_in, kh, kw, B, H_out, W_out)
-    t = view.shape[-2] * view.shape[-1]
-    cols = a.new_empty(n_in + (module.bias is not None), b, t)
-    cols[:n_in].view(view.shape).copy_(view)
-    if module.bias is not None:
+    g = g.reshape(b, g.shape[1], -1)  # (B, out, T)
+    t, bias = g.shape[2], module.bias is not None
+    chunk = max(1, min(_PATCH_CHUNK_ELEMENTS // ((n_in + bias) * t), b))
+    cols = _scratch.get("kfac_cols", (n_in + bias, chunk * t), a)
+    if bias:
         cols[n_in] = 1
-    cols = cols.view(-1, b * t)
-    g = g.reshape(b, g.shape[1], -1).transpose(1, 2).reshape(-1, g.shape[1])
-    return (cols @ cols.T) / b, (g.T @ g) * (scale * scale / (b * t))
+    big_a = a.new_zeros(n_in + bias, n_in + bias)
+    for _, x in _padded_chunks(module, a, chunk):
+        view = conv_patches(module, x, padded=True).permute(1, 2, 3, 0, 4, 5)  # (C_in, kh, kw, n, H_out, W_out)
+        m = cols[:, :x.shape[0] * t]
+        m[:n_in].view(view.shape).copy_(view)
+        big_a.addmm_(m, m.T)
+    g = g.transpose(1, 2).reshape(-1, g.shape[1])
+    return big_a / b, (g.T @ g) * (scale * scale / (b * t))
 
 
 def normalized_input(module: nn.Module, x: Tensor, output: Tensor) -> Tensor:

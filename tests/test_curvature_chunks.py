@@ -2,7 +2,8 @@
 stride differs from their dilation, on fixed inputs against the naive float64 loops of ``reference``.
 
 The chunk bounds of ``optimizers.curvature`` are made small (one example per chunk, and chunks of
-3 with a shorter last one), so the accumulation over chunks is exercised without a large batch.
+2-3 with a shorter last one), so the accumulation over chunks is exercised without a large batch,
+for the per-example squares and for the Kronecker factor A.
 """
 
 from __future__ import annotations
@@ -102,43 +103,18 @@ def test_sum_grad_squared_linear_patches_in_chunks(monkeypatch, chunks, bias):
         torch.testing.assert_close(got[name], ref[name], rtol=RTOL, atol=ATOL, msg=name)
 
 
+@pytest.mark.parametrize("chunks", list(CHUNKS))
 @pytest.mark.parametrize("bias", [True, False])
-def test_kronecker_factors_conv_stride_differs_from_dilation(bias):
-    model = conv_net(bias)
-    x, y = data((2, 9, 8))
+@pytest.mark.parametrize("net", ["conv_net", "wide_conv_net"])
+def test_kronecker_factors_conv_in_chunks(monkeypatch, chunks, bias, net):
+    """A of a convolution summed over chunks of the batch (stride != dilation, padding), against the float64 loop."""
+    model, x_shape = {"conv_net": (conv_net, (2, 9, 8)), "wide_conv_net": (wide_conv_net, (12, 7, 6))}[net]
+    model = model(bias)
+    x, y = data(x_shape)
+    set_chunks(monkeypatch, model, CHUNKS[chunks])
     got = optimizers.kronecker_factors(model, x, y)
     ref = naive_kronecker_factors(model, x, y)
-    assert list(got) == list(ref) == ["0", "2", "5"]
+    assert list(got) == list(ref) == (["0", "2", "5"] if net == "conv_net" else ["0", "2", "4"])
     for name in ref:
         for which, g, r in zip("AS", got[name], ref[name]):
             torch.testing.assert_close(g, r, rtol=RTOL, atol=ATOL, msg=f"{name} {which}")
-
-
-def naive_sequence_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple]:
-    """K-FAC factors of ``sequence_net``'s first layer (T = 4 positions per example) by explicit loops:
-    ``A = (1/B) sum_i sum_t a_t a_t^T`` (1 appended with a bias), ``S = (1/B) sum_i (1/T) sum_t ds_t ds_t^T``."""
-    layer = model[0]
-    b, t = x.shape[0], x.shape[1]
-    n_a = x.shape[2] + (layer.bias is not None)
-    A, S = torch.zeros(n_a, n_a), torch.zeros(layer.out_features, layer.out_features)
-    for i in range(b):
-        s = layer(x[i:i + 1])
-        loss = torch.nn.functional.cross_entropy(model[1:](s), y[i:i + 1])
-        (ds,) = torch.autograd.grad(loss, [s])
-        for pos in range(t):
-            a = x[i, pos]
-            if layer.bias is not None:
-                a = torch.cat([a, torch.ones(1)])
-            A += torch.outer(a, a) / b
-            S += torch.outer(ds[0, pos], ds[0, pos]) / (b * t)
-    return {"0": (A, S)}
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_kronecker_factors_linear_on_sequences(bias):
-    model = sequence_net(bias)
-    x, y = data((4, 3))
-    got = optimizers.kronecker_factors(model, x, y)["0"]
-    ref = naive_sequence_factors(model, x, y)["0"]
-    for which, g, r in zip("AS", got, ref):
-        torch.testing.assert_close(g, r, rtol=RTOL, atol=ATOL, msg=which)
