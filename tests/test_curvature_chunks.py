@@ -61,28 +61,34 @@ def data(shape):
 
 
 CHUNKS = {"one_example_per_chunk": 1, "chunks_of_3": 3, "one_chunk": None}
+#: conv net name -> (builder, input shape C x H x W, output locations T of its first conv)
+CONV_NETS = {"conv_net": (conv_net, (2, 9, 8), 30), "wide_conv_net": (wide_conv_net, (12, 7, 6), 21)}
 
 
-def set_chunks(monkeypatch, model: nn.Module, per_chunk: int | None) -> None:
-    """Bound the chunks so that the first layer takes ``per_chunk`` examples at a time."""
+def conv_case(monkeypatch, net: str, bias: bool, chunks: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """``net`` with its data, the chunk bounds set so its first conv takes ``CHUNKS[chunks]`` examples at a time."""
+    build, x_shape, t = CONV_NETS[net]
+    model = build(bias)
+    set_chunks(monkeypatch, model, CHUNKS[chunks], t)
+    return (model, *data(x_shape))
+
+
+def set_chunks(monkeypatch, model: nn.Module, per_chunk: int | None, t: int = 1) -> None:
+    """Bound the chunks so that the first layer (with ``t`` output locations) takes ``per_chunk`` examples at a time."""
     if per_chunk is None:
         return
     first = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     n_in = first.weight[0].numel()
     monkeypatch.setattr(curvature, "_CHUNK_ELEMENTS", per_chunk * first.weight.shape[0] * n_in)
     monkeypatch.setattr(curvature, "_GRAD_CHUNK_ELEMENTS", per_chunk * first.weight.shape[0] * n_in)
-    t = 21 if getattr(first, "in_channels", None) == 12 else 30  # T of the first conv: wide_conv_net, conv_net
     monkeypatch.setattr(curvature, "_PATCH_CHUNK_ELEMENTS", per_chunk * n_in * t)
 
 
 @pytest.mark.parametrize("chunks", list(CHUNKS))
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("net", ["conv_net", "wide_conv_net"])
+@pytest.mark.parametrize("net", list(CONV_NETS))
 def test_sum_grad_squared_conv_in_chunks(monkeypatch, chunks, bias, net):
-    model, x_shape = {"conv_net": (conv_net, (2, 9, 8)), "wide_conv_net": (wide_conv_net, (12, 7, 6))}[net]
-    model = model(bias)
-    x, y = data(x_shape)
-    set_chunks(monkeypatch, model, CHUNKS[chunks])
+    model, x, y = conv_case(monkeypatch, net, bias, chunks)
     got = optimizers.sum_grad_squared(model, x, y)
     ref = naive_sum_grad_squared(model, x, y)
     assert list(got) == list(ref)
@@ -105,16 +111,43 @@ def test_sum_grad_squared_linear_patches_in_chunks(monkeypatch, chunks, bias):
 
 @pytest.mark.parametrize("chunks", list(CHUNKS))
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("net", ["conv_net", "wide_conv_net"])
+@pytest.mark.parametrize("net", list(CONV_NETS))
 def test_kronecker_factors_conv_in_chunks(monkeypatch, chunks, bias, net):
     """A of a convolution summed over chunks of the batch (stride != dilation, padding), against the float64 loop."""
-    model, x_shape = {"conv_net": (conv_net, (2, 9, 8)), "wide_conv_net": (wide_conv_net, (12, 7, 6))}[net]
-    model = model(bias)
-    x, y = data(x_shape)
-    set_chunks(monkeypatch, model, CHUNKS[chunks])
+    model, x, y = conv_case(monkeypatch, net, bias, chunks)
     got = optimizers.kronecker_factors(model, x, y)
     ref = naive_kronecker_factors(model, x, y)
     assert list(got) == list(ref) == (["0", "2", "5"] if net == "conv_net" else ["0", "2", "4"])
     for name in ref:
         for which, g, r in zip("AS", got[name], ref[name]):
             torch.testing.assert_close(g, r, rtol=RTOL, atol=ATOL, msg=f"{name} {which}")
+
+
+def naive_sequence_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple]:
+    """K-FAC factors of ``sequence_net``'s first layer (T = 4 positions per example) by explicit loops:
+    ``A = (1/B) sum_i sum_t a_t a_t^T`` (1 appended with a bias), ``S = (1/B) sum_i (1/T) sum_t ds_t ds_t^T``."""
+    layer = model[0]
+    b, t = x.shape[0], x.shape[1]
+    n_a = x.shape[2] + (layer.bias is not None)
+    A, S = torch.zeros(n_a, n_a), torch.zeros(layer.out_features, layer.out_features)
+    for i in range(b):
+        s = layer(x[i:i + 1])
+        loss = torch.nn.functional.cross_entropy(model[1:](s), y[i:i + 1])
+        (ds,) = torch.autograd.grad(loss, [s])
+        for pos in range(t):
+            a = x[i, pos]
+            if layer.bias is not None:
+                a = torch.cat([a, torch.ones(1)])
+            A += torch.outer(a, a) / b
+            S += torch.outer(ds[0, pos], ds[0, pos]) / (b * t)
+    return {"0": (A, S)}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_kronecker_factors_linear_on_sequences(bias):
+    model = sequence_net(bias)
+    x, y = data((4, 3))
+    got = optimizers.kronecker_factors(model, x, y)["0"]
+    ref = naive_sequence_factors(model, x, y)["0"]
+    for which, g, r in zip("AS", got, ref):
+        torch.testing.assert_close(g, r, rtol=RTOL, atol=ATOL, msg=which)
