@@ -124,15 +124,9 @@ def conv_patches(module: nn.Conv2d, x: Tensor, padded: bool = False) -> Tensor:
         x = F.pad(x, pad)
     b, c, h, w = x.shape
     (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
-    ho, wo = _output_size(module, h, w)
+    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
     s = x.stride()
     return x.as_strided((b, c, kh, kw, ho, wo), (s[0], s[1], dh * s[2], dw * s[3], sh * s[2], sw * s[3]))
-
-
-def _output_size(module: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
-    """``(H_out, W_out)`` of a convolution on an already padded h x w input."""
-    (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
-    return (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
 
 
 def _padded_chunks(module: nn.Conv2d, a: Tensor, chunk: int, nhwc: bool = False) -> Iterator[tuple[int, Tensor]]:
@@ -205,14 +199,12 @@ def _conv_grad_squared(module: nn.Conv2d, a: Tensor, g: Tensor, scale: float) ->
     taken where its rows are many times longer (small feature maps, many channels), where the copy
     would otherwise cost as much as the product.
     """
-    b, n_in = a.shape[0], module.weight[0].numel()
+    b, c_in, n_in = a.shape[0], a.shape[1], module.weight[0].numel()
+    ho, wo = g.shape[2], g.shape[3]
     g = g.reshape(b, g.shape[1], -1)  # (B, out, T)
     out, t = g.shape[1], g.shape[2]
     chunk = max(1, min(_GRAD_CHUNK_ELEMENTS // (out * n_in), _PATCH_CHUNK_ELEMENTS // (t * n_in), b))
-    c_in = a.shape[1]
     (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
-    left, right, top, bottom = module._reversed_padding_repeated_twice
-    ho, wo = _output_size(module, a.shape[2] + top + bottom, a.shape[3] + left + right)
     nhwc = dw == 1 and kw * c_in > 8 * wo
     patches = _scratch.get("patches", (chunk, t, n_in) if nhwc else (chunk, n_in, t), a)
     per_example = _scratch.get("per_example", (chunk, out, n_in), a)
