@@ -24,8 +24,8 @@ OPTIMIZER_CLASSES: dict[str, type] = {"noisy_adam": NoisyAdam, "vogn": VOGN, "no
                                       "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 #: the options that configure an optimizer; each one an optimizer does not take stays ``None``
 OPTIMIZER_OPTIONS = ("lr", "momentum", "beta2", "kl_weight", "prior_var", "damping", "init_precision", "fisher",
-                     "damping_mode", "kl_clip", "t_stats", "t_inv", "kfac_rank", "kfac_structure", "norm_posterior",
-                     "eps")
+                     "damping_mode", "kl_clip", "t_stats", "t_inv", "kfac_rank", "kfac_conv_stride", "kfac_structure",
+                     "norm_posterior", "eps")
 #: the SGD baseline's defaults (torch's are lr 1e-3 without momentum)
 SGD_DEFAULTS = {"lr": 0.1, "momentum": 0.9}
 
@@ -45,6 +45,7 @@ def optimizer_defaults(name: str) -> dict:
         found["momentum"], found["beta2"] = found["betas"]
     if name == "noisy_kfac":
         found["kfac_rank"], found["kfac_structure"] = found["rank"], found["structure"]
+        found["kfac_conv_stride"] = found["conv_stats_stride"]
     return {k: found[k] for k in OPTIMIZER_OPTIONS if k in found}
 
 
@@ -86,7 +87,7 @@ def make_optimizer(opt: argparse.Namespace, model: nn.Module) -> torch.optim.Opt
             raise UserError(f"--fisher {opt.fisher} is for the diagonal optimizers; noisy_kfac takes example or true")
         return NoisyKFAC(model, momentum=opt.momentum, t_stats=opt.t_stats, t_inv=opt.t_inv, rank=opt.kfac_rank,
                          damping_mode=opt.damping_mode, kl_clip=opt.kl_clip or None, fisher=opt.fisher,
-                         structure=opt.kfac_structure, **common)
+                         conv_stats_stride=opt.kfac_conv_stride, structure=opt.kfac_structure, **common)
     if opt.fisher == "true":
         raise UserError(f"--fisher true is implemented for noisy_kfac only; {name} takes example, batch or hessian")
     if name == "noisy_adam":

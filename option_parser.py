@@ -84,6 +84,7 @@ RUN_KEYS = (
     "model", "optimizer", "arch", "hidden", "dataset", "n", "initial_size", "label_size",
     "kl_weight", "prior_var", "damping", "init_precision", "t_stats", "t_inv", "kfac_rank", "fisher",
     "damping_mode", "kl_clip", "momentum", "beta2", "train_samples", "eps", "norm_posterior", "kfac_structure",
+    "kfac_conv_stride",
 )  # fmt: skip
 # Also taken from the run when not given: where the training data was found (if it
 # has no data now, the usual $DATA_ROOT / ./data search still follows).
@@ -326,6 +327,9 @@ class TrainOptions(BaseOptions):
         g.add_argument("--kfac_rank", type=int, default=None,
                        help="noisy_kfac: keep the top-K eigenpairs of each Kronecker factor larger than K, plus the "
                             "mean of the rest of its spectrum (default: exact factors)")
+        g.add_argument("--kfac_conv_stride", type=int, default=None,
+                       help="noisy_kfac: a convolution's input factor from every s-th output location in each "
+                            f"direction, the s^2 grids in turn ({_per_optimizer('kfac_conv_stride')})")
         g.add_argument("--kfac_structure", choices=KFAC_STRUCTURES, default=None,
                        help="noisy_kfac posterior: block_diagonal (layers independent) or block_tridiagonal "
                             f"(adjacent Linear layers of a chain correlated; docs/MATH.md) "
@@ -378,7 +382,7 @@ class TrainOptions(BaseOptions):
         need(opt.damping is None or opt.damping >= 0, f"--damping must be >= 0, got {opt.damping}")
         need(opt.momentum is None or 0 <= opt.momentum < 1, f"--momentum must be in [0, 1), got {opt.momentum}")
         need(opt.beta2 is None or 0 <= opt.beta2 < 1, f"--beta2 must be in [0, 1), got {opt.beta2}")
-        for flag in ("t_stats", "t_inv", "train_samples"):
+        for flag in ("t_stats", "t_inv", "train_samples", "kfac_conv_stride"):
             v = getattr(opt, flag)
             need(v is None or v >= 1, f"--{flag} must be a positive integer, got {v}")
         need(opt.kfac_rank is None or opt.kfac_rank >= 1,

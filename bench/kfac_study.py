@@ -25,12 +25,17 @@ EPOCHS = 3
 CONFIGS = {
     "mlp/t1,20": ["--t_stats=1", "--t_inv=20"],
     "mlp/defaults": [],
+    "mlp/t10,200": ["--t_inv=200"],
     "mlp/rank16": ["--kfac_rank=16"],
     "mlp/rank32": ["--kfac_rank=32"],
     "mlp/rank64": ["--kfac_rank=64"],
     "mlp/rank128": ["--kfac_rank=128"],
     "covnet/t1,20": ["--arch=covnet", "--t_stats=1", "--t_inv=20"],
     "covnet/defaults": ["--arch=covnet"],
+    "covnet/t10,200": ["--arch=covnet", "--t_inv=200"],
+    "covnet/conv_stride2": ["--arch=covnet", "--kfac_conv_stride=2"],
+    "mlp/defaults_r5": [],
+    "covnet/defaults_r5": ["--arch=covnet"],
 }
 OUT = REPO / "bench" / "results" / "kfac_study.json"
 

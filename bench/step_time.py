@@ -64,7 +64,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from experiment import make_optimizer, optimizer_defaults  # noqa: E402
 from models import build_model  # noqa: E402
-from optimizers.noisy_kfac import T_INV, T_STATS  # noqa: E402
+from optimizers.noisy_kfac import DENSE_ROOT_MAX, T_INV, T_STATS  # noqa: E402
 
 METHODS = ["Adam", "NoisyAdam", "NoisyAdamBatch", "NoisyAdamHessian", "VOGN", "NoisyKFAC", "IVON"]
 #: the low-rank Noisy K-FAC variants are named ``NoisyKFACr<K>`` (added to METHODS by ``--kfac_rank``)
@@ -144,23 +144,25 @@ def block_of_steps(method: str, arch: str, batches: list[tuple[Tensor, Tensor]],
 
 
 # -- analytic FLOPs ---------------------------------------------------------------------------------
-def side_kind(n: int, rank: int | None) -> str:
-    """How ``noisy_kfac.damped_roots`` keeps an n x n factor: "cholesky" (exact), "dense" or "low_rank"."""
+def side_kind(n: int, rank: int | None, sampler: bool = False) -> str:
+    """How Noisy K-FAC keeps an n x n factor's side: "cholesky" (exact), "dense" or "low_rank" (``damped_roots``);
+    the sampler's exact sides up to ``DENSE_ROOT_MAX`` as explicit matrices."""
     if rank is None or rank >= n:
-        return "cholesky"
+        return "dense" if sampler and n <= DENSE_ROOT_MAX else "cholesky"
     return "dense" if 2 * rank >= n else "low_rank"
 
 
 def decomposition_flops(n: int, extra_damping: bool, rank: int | None = None, iters: int = 2) -> float:
     """FLOPs to refresh one damped n x n factor as ``noisy_kfac.damped_roots`` does (steady state).
 
-    Exact: Cholesky n^3/3, with extrinsic damping a second one, then ``cholesky_inverse`` 2 n^3/3.
+    Exact: Cholesky n^3/3, with extrinsic damping a second one, then ``cholesky_inverse`` 2 n^3/3 (and the
+    sampler's explicit ``L^-1``, n^3/3, up to ``DENSE_ROOT_MAX``).
     Low rank: ``iters`` subspace-iteration steps (F Q: 2 n^2 K, QR: 4 n K^2), Rayleigh-Ritz
     (2 n^2 K + 2 n K^2, eigh ~9 K^3, Q U: 2 n K^2); formed densely (2K >= n): two n x n products 4 n^2 K.
     """
     kind = side_kind(n, rank)
     if kind == "cholesky":
-        return n**3 / 3 + (n**3 / 3 if extra_damping else 0) + 2 * n**3 / 3
+        return n**3 / 3 + (n**3 / 3 if extra_damping else 0) + 2 * n**3 / 3 + (n**3 / 3 if n <= DENSE_ROOT_MAX else 0)
     k = rank
     total = iters * (2 * n * n * k + 4 * n * k * k) + 2 * n * n * k + 4 * n * k * k + 9 * k**3
     return total + (4 * n * n * k if kind == "dense" else 0)
@@ -169,7 +171,7 @@ def decomposition_flops(n: int, extra_damping: bool, rank: int | None = None, it
 def side_flops(n: int, m: int, rank: int | None, solve: bool) -> float:
     """FLOPs to apply an n x n side to an m x n (or n x m) matrix: triangular solve (``solve``, the sampler's
     exact side) m n^2, dense product 2 m n^2, low rank 4 m n K + 2 m n."""
-    kind = side_kind(n, rank)
+    kind = side_kind(n, rank, sampler=solve)
     if kind == "cholesky":
         return m * n * n if solve else 2 * m * n * n
     return 2 * m * n * n if kind == "dense" else 4 * m * n * rank + 2 * m * n
@@ -197,11 +199,12 @@ def flop_model(method: str, shapes: list[LayerShape],
                 total += 2 * s.macs + 2 * s.batch * s.params + s.batch * s.locations * s.n_out
         return total
     if method == "NoisyKFAC" or kfac_rank(method) is not None:
-        rank = kfac_rank(method)
+        rank, stride = kfac_rank(method), optimizer_defaults("noisy_kfac")["kfac_conv_stride"]
         for s in shapes:
             o, i, bt = s.n_out, s.n_in + s.bias, s.batch * s.locations
             total += 3 * o * i + side_flops(o, i, rank, True) + side_flops(i, o, rank, True)  # randn*R, U E V, M+
-            total += (2 * bt * (i * i + o * o) + 3 * (i * i + o * o)) / T_STATS   # batch factors + running average
+            a_rows = s.batch * -(-s.locations // stride**2) if s.locations > 1 else bt  # conv A: one grid
+            total += (2 * a_rows * i * i + 2 * bt * o * o + 3 * (i * i + o * o)) / T_STATS  # batch factors, average
             total += side_flops(o, i, rank, False) + side_flops(i, o, rank, False) + 9 * o * i  # S^-1 V A^-1, ...
             total += (decomposition_flops(i, extra_damping, rank) + decomposition_flops(o, extra_damping, rank)) / T_INV
         return total

@@ -63,9 +63,9 @@ class FactorRoot:
         """``U x``."""
         if self.kind == "dense":
             return self.mat @ x
-        if self.kind == "cholesky":
-            return torch.linalg.solve_triangular(self.mat.mT, x, upper=True)
-        return self.iso * x + self.mat @ (self.coef[:, None] * (self.mat.mT @ x))
+        if self.kind == "cholesky":  # as (x^T L^-1)^T: MKL's right-side solve is 2x faster for a wide x
+            return torch.linalg.solve_triangular(self.mat, x.mT, upper=False, left=False).mT
+        return torch.addmm(self.iso * x, self.mat, (self.mat.mT @ x).mul_(self.coef[:, None]))
 
     def right(self, x: Tensor) -> Tensor:
         """``x V``."""
@@ -73,12 +73,18 @@ class FactorRoot:
             return x @ self.mat
         if self.kind == "cholesky":
             return torch.linalg.solve_triangular(self.mat, x, upper=False, left=False)
-        return self.iso * x + ((x @ self.mat) * self.coef) @ self.mat.mT
+        return torch.addmm(self.iso * x, (x @ self.mat).mul_(self.coef), self.mat.mT)
 
     def dense(self, left: bool) -> Tensor:
         """The side as an explicit n x n matrix, ``U`` (``left``) or ``V`` (O(n^3) for ``cholesky``)."""
         eye = torch.eye(self.mat.shape[0], dtype=self.mat.dtype, device=self.mat.device)
         return self.left(eye) if left else self.right(eye)
+
+    def explicit(self, max_n: int, left: bool = False) -> FactorRoot:
+        """A ``cholesky`` side of size at most ``max_n`` as the same side in ``dense`` form; else itself."""
+        if self.kind != "cholesky" or self.mat.shape[0] > max_n:
+            return self
+        return FactorRoot("dense", self.dense(left))
 
 
 class BayesianLayer:
@@ -194,7 +200,7 @@ class BayesianLayer:
                 wn = torch.randn_like(self.weight).mul_(self.weight_sigma)
                 bn = torch.randn_like(self.bias).mul_(self.bias_sigma) if self.bias is not None else None
                 return wn, bn
-            e = torch.randn_like(self.mid_scale) * self.mid_scale
+            e = torch.randn_like(self.mid_scale).mul_(self.mid_scale)
             out_root, in_root = self.factor_roots()
             return self._split_matrix(in_root.right(out_root.left(e)))
 

@@ -19,7 +19,7 @@ gradients and statistics are averaged.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +64,13 @@ class NGVIOptimizer(Optimizer):
         if not self.layers:
             raise ValueError(f"{type(self).__name__}: the model has no Bayesian layers")
         super().__init__([p for p in model.parameters() if p.requires_grad], defaults)
+        # (layer, group index, params), looked up once: finding a layer's group costs more Python time than
+        # a small net's whole update (an index, as load_state_dict and schedulers replace or edit the dicts)
+        self._layer_groups = []
+        for _, layer in self.layers:
+            params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+            group = self.group_of(layer.weight)
+            self._layer_groups.append((layer, next(i for i, g in enumerate(self.param_groups) if g is group), params))
         self.capture = CurvatureCapture(model, capture_kind, fisher)
         if norm_posterior == "point":  # point estimates: the layers' samples are their means
             for _, layer in self.layers:
@@ -97,10 +104,9 @@ class NGVIOptimizer(Optimizer):
         """``sqrt(lambda / N)``: the posterior covariance is (lambda/N) times the inverse curvature."""
         return math.sqrt(group["kl_weight"] / group["num_data"])
 
-    def layer_params(self) -> Iterator[tuple[nn.Module, dict, list[Tensor]]]:
-        for _, layer in self.layers:
-            params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
-            yield layer, self.group_of(layer.weight), params
+    def layer_params(self) -> list[tuple[nn.Module, dict, list[Tensor]]]:
+        """``(layer, its param group, [weight, bias])`` for every Bayesian (or normalisation) layer."""
+        return [(layer, self.param_groups[i], params) for layer, i, params in self._layer_groups]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)

@@ -229,41 +229,55 @@ def _conv_grad_squared(module: nn.Conv2d, a: Tensor, g: Tensor, scale: float) ->
     return sq_w.view_as(module.weight), sq_b
 
 
-def kfac_factors(module: nn.Module, a: Tensor, g: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """K-FAC factors ``(A, S)`` of one batch: ``A = mean_i sum_t a a^T``, ``S = mean_i (1/T) sum_t ds ds^T``."""
+def kfac_factors(module: nn.Module, a: Tensor, g: Tensor, scale: float,
+                 locations: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """K-FAC factors ``(A, S)`` of one batch: ``A = mean_i sum_t a a^T``, ``S = mean_i (1/T) sum_t ds ds^T``.
+
+    ``locations = (s, j)``: a convolution's ``A`` from one grid of every s-th output location in each direction
+    (``_conv_kfac_factors``); ignored by other layers.
+    """
     if isinstance(module, nn.Conv2d):
-        return _conv_kfac_factors(module, a, g, scale)
+        return _conv_kfac_factors(module, a, g, scale, locations)
     a, g = layer_patches(module, a, g)
     b, t, _ = a.shape
     if module.bias is not None:
         a = homogeneous(a)
     a = a.reshape(-1, a.shape[-1])
     g = g.reshape(-1, g.shape[-1])
-    return (a.T @ a) / b, (g.T @ g) * (scale * scale / (b * t))
+    return (a.T @ a).div_(b), (g.T @ g).mul_(scale * scale / (b * t))
 
 
-def _conv_kfac_factors(module: nn.Conv2d, a: Tensor, g: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _conv_kfac_factors(module: nn.Conv2d, a: Tensor, g: Tensor, scale: float,
+                       locations: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """``kfac_factors`` of a convolution: A summed over chunks of the batch, each chunk's patches copied
     into one reused (in [+1]) x (chunk T) matrix (bounded by ``_PATCH_CHUNK_ELEMENTS``, so it stays in cache).
 
     Same values as the generic path (unfold, transpose, append the 1, reshape), without its two
     strided copies of the whole B x T x in patch tensor.
+
+    ``locations = (s, j)``: ``A`` from the output locations ``(r, c)`` with ``r = j // s``, ``c = j % s``
+    (mod s) only, times ``s^2`` (docs/MATH.md, "Noisy K-FAC"): the mean over the ``s^2`` grids ``j`` is the
+    full ``A``, at ``1/s^2`` of its cost.
     """
     b, n_in = a.shape[0], module.weight[0].numel()
+    s, j = locations if locations is not None else (1, 0)
+    t_grid = -(-g.shape[2] // s) * -(-g.shape[3] // s)  # the largest grid: ceil(H_out / s) ceil(W_out / s)
     g = g.reshape(b, g.shape[1], -1)  # (B, out, T)
     t, bias = g.shape[2], module.bias is not None
-    chunk = max(1, min(_PATCH_CHUNK_ELEMENTS // ((n_in + bias) * t), b))
-    cols = _scratch.get("kfac_cols", (n_in + bias, chunk * t), a)
+    chunk = max(1, min(_PATCH_CHUNK_ELEMENTS // ((n_in + bias) * t_grid), b))
+    cols = _scratch.get("kfac_cols", (n_in + bias, chunk * t_grid), a)
     if bias:
         cols[n_in] = 1
     big_a = a.new_zeros(n_in + bias, n_in + bias)
     for _, x in _padded_chunks(module, a, chunk):
         view = conv_patches(module, x, padded=True).permute(1, 2, 3, 0, 4, 5)  # (C_in, kh, kw, n, H_out, W_out)
-        m = cols[:, :x.shape[0] * t]
+        if s > 1:
+            view = view[..., j // s::s, j % s::s]
+        m = cols[:, :view[0, 0, 0].numel()]
         m[:n_in].view(view.shape).copy_(view)
         big_a.addmm_(m, m.T)
     g = g.transpose(1, 2).reshape(-1, g.shape[1])
-    return big_a / b, (g.T @ g) * (scale * scale / (b * t))
+    return big_a.mul_(s * s / b), (g.T @ g) * (scale * scale / (b * t))
 
 
 def normalized_input(module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
@@ -413,6 +427,8 @@ class CurvatureCapture:
         self.fisher = fisher
         self.layers = supported_layers(model)
         self.active = kind != "none"
+        #: ``(s, j)``: convolutions take their K-FAC ``A`` from output-location grid j of stride s (None: all)
+        self.locations: tuple[int, int] | None = None
         self.in_sampled_pass = False
         self.stats: dict[nn.Module, list[Tensor | None]] = {}
         self.counts: dict[nn.Module, int] = {}
@@ -462,7 +478,10 @@ class CurvatureCapture:
             return
         rule = self.rules[module]
         fn = rule.diag if self.kind == "diag" else rule.kfac
-        new = fn(module, a, g.detach(), float(g.shape[0]))
+        if self.locations is not None and self.kind == "kfac" and isinstance(module, nn.Conv2d):
+            new = fn(module, a, g.detach(), float(g.shape[0]), self.locations)
+        else:
+            new = fn(module, a, g.detach(), float(g.shape[0]))
         if self.cross_next:
             self._on_cross(module, a, g.detach())
         old = self.stats.get(module)

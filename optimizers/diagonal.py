@@ -56,11 +56,6 @@ class DiagonalNGVI(NGVIOptimizer):
         for _, layer in self.layers:
             if self.sampled(layer):
                 layer.track_noise_grad = fisher == "hessian"
-        # (layer, group index, params) once: ``layer_params`` looks every layer's group up, which costs
-        # more Python time than the update itself on a small net (an index: load_state_dict and
-        # schedulers replace or edit the group dicts)
-        self._layer_groups = [(layer, next(i for i, g in enumerate(self.param_groups) if g is group), params)
-                              for layer, group, params in self.layer_params()]
         self._refresh_posteriors()
 
     def _initial_fisher(self, group: dict) -> float:
@@ -85,14 +80,11 @@ class DiagonalNGVI(NGVIOptimizer):
             return state["fisher"]
         return torch.full_like(p, self._initial_fisher(group), memory_format=torch.preserve_format)
 
-    def _cached_layer_params(self) -> list[tuple[nn.Module, dict, list[Tensor]]]:
-        return [(layer, self.param_groups[i], params) for layer, i, params in self._layer_groups]
-
     @torch.no_grad()
     def _refresh_posteriors(self) -> None:
         """``sigma = sqrt((lambda/N) / (f + gamma_in))`` into every layer's ``weight_sigma`` / ``bias_sigma``."""
         for group in self.param_groups:  # in place: sigma <- f; += gamma_in; rsqrt; *= sqrt(lambda/N)
-            pairs = [(p, sigma) for layer, grp, params in self._cached_layer_params()
+            pairs = [(p, sigma) for layer, grp, params in self.layer_params()
                      if grp is group and self.sampled(layer)
                      for p, sigma in zip(params, (layer.weight_sigma, layer.bias_sigma))]
             if not pairs:
@@ -132,7 +124,7 @@ class DiagonalNGVI(NGVIOptimizer):
         """Update means and Fisher estimates from the gradients since ``zero_grad``; resample scale."""
         loss = self._run_closure(closure)
         work = []
-        for layer, group, params in self._cached_layer_params():
+        for layer, group, params in self.layer_params():
             passes = self.capture.pop_passes(layer)
             stats = self.capture.pop(layer)
             noise = getattr(layer, "mean_noise", None)

@@ -151,3 +151,29 @@ def test_kronecker_factors_linear_on_sequences(bias):
     ref = naive_sequence_factors(model, x, y)["0"]
     for which, g, r in zip("AS", got, ref):
         torch.testing.assert_close(g, r, rtol=RTOL, atol=ATOL, msg=which)
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+@pytest.mark.parametrize("chunks", ["chunks_of_3", "one_chunk"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("net", list(CONV_NETS))
+def test_kronecker_factors_conv_location_grids(monkeypatch, stride, chunks, bias, net):
+    """A from one grid of every s-th conv output location, weighted s^2: the s^2 grids average to the float64
+    loop's A (so the sub-sample is unbiased), while S and the Linear layer take every location as before."""
+    model, x, y = conv_case(monkeypatch, net, bias, chunks)
+    ref = naive_kronecker_factors(model, x, y)
+    grids = []
+    for j in range(stride * stride):
+        capture = curvature.CurvatureCapture(model, "kfac")
+        capture.locations = (stride, j)
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        grids.append({name: capture.pop(m) for name, m in capture.layers})
+        capture.remove()
+    for name, (A, S) in ref.items():
+        is_conv = isinstance(dict(model.named_modules())[name], nn.Conv2d)
+        mean_a = sum(g[name][0] for g in grids) / stride**2
+        torch.testing.assert_close(mean_a, A, rtol=RTOL, atol=ATOL, msg=f"{name} mean A over the grids")
+        for j, g in enumerate(grids):
+            torch.testing.assert_close(g[name][1], S, rtol=RTOL, atol=ATOL, msg=f"{name} S, grid {j}")
+            assert torch.allclose(g[name][0], A) != is_conv, f"{name} grid {j}: a conv's grid is a sub-sample"

@@ -77,8 +77,12 @@ def ref_forward(layers: list[nn.Module], Ws: list[torch.Tensor], x: torch.Tensor
     return h, inputs, pre
 
 
-def batch_statistics(layers, Ws, x, y):
-    """Per layer: ``G`` (gradient of the mean loss as a matrix), ``A``, ``S`` of this batch, by loops."""
+def batch_statistics(layers, Ws, x, y, grid=(1, 0)):
+    """Per layer: ``G`` (gradient of the mean loss as a matrix), ``A``, ``S`` of this batch, by loops.
+
+    ``grid = (s, j)``: a convolution's ``A`` sums only the output locations (r, c) with r = j // s and
+    c = j % s (mod s), times s^2 (docs/MATH.md, "Noisy K-FAC", conv location grids)."""
+    s, j = grid
     b = x.shape[0]
     Ws = [W.detach().requires_grad_() for W in Ws]  # so that the pre-activations have a graph
     G = [torch.zeros_like(W) for W in Ws]
@@ -91,15 +95,18 @@ def batch_statistics(layers, Ws, x, y):
             if isinstance(layer, nn.Conv2d):
                 a_t = [torch.tensor(p) for p in conv_patches(inp[0], layer)]
                 ds_t = [ds[0, :, r, c] for r in range(ds.shape[2]) for c in range(ds.shape[3])]
+                in_grid = [r % s == j // s and c % s == j % s for r in range(ds.shape[2]) for c in range(ds.shape[3])]
+                weight = s * s
             else:
-                a_t, ds_t = [inp[0]], [ds[0]]
+                a_t, ds_t, in_grid, weight = [inp[0]], [ds[0]], [True], 1
             assert len(a_t) == len(ds_t)
             if layer.bias is not None:
                 a_t = [torch.cat([a, torch.ones(1)]) for a in a_t]
             T = len(a_t)
-            for a, d in zip(a_t, ds_t):
+            for a, d, used in zip(a_t, ds_t, in_grid):
                 G[ell] += torch.outer(d, a) / b
-                A[ell] += torch.outer(a, a) / b
+                if used:
+                    A[ell] += weight * torch.outer(a, a) / b
                 S[ell] += torch.outer(d, d) / (b * T)
     return G, A, S
 
@@ -108,7 +115,7 @@ class RefNoisyKFAC(KFACPosteriorReference):
     """MATH.md's Noisy K-FAC step (momentum, KL clip, t_stats, t_inv, both dampings), several samples."""
 
     def __init__(self, layers, lr, momentum, num_data, kl_weight, prior_var, damping, stat_decay, t_stats, t_inv,
-                 damping_mode, kl_clip, init_precision):
+                 damping_mode, kl_clip, init_precision, conv_stats_stride):
         self.layers = layers
         self.M = [matrix(m, m.weight.detach(), m.bias.detach() if m.bias is not None else None).clone()
                   for m in layers]
@@ -122,16 +129,19 @@ class RefNoisyKFAC(KFACPosteriorReference):
         self.dec = None
         self.buf = [torch.zeros_like(m) for m in self.M]
         self.k = 0
+        self.stride, self.stats_taken = conv_stats_stride, 0
         self.nus = []
 
     def step(self, x, y, noises):
         """``noises``: per MC sample, the list of per-layer noise matrices of that forward pass."""
         self.k += 1
-        per_sample = [batch_statistics(self.layers, [m + n for m, n in zip(self.M, noise)], x, y)
-                      for noise in noises]
-        n_s = len(noises)
         # warm-up (MATH.md): statistics every step while k <= t_inv, decompositions at k - 1 = 0, 1, 2, 4, ...
         use_stats = self.k <= self.t_inv or (self.k - 1) % self.t_stats == 0
+        grid = (self.stride, self.stats_taken % self.stride**2)  # the grids in turn, one per statistics step
+        self.stats_taken += use_stats
+        per_sample = [batch_statistics(self.layers, [m + n for m, n in zip(self.M, noise)], x, y, grid)
+                      for noise in noises]
+        n_s = len(noises)
         Vs = []
         for ell in range(len(self.M)):
             G = sum(st[0][ell] for st in per_sample) / n_s
@@ -159,14 +169,18 @@ class RefNoisyKFAC(KFACPosteriorReference):
 
 
 COMMON = dict(lr=0.1, num_data=20, kl_weight=0.5, prior_var=2.0, stat_decay=0.8, init_precision=10.0)
+#: conv_stats_stride 1: A from every conv location; 2: from one of the 4 location grids per statistics step
 CONFIGS = {
-    "factored": dict(damping_mode="factored", damping=0.01, momentum=0.9, kl_clip=None, t_stats=1, t_inv=1),
+    "factored": dict(damping_mode="factored", damping=0.01, momentum=0.9, kl_clip=None, t_stats=1, t_inv=1,
+                     conv_stats_stride=1),
     "factored_clip_tstats2_tinv2": dict(damping_mode="factored", damping=0.05, momentum=0.5, kl_clip=1e-3,
-                                        t_stats=2, t_inv=2),
+                                        t_stats=2, t_inv=2, conv_stats_stride=2),
     "factored_tstats3_tinv3": dict(damping_mode="factored", damping=0.05, momentum=0.9, kl_clip=None,
-                                   t_stats=3, t_inv=3),
-    "exact": dict(damping_mode="exact", damping=0.01, momentum=0.9, kl_clip=None, t_stats=1, t_inv=1),
-    "exact_clip_tinv2": dict(damping_mode="exact", damping=0.0, momentum=0.0, kl_clip=1e-3, t_stats=1, t_inv=2),
+                                   t_stats=3, t_inv=3, conv_stats_stride=2),
+    "exact": dict(damping_mode="exact", damping=0.01, momentum=0.9, kl_clip=None, t_stats=1, t_inv=1,
+                  conv_stats_stride=2),
+    "exact_clip_tinv2": dict(damping_mode="exact", damping=0.0, momentum=0.0, kl_clip=1e-3, t_stats=1, t_inv=2,
+                             conv_stats_stride=1),
 }
 #: MC samples (forward/backward passes) before each of the steps
 SAMPLES = {"one_sample": (1, 1, 1, 1, 1, 1), "several_samples": (2, 1, 3, 1, 2, 1)}

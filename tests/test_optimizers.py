@@ -20,7 +20,7 @@ from torch import nn
 
 import models
 from models import BayesianLinear
-from optimizers import VOGN, NoisyAdam, NoisyKFAC
+from optimizers import VOGN, NoisyAdam, NoisyKFAC, noisy_kfac
 
 RTOL, ATOL = 1e-8, 1e-12
 
@@ -276,8 +276,14 @@ def as_matrix(w, b):
     return torch.cat([w.reshape(w.shape[0], -1), b[:, None]], 1)
 
 
-@pytest.mark.parametrize("config", list(KFAC_CONFIGS))
-def test_noisy_kfac_first_steps_match_reference(float64, config):
+#: factored damping samples through the Cholesky factors (a solve, DENSE_ROOT_MAX = 0) or their explicit inverses
+KFAC_CASES = [(c, n) for c, kw in KFAC_CONFIGS.items()
+              for n in ((0,) if kw["damping_mode"] == "factored" else ()) + (noisy_kfac.DENSE_ROOT_MAX,)]
+
+
+@pytest.mark.parametrize("config,dense_root_max", KFAC_CASES, ids=[f"{c}-{n}" for c, n in KFAC_CASES])
+def test_noisy_kfac_first_steps_match_reference(float64, config, dense_root_max, monkeypatch):
+    monkeypatch.setattr(noisy_kfac, "DENSE_ROOT_MAX", dense_root_max)
     kw = {**KFAC_COMMON, **KFAC_CONFIGS[config]}
     model = tiny_net("MVG")
     x, y = tiny_data()
@@ -462,3 +468,14 @@ def test_state_dict_resume_is_bit_exact(config):
 
     assert_same_training_state(model_a, opt_a, model_c, opt_c)
     assert torch.equal(torch.get_rng_state(), rng_a)
+
+
+@pytest.mark.parametrize("t_stats,t_inv", [(10, 100), (3, 7), (1, 1), (4, 1)])
+def test_conv_statistics_cycle_through_every_location_grid(t_stats, t_inv):
+    """Any s^2 consecutive statistics steps (warm-up and after) use every grid of conv locations once."""
+    steps = [k for k in range(1, 400) if noisy_kfac.takes_stats(k, t_stats, t_inv)]
+    for s in (2, 3):
+        grids = [noisy_kfac.stats_grid(k, t_stats, t_inv, s) for k in steps]
+        assert all(g[0] == s for g in grids)
+        assert [g[1] for g in grids] == [i % (s * s) for i in range(len(steps))]
+    assert noisy_kfac.stats_grid(5, t_stats, t_inv, 1) is None
