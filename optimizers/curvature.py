@@ -171,6 +171,9 @@ def grad_squared(module: nn.Module, a: Tensor, g: Tensor, scale: float) -> tuple
     """``mean_i g_i**2`` for weight and bias, where the per-example pre-activation gradient is ``scale * g``."""
     if isinstance(module, nn.Conv2d):
         return _conv_grad_squared(module, a, g, scale)
+    if a.dim() == 2:  # (B, in): one location per example, so the bias' squares are those of the scaled g
+        g2 = g.square().mul_(scale * scale / a.shape[0])
+        return g2.T @ a.square(), (g2.sum(0) if module.bias is not None else None)
     a, g = layer_patches(module, a, g)
     b, t, _ = a.shape
     c = scale * scale / b

@@ -127,7 +127,7 @@ class DiagonalNGVI(NGVIOptimizer):
         for layer, group, params in self.layer_params():
             passes = self.capture.pop_passes(layer)
             stats = self.capture.pop(layer)
-            noise = getattr(layer, "mean_noise", None)
+            noise = layer.pop_mean_noise() if hasattr(layer, "pop_mean_noise") else None
             sampled = self.sampled(layer)
             noise_grad = layer.pop_noise_grad() if sampled else None
             for i, p in enumerate(params):
@@ -144,8 +144,6 @@ class DiagonalNGVI(NGVIOptimizer):
                     s = stats[i] if stats is not None else g.square()
                 w_noise = noise[i] if (noise is not None and self.prior_at_sample) else None
                 work.append((layer, group, p, g, s, w_noise))
-            if noise is not None:
-                layer.mean_noise = None
         # data-parallel: average gradients, statistics and the prior's weight sample over ranks
         # (one bucket), so that every rank applies the same update to the same means
         self.all_reduce_mean([g for _, _, _, g, _, _ in work]

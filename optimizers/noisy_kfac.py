@@ -398,9 +398,8 @@ class NoisyKFAC(NGVIOptimizer):
             grads = [layer.weight.grad] + ([bias_grad] if layer.bias is not None else [])
             if passes > 1:
                 grads = [g / passes for g in grads]
-            noise = getattr(layer, "mean_noise", None)  # the (weight, bias) noise of the step's samples
-            if noise is not None:
-                layer.mean_noise = None
+            # the (weight, bias) noise of the step's samples
+            noise = layer.pop_mean_noise() if hasattr(layer, "pop_mean_noise") else None
             if stats is not None and is_norm_layer(layer):
                 stats = [self._as_vector(layer, *stats)]
             work.append((layer, group, grads, stats, noise))
