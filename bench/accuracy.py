@@ -122,8 +122,6 @@ DEFAULT_LR = {"IVON": 0.1, **{m: optimizer_defaults(o)["lr"] for m, (_, o) in ME
 SWEEP_TASK = "mnist_mlp"
 NORM_ARCHS = ("resnet20",)  # archs with normalisation layers (where --norm_posterior matters)
 TEST_SAMPLES = 10
-#: steps between the divergence checks of a run (train.py's --log_interval default)
-LOG_INTERVAL = 100
 VALIDATION = 10000
 #: published numbers, shown beside ours and labeled as such (never produced by this script)
 PUBLISHED = {
@@ -226,8 +224,8 @@ def train_run(task: Task, method: str, lr: float, seed: int, epochs: int, train:
                 seen += len(y)
         else:  # the epoch train.py runs (MC samples, true-Fisher pass, cross-rank averaging)
             try:
-                result = train_epoch(model, optimizer, loader, epoch, None, StepRecords(LOG_INTERVAL, device),
-                                     samples=opt.train_samples, log_interval=LOG_INTERVAL)
+                result = train_epoch(model, optimizer, loader, epoch, None, StepRecords(opt.log_interval, device),
+                                     samples=opt.train_samples, log_interval=opt.log_interval)
                 loss_sum, seen = result["loss"], 1
             except Diverged as e:
                 diverged = str(e)

@@ -82,6 +82,11 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
+def release_scratch() -> None:
+    """Free this thread's reused buffers (they are re-created on the next use), e.g. before measuring memory."""
+    _scratch.buffers.clear()
+
+
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
 

@@ -152,6 +152,7 @@ def test_device_cuda_when_available(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--beta2", "1"], "--beta2"),
         (["--t_inv", "0"], "--t_inv"),
         (["--model", "MVG", "--kfac_rank", "0"], "--kfac_rank must be a positive integer"),
+        (["--model", "MVG", "--kfac_conv_stride", "0"], "--kfac_conv_stride must be a positive integer"),
         (["--model", "MVG", "--kfac_rank", "8", "--damping_mode", "exact"], "--kfac_rank works with the factored"),
         (["--eps", "0"], "--eps"),
         (["--lr_schedule", "linear"], "invalid choice"),
