@@ -8,6 +8,7 @@ the test reseeds the RNG before the forward and re-draws ``eps`` itself.
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
 
@@ -479,3 +480,22 @@ def test_conv_statistics_cycle_through_every_location_grid(t_stats, t_inv):
         assert all(g[0] == s for g in grids)
         assert [g[1] for g in grids] == [i % (s * s) for i in range(len(steps))]
     assert noisy_kfac.stats_grid(5, t_stats, t_inv, 1) is None
+
+
+def test_noisy_kfac_loads_a_state_dict_saved_before_conv_stats_stride_existed():
+    """An older checkpoint's param groups lack the option: loading gives them the default, and stepping works."""
+    model = tiny_net("MVG")
+    x, y = tiny_data()
+    opt = NoisyKFAC(model)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["conv_stats_stride"]
+    fresh = NoisyKFAC(model)
+    fresh.load_state_dict(saved)
+    default = inspect.signature(NoisyKFAC).parameters["conv_stats_stride"].default
+    assert all(g["conv_stats_stride"] == default for g in fresh.param_groups)
+    fresh.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    fresh.step()
