@@ -176,24 +176,21 @@ def grad_squared(module: nn.Module, a: Tensor, g: Tensor, scale: float) -> tuple
     """``mean_i g_i**2`` for weight and bias, where the per-example pre-activation gradient is ``scale * g``."""
     if isinstance(module, nn.Conv2d):
         return _conv_grad_squared(module, a, g, scale)
-    if a.dim() == 2:  # (B, in): one location per example, so the bias' squares are those of the scaled g
-        g2 = g.square().mul_(scale * scale / a.shape[0])
-        return g2.T @ a.square(), (g2.sum(0) if module.bias is not None else None)
+    b = a.shape[0]
+    if a[0].numel() == a.shape[-1]:  # one location per example: (B, in) or (B, 1, in)
+        # c folded into the small (B x out) factor, whose column sums are then the bias' squares
+        g2 = g.reshape(b, -1).square().mul_(scale * scale / b)
+        return g2.T @ a.reshape(b, -1).square(), (g2.sum(0) if module.bias is not None else None)
     a, g = layer_patches(module, a, g)
-    b, t, _ = a.shape
+    out, n_in = g.shape[2], a.shape[2]
+    chunk = max(1, _CHUNK_ELEMENTS // (out * n_in))
+    sq_w = a.new_zeros(out, n_in)
+    for i in range(0, b, chunk):
+        per_example = torch.bmm(g[i:i + chunk].transpose(1, 2), a[i:i + chunk])
+        sq_w += per_example.square().sum(0)
     c = scale * scale / b
-    if t == 1:  # c folded into the small (B x out) factor: one pass less over the out x in result
-        sq_w = g[:, 0].square().mul_(c).T @ a[:, 0].square()
-    else:
-        out, n_in = g.shape[2], a.shape[2]
-        chunk = max(1, _CHUNK_ELEMENTS // (out * n_in))
-        sq_w = a.new_zeros(out, n_in)
-        for i in range(0, b, chunk):
-            per_example = torch.bmm(g[i:i + chunk].transpose(1, 2), a[i:i + chunk])
-            sq_w += per_example.square().sum(0)
-        sq_w *= c
     sq_b = c * g.sum(1).square().sum(0) if module.bias is not None else None
-    return sq_w.view_as(module.weight), sq_b
+    return sq_w.mul_(c).view_as(module.weight), sq_b
 
 
 def _conv_grad_squared(module: nn.Conv2d, a: Tensor, g: Tensor, scale: float) -> tuple[Tensor, Tensor | None]:
