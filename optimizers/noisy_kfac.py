@@ -576,8 +576,7 @@ class NoisyKFAC(NGVIOptimizer):
         if not clips:
             return None
         dots = torch.stack([torch.dot(D.reshape(-1), V.reshape(-1)) for _, _, _, V, D in updates]).double()
-        lrs = [g["lr"] for _, g, *_ in updates]
-        vg = (dots * lrs[0] ** 2).sum() if len(set(lrs)) == 1 else (dots * dots.new_tensor(lrs).square()).sum()
+        vg = (dots * dots.new_tensor([g["lr"] for _, g, *_ in updates]).square()).sum()
         return torch.where(vg > 0, (min(clips) / vg).sqrt().clamp(max=1.0), 1.0)
 
     @staticmethod
