@@ -437,7 +437,11 @@ class TestOptions(BaseOptions):
         g.add_argument("--batch_size", type=int, default=EVAL_BATCH_SIZE,
                        help="test examples per batch (one weight sample per batch and MC sample)")
         g.add_argument("--ood_dataset", choices=tuple(DATASETS), default=None,
-                       help="also score out-of-distribution detection against this data set")
+                       help="also score out-of-distribution detection against this data set (its test split, "
+                            "normalised as the training set is)")
+        g.add_argument("--rotate", type=float, default=0.0, metavar="DEG",
+                       help="rotate the test images by DEG degrees first (a shifted test set; the OOD set is "
+                            "not rotated)")
         return parser
 
     def gather_options(self, argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:

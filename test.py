@@ -3,6 +3,7 @@
     python test.py --epoch=20                      # the most recently trained run
     python test.py --model=MVG --epoch=20          # the latest MVG run
     python test.py --name=MNIST_FFG_noisy_adam_mlp --test_samples=100 --ood_dataset=FashionMNIST
+    python test.py --epoch=20 --rotate=60          # the test set rotated by 60 degrees (dataset shift)
 
 The model is rebuilt from the options saved with the run; only evaluation flags are needed.
 Prints a table and one JSON line (``{"name": ..., "test_acc": ...}``) for scripts.
@@ -40,18 +41,20 @@ def main(argv: list[str] | None = None) -> None:
                         f"({str(e).splitlines()[0][:120]}); was it written by another run?") from None
     torch.manual_seed(opt.seed)
 
-    test_x, test_y = load_split(opt.dataset, False, opt.data_root, device)
+    test_x, test_y = load_split(opt.dataset, False, opt.data_root, device, rotate_degrees=opt.rotate)
     metrics, probs = evaluate(model, test_x, test_y, opt.test_samples, opt.batch_size)
     result = {"name": opt.name, "epoch": opt.epoch, "model": opt.model, "optimizer": opt.optimizer,
-              "arch": opt.arch, "dataset": opt.dataset, "test_samples": opt.test_samples,
+              "arch": opt.arch, "dataset": opt.dataset, "rotate": opt.rotate, "test_samples": opt.test_samples,
               "test_acc": metrics["acc"], "test_nll": metrics["nll"], "test_ece": metrics["ece"]}
     if opt.ood_dataset:
-        ood_x, _ = load_split(opt.ood_dataset, False, opt.data_root, device)
+        # through the training set's preprocessing, as a deployed model sees any input
+        ood_x, _ = load_split(opt.ood_dataset, False, opt.data_root, device, normalize_as=opt.dataset)
         result["ood_dataset"] = opt.ood_dataset
         result["ood_auroc"] = ood_auroc(probs, predict(model, ood_x, opt.test_samples, opt.batch_size))
 
     samples = f"{opt.test_samples} weight samples" if opt.test_samples else "mean weights"
-    print(f"{opt.name} epoch {opt.epoch} ({Path(path)}), predictive over {samples}:")
+    shift = f", test images rotated {opt.rotate:g} degrees" if opt.rotate else ""
+    print(f"{opt.name} epoch {opt.epoch} ({Path(path)}), predictive over {samples}{shift}:")
     print(f"  test accuracy  {100 * result['test_acc']:.2f}%")
     print(f"  test log loss  {result['test_nll']:.4f}")
     print(f"  test ECE       {result['test_ece']:.4f}")

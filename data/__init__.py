@@ -10,6 +10,7 @@ from data.datasets import (
     load_split,
     normalize,
     resolve_data_root,
+    rotate,
 )
 from data.loader import InMemoryLoader, random_crop_flip, take_subset
 
@@ -25,5 +26,6 @@ __all__ = [
     "normalize",
     "random_crop_flip",
     "resolve_data_root",
+    "rotate",
     "take_subset",
 ]

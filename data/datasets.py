@@ -45,6 +45,7 @@ __all__ = [
     "has_data",
     "load_split",
     "resolve_data_root",
+    "rotate",
 ]
 
 
@@ -370,14 +371,36 @@ def ensure_data(name: str, data_root: str | os.PathLike | None = None, download:
     return root
 
 
+def rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Raw ``N x C x H x W`` images rotated by ``degrees`` counter-clockwise about their centre (bilinear,
+    zero fill: the black background of MNIST-like images), as float32 in the raw 0..255 scale.
+
+    The shifted test sets of Ovadia et al. (2019), "Can you trust your model's uncertainty?": rotating the raw
+    image before normalisation keeps the background at the value the model saw in training.
+    """
+    from torchvision.transforms.functional import InterpolationMode
+    from torchvision.transforms.functional import rotate as tv_rotate
+
+    images = images.to(torch.float32)
+    if degrees % 360 == 0:
+        return images
+    return tv_rotate(images, float(degrees), interpolation=InterpolationMode.BILINEAR, fill=[0.0])
+
+
 def load_split(
     name: str,
     train: bool,
     data_root: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     download: bool = True,
+    rotate_degrees: float = 0.0,
+    normalize_as: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load a whole split as (float32 ``N x C x H x W`` normalized images, int64 labels) on ``device``.
+
+    ``rotate_degrees``: rotate every raw image first (:func:`rotate`; a shifted test set).
+    ``normalize_as``: normalise with that data set's statistics instead of ``name``'s own, as a model
+    trained on it sees any input (out-of-distribution sets); its images must have the same channels.
 
     Raises :class:`UserError` if the files are missing and cannot be downloaded,
     or if a file is truncated/corrupted (naming the file).
@@ -385,4 +408,6 @@ def load_split(
     root = ensure_data(name, data_root, download)
     images, labels = _load_raw(name, root, train)
     images = images.to(device)
-    return normalize(images, name), labels.to(device)
+    if rotate_degrees % 360 != 0:
+        images = rotate(images, rotate_degrees)
+    return normalize(images, normalize_as or name), labels.to(device)

@@ -181,7 +181,8 @@ def testpy_runs(runner: Runs) -> Runs:
     r.ok("posterior")
     r.start([r.test(f"test_{samples}", "posterior",
                     ["--test_samples", str(samples), "--ood_dataset", "FashionMNIST", "--seed", "5"])
-             for samples in (0, MC_SAMPLES)])
+             for samples in (0, MC_SAMPLES)]
+            + [r.test("test_rotated", "posterior", ["--test_samples", "0", "--rotate", "90"])])
     return r
 
 
@@ -271,6 +272,8 @@ def recomputed(testpy_runs: Runs) -> dict:
     state = checkpoint(testpy_runs.run_dir("posterior"), 1)["model"]
     x, y = load_split("MNIST", False, testpy_runs.data_root)
     x_ood, _ = load_split("FashionMNIST", False, testpy_runs.data_root)
+    # the OOD images as the MNIST model sees them: pixels back to [0, 1], then MNIST's statistics
+    x_ood = (x_ood * 0.3530 + 0.2860 - 0.1307) / 0.3081
     out = {}
     for samples in (0, MC_SAMPLES):
         p_in, p_out = predictive(state, x, samples, 11), predictive(state, x_ood, samples, 12)
@@ -302,6 +305,18 @@ def test_test_py_mc_predictive_matches_recomputation(testpy_runs: Runs, recomput
         assert abs(got[key] - ref[key]) <= tol, f"{key}: test.py {got[key]:.4f}, recomputed {ref[key]:.4f}"
     # the MC predictive is told apart from the mean weights' (a test.py ignoring --test_samples fails)
     assert any(abs(ref[k] - mean_w[k]) > 2 * tol for k, tol in MC_TOL.items()), (ref, mean_w)
+
+
+def test_test_py_rotate_scores_the_rotated_test_set(testpy_runs: Runs) -> None:
+    state = checkpoint(testpy_runs.run_dir("posterior"), 1)["model"]
+    x, y = load_split("MNIST", False, testpy_runs.data_root)
+    # a quarter turn counter-clockwise moves pixels exactly, so it is rot90 of the normalised images
+    ref = reference_metrics(F.softmax(mlp_forward(state, torch.rot90(x, 1, (2, 3))).double(), 1), y)
+    got = json.loads(testpy_runs.ok("test_rotated").strip().splitlines()[-1])
+    assert got["rotate"] == 90
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+    assert got["test_acc"] < reported(testpy_runs, 0)["test_acc"] - 0.3, "a quarter turn should hurt accuracy"
 
 
 def test_ood_inputs_are_less_confident(testpy_runs: Runs, recomputed: dict) -> None:

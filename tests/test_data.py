@@ -430,3 +430,24 @@ def test_take_subset_real_is_roughly_balanced(mnist_test) -> None:
     _, sy = take_subset(x, y, 1000, seed=0)
     counts = sy.bincount(minlength=10)
     assert counts.min() > 50 and counts.max() < 160
+
+
+def test_rotate_turns_raw_images_counter_clockwise() -> None:
+    from data import rotate
+
+    x = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    for degrees, k in ((90, 1), (180, 2), (270, 3), (-90, 3)):
+        torch.testing.assert_close(rotate(x, degrees), torch.rot90(x.float(), k, (2, 3)), atol=1e-2, rtol=0)
+    torch.testing.assert_close(rotate(x, 360), x.float())
+    # a small angle moves mass but keeps the image's total intensity near its own (zero background)
+    assert (rotate(x, 15) - x.float()).abs().mean() > 1
+
+
+def test_load_split_rotates_before_normalising_and_normalises_as_another_set(data_root) -> None:
+    raw_mnist, _ = load_split("MNIST", False, data_root, download=False)
+    rot, _ = load_split("MNIST", False, data_root, download=False, rotate_degrees=90)
+    # rotating first keeps the background at MNIST's normalised zero, (0 - 0.1307) / 0.3081
+    torch.testing.assert_close(rot, torch.rot90(raw_mnist, 1, (2, 3)), atol=1e-4, rtol=0)
+    fmnist, _ = load_split("FashionMNIST", False, data_root, download=False)
+    as_mnist, _ = load_split("FashionMNIST", False, data_root, download=False, normalize_as="MNIST")
+    torch.testing.assert_close(as_mnist, (fmnist * 0.3530 + 0.2860 - 0.1307) / 0.3081, atol=1e-5, rtol=0)
