@@ -1,0 +1,418 @@
+"""Uncertainty benchmark: clean, shifted and out-of-distribution, for our methods and their peers.
+
+The protocol of Ovadia et al. (2019), "Can you trust your model's uncertainty?", on the tasks this tool
+trains on a CPU (docs/uncertainty.md describes it):
+
+* clean test set: accuracy, NLL (log loss) and ECE (15 bins) of the predictive;
+* dataset shift: the test set rotated by ``ANGLES`` degrees (the raw images, before normalisation), with
+  accuracy, NLL and ECE against the angle;
+* out of distribution: AUROC of the predictive entropy, the OOD test split normalised with the training
+  set's statistics (as a deployed model sees any input);
+* the gain from sampling: the same scores at the mean weights (``*_mean`` keys);
+* the posterior: percentiles of the first layer's posterior std (Bayesian methods and IVON).
+
+Methods: ours (``NoisyAdam``, ``VOGN``, ``NoisyKFAC``: ``train.py``'s options, model, optimizer and epoch, so
+a run is what ``train.py`` would do with those flags) and the peers from their packages: ``Adam``;
+``Laplace`` (laplace-torch on that Adam network: last-layer K-FAC Laplace, prior precision by marginal
+likelihood, probit predictive); ``IVON`` (``ivon.IVON(lr=0.1, ess=N)``, package defaults otherwise, on the
+deterministic network); ``Ensemble`` (5 Adam networks, seeds ``s, s+100, ...``, their softmax averaged).
+
+A variant of one of our methods is ``NAME=METHOD:FLAGS``, e.g.
+``--variant "NoisyAdam-b999=NoisyAdam:--beta2 0.999 --init_precision 1e3"``. Each run's flags are recorded.
+
+Usage::
+
+    python bench/uncertainty.py --data_root ../shared/data --tasks mnist_mlp --seeds 3
+    python bench/uncertainty.py --data_root ../shared/data --tasks fmnist_resnet20 --seeds 1
+    python bench/uncertainty.py --report_only
+
+Results accumulate in ``bench/results/uncertainty.json`` (a run already there is not run again); the report
+goes to ``docs/uncertainty.md`` and ``bench/results/uncertainty_<task>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ivon  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from common import REPO, RESULTS, environment, table  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from data import InMemoryLoader, load_split, take_subset  # noqa: E402
+from evaluation import predict  # noqa: E402
+from experiment import finite, make_model, make_optimizer  # noqa: E402
+from models import bayesian_layers  # noqa: E402
+from option_parser import TrainOptions  # noqa: E402
+from training import StepRecords, train_epoch  # noqa: E402
+from util.metrics import accuracy, auroc, ece, nll, predictive_entropy  # noqa: E402
+
+ANGLES = (0, 15, 30, 45, 60, 75, 90, 120, 150, 180)
+TEST_SAMPLES = 32  # weight samples of the MC predictive
+ENSEMBLE_SIZE = 5
+IVON_LR = 0.1
+
+
+@dataclass(frozen=True)
+class Task:
+    dataset: str
+    arch: str
+    ood: str
+    epochs: int
+    batch_size: int = 100
+
+
+TASKS = {
+    "mnist_mlp": Task("MNIST", "mlp", "FashionMNIST", 10),
+    "mnist_covnet": Task("MNIST", "covnet", "FashionMNIST", 5),
+    "fmnist_covnet": Task("FashionMNIST", "covnet", "MNIST", 5),
+    "fmnist_resnet20": Task("FashionMNIST", "resnet20", "MNIST", 3, batch_size=128),
+}
+#: our methods: (train.py --model, --optimizer)
+OURS = {"NoisyAdam": ("FFG", "noisy_adam"), "VOGN": ("FFG", "vogn"), "NoisyKFAC": ("MVG", "noisy_kfac")}
+PEERS = ("Adam", "Laplace", "IVON", "Ensemble")
+DEFAULT_METHODS = ("Adam", "Laplace", "IVON", "Ensemble", "NoisyAdam", "NoisyKFAC")
+
+
+# -- data --------------------------------------------------------------------------------------
+class Data:
+    """A task's splits on the device: train, test, each rotated test set, and the OOD set."""
+
+    def __init__(self, task: Task, data_root: str | None, device: torch.device, subset: int | None) -> None:
+        self.train = take_subset(*load_split(task.dataset, True, data_root, device), subset, 0)
+        self.shifted = {a: load_split(task.dataset, False, data_root, device, rotate_degrees=a) for a in ANGLES}
+        self.test = self.shifted[0]
+        self.ood = load_split(task.ood, False, data_root, device, normalize_as=task.dataset)[0]
+
+
+# -- training ----------------------------------------------------------------------------------
+def train_options(task: Task, method: str, flags: list[str], seed: int, args: argparse.Namespace) -> argparse.Namespace:
+    model, optimizer = OURS.get(method, ("MAP", "adam"))
+    argv = ["--model", model, "--optimizer", optimizer, "--dataset", task.dataset, "--arch", task.arch,
+            "--seed", str(seed), "--batch_size", str(task.batch_size), "--device", args.device,
+            "--no_visdom", "--no_progress", *flags]
+    if args.subset:
+        argv += ["--subset", str(args.subset)]
+    if args.data_root:
+        argv += ["--data_root", args.data_root]
+    return TrainOptions().parse(argv)
+
+
+def train(task: Task, method: str, flags: list[str], seed: int, data: Data, args: argparse.Namespace,
+          epochs: int) -> tuple[nn.Module, torch.optim.Optimizer, argparse.Namespace]:
+    """Train one network as ``train.py`` would (IVON: its own sampled step on the deterministic net)."""
+    opt = train_options(task, method, flags, seed, args)
+    device = torch.device(opt.device)
+    loader = InMemoryLoader(*data.train, opt.batch_size, shuffle=True, seed=seed)
+    torch.manual_seed(seed)
+    model = make_model(opt).to(device)
+    if method == "IVON":
+        optimizer = ivon.IVON(model.parameters(), lr=IVON_LR, ess=data.train[0].shape[0])
+    else:
+        optimizer = make_optimizer(opt, model)
+    torch.manual_seed(seed)
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        if method == "IVON":
+            ivon_epoch(model, optimizer, loader, epoch)
+        else:
+            train_epoch(model, optimizer, loader, epoch, None, StepRecords(opt.log_interval, device),
+                        samples=opt.train_samples, log_interval=opt.log_interval)
+        if not finite(model):
+            raise RuntimeError(f"{method} seed {seed}: non-finite weights after epoch {epoch}")
+        print(f"    {method} seed {seed} epoch {epoch}/{epochs}: {time.perf_counter() - t0:.1f}s", flush=True)
+    return model, optimizer, opt
+
+
+def ivon_epoch(model: nn.Module, optimizer: ivon.IVON, loader: InMemoryLoader, epoch: int) -> None:
+    """One epoch of IVON's own loop: each step's forward/backward inside ``sampled_params(train=True)``."""
+    model.train()
+    loader.set_epoch(epoch)
+    for x, y in loader:
+        with optimizer.sampled_params(train=True):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+# -- predictives -------------------------------------------------------------------------------
+class Predictor:
+    """``probs(images, samples)``: the method's predictive (``samples=0``: its single network / mean weights)."""
+
+    def __init__(self, fn, has_mean: bool, stds: Tensor | None = None) -> None:
+        self.fn, self.has_mean, self.stds = fn, has_mean, stds
+
+    def probs(self, images: Tensor, samples: int) -> Tensor:
+        return self.fn(images, samples)
+
+
+def ngvi_predictor(model: nn.Module) -> Predictor:
+    first = next(iter(bayesian_layers(model)))[1]
+    return Predictor(lambda x, s: predict(model, x, s), True, first.weight_std().flatten().detach().cpu())
+
+
+def adam_predictor(model: nn.Module) -> Predictor:
+    return Predictor(lambda x, s: predict(model, x, 0), False)
+
+
+@torch.no_grad()
+def ivon_predictor(model: nn.Module, optimizer: ivon.IVON) -> Predictor:
+    def probs(images: Tensor, samples: int) -> Tensor:
+        model.eval()
+        if samples == 0:
+            return _batched(model, images).softmax(-1)
+        out = 0
+        for _ in range(samples):
+            with optimizer.sampled_params():
+                out = out + _batched(model, images).softmax(-1)
+        return out / samples
+
+    group = optimizer.param_groups[0]
+    first = next(p for p in model.parameters() if p.dim() > 1)
+    offset = 0  # IVON keeps one flat hessian per group, in parameter order
+    for p in group["params"]:
+        if p is first:
+            break
+        offset += p.numel()
+    hess = group["hess"][offset:offset + first.numel()]
+    stds = 1.0 / torch.sqrt(group["ess"] * (hess + group["weight_decay"]))
+    return Predictor(probs, True, stds.detach().cpu())
+
+
+def ensemble_predictor(models: list[nn.Module]) -> Predictor:
+    return Predictor(lambda x, s: sum(predict(m, x, 0) for m in models) / len(models), False)
+
+
+def laplace_predictor(model: nn.Module, data: Data, batch_size: int) -> tuple[Predictor, float]:
+    from laplace import Laplace
+
+    model.eval()
+    train = torch.utils.data.TensorDataset(*data.train)
+    la = Laplace(model, "classification", subset_of_weights="last_layer", hessian_structure="kron")
+    la.fit(torch.utils.data.DataLoader(train, batch_size=batch_size))
+    la.optimize_prior_precision(method="marglik")
+
+    @torch.no_grad()
+    def probs(images: Tensor, samples: int) -> Tensor:
+        if samples == 0:
+            return _batched(model, images).softmax(-1)
+        return torch.cat([la(images[i:i + 1000], pred_type="glm", link_approx="probit")
+                          for i in range(0, images.shape[0], 1000)])
+
+    prior = la.prior_precision
+    return Predictor(probs, True, None), float(prior.mean() if torch.is_tensor(prior) else prior)
+
+
+def _batched(model: nn.Module, images: Tensor, batch: int = 1000) -> Tensor:
+    return torch.cat([model(images[i:i + batch]) for i in range(0, images.shape[0], batch)])
+
+
+# -- scores ------------------------------------------------------------------------------------
+def score(pred: Predictor, data: Data) -> dict:
+    """Clean, per-angle and OOD scores of the MC predictive, and at the mean weights where there are any."""
+    out: dict = {}
+    variants = [("", TEST_SAMPLES)] + ([("_mean", 0)] if pred.has_mean else [])
+    for suffix, samples in variants:
+        probs_in = None
+        for angle in ANGLES:
+            x, y = data.shifted[angle]
+            probs = pred.probs(x, samples).double()
+            if angle == 0:
+                probs_in = probs
+            out[f"acc{suffix}@{angle}"] = accuracy(probs, y)
+            out[f"nll{suffix}@{angle}"] = nll(probs, y)
+            out[f"ece{suffix}@{angle}"] = ece(probs, y)
+        probs_out = pred.probs(data.ood, samples).double()
+        out[f"ood_auroc{suffix}"] = auroc(predictive_entropy(probs_out), predictive_entropy(probs_in))
+    if pred.stds is not None:
+        q = torch.quantile(pred.stds.double(), torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64))
+        out["std_p0"], out["std_p10"], out["std_p50"], out["std_p90"], out["std_p100"] = q.tolist()
+        out["std_p90_over_p10"] = out["std_p90"] / out["std_p10"]
+    return out
+
+
+# -- the study ---------------------------------------------------------------------------------
+def run_key(task: str, name: str, seed: int, epochs: int, subset: int | None) -> str:
+    return f"{task}|{name}|{seed}|{epochs}" + (f"|subset{subset}" if subset else "")
+
+
+def run_task(task_name: str, methods: dict[str, tuple[str, list[str]]], seeds: list[int], args, store: dict,
+             path: Path) -> None:
+    task = TASKS[task_name]
+    epochs = args.epochs or task.epochs
+    device = torch.device(args.device)
+    data = None
+    for seed in seeds:
+        adam_models: dict[int, nn.Module] = {}
+        for name, (method, flags) in methods.items():
+            key = run_key(task_name, name, seed, epochs, args.subset)
+            if key in store["runs"] and not args.force:
+                continue
+            data = data or Data(task, args.data_root, device, args.subset)
+            t0 = time.perf_counter()
+            print(f"{task_name} {name} seed {seed} ({epochs} epochs)", flush=True)
+            record = {"task": task_name, "name": name, "method": method, "flags": flags, "seed": seed,
+                      "epochs": epochs}
+            if method in ("Adam", "Laplace", "Ensemble"):
+                members = [seed + 100 * k for k in range(ENSEMBLE_SIZE if method == "Ensemble" else 1)]
+                for s in members:
+                    if s not in adam_models:
+                        adam_models[s] = train(task, "Adam", [], s, data, args, epochs)[0]
+                if method == "Adam":
+                    pred = adam_predictor(adam_models[seed])
+                elif method == "Ensemble":
+                    pred = ensemble_predictor([adam_models[s] for s in members])
+                else:
+                    pred, record["laplace_prior_precision"] = laplace_predictor(adam_models[seed], data,
+                                                                                task.batch_size)
+            else:
+                model, optimizer, opt = train(task, method, flags, seed, data, args, epochs)
+                pred = ivon_predictor(model, optimizer) if method == "IVON" else ngvi_predictor(model)
+                if method != "IVON":
+                    record["options"] = {k: getattr(opt, k) for k in ("lr", "momentum", "beta2", "kl_weight",
+                                                                      "prior_var", "damping", "init_precision",
+                                                                      "fisher", "kfac_rank")}
+            record["scores"] = score(pred, data)
+            record["seconds"] = time.perf_counter() - t0
+            store["runs"][key] = record
+            _save(path, store)
+            s = record["scores"]
+            print(f"  -> acc {s['acc@0']:.4f} nll {s['nll@0']:.4f} ece {s['ece@0']:.4f} | 30deg nll "
+                  f"{s['nll@30']:.3f} ece {s['ece@30']:.3f} | 60deg nll {s['nll@60']:.3f} | ood "
+                  f"{s['ood_auroc']:.3f} (mean w {s.get('ood_auroc_mean', float('nan')):.3f}) | std p90/p10 "
+                  f"{s.get('std_p90_over_p10', float('nan')):.2f} | {record['seconds']:.0f}s", flush=True)
+
+
+def _save(path: Path, store: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(store, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def _mean_sd(values: list[float], fmt: str) -> str:
+    if not values:
+        return ""
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+
+
+COLUMNS = [("acc %", "acc@0", ".2f", 100), ("NLL", "nll@0", ".4f", 1), ("ECE", "ece@0", ".4f", 1),
+           ("NLL 30°", "nll@30", ".3f", 1), ("ECE 30°", "ece@30", ".3f", 1), ("NLL 60°", "nll@60", ".3f", 1),
+           ("ECE 60°", "ece@60", ".3f", 1), ("OOD AUROC", "ood_auroc", ".3f", 1),
+           ("OOD AUROC, mean w", "ood_auroc_mean", ".3f", 1), ("NLL 60°, mean w", "nll_mean@60", ".3f", 1),
+           ("std p90/p10", "std_p90_over_p10", ".2f", 1)]
+
+
+def report(store: dict, path_md: Path) -> str:
+    lines = ["# Uncertainty benchmark", "",
+             "Generated by `bench/uncertainty.py` from `bench/results/uncertainty.json`;",
+             "the protocol is in `docs/uncertainty.md`. Mean ± sd over the seeds (n = seeds).", ""]
+    by_task: dict[str, dict[str, list[dict]]] = {}
+    for run in store["runs"].values():
+        by_task.setdefault(f"{run['task']} ({run['epochs']} epochs)", {}).setdefault(run["name"], []).append(run)
+    for task, names in by_task.items():
+        lines += [f"## {task}", ""]
+        rows = []
+        for name, runs in names.items():
+            row = [name, str(len(runs))]
+            for _, key, fmt, scale in COLUMNS:
+                row.append(_mean_sd([r["scores"][key] * scale for r in runs if key in r["scores"]], fmt))
+            rows.append(row)
+        lines += [table(["method", "n", *[c[0] for c in COLUMNS]], rows), ""]
+        flags = {name: " ".join(runs[0]["flags"]) for name, runs in names.items() if runs[0]["flags"]}
+        for name, f in flags.items():
+            lines.append(f"- `{name}`: `{f}`")
+        lines.append("")
+        _plot(task, names)
+    lines += ["## Commands", ""] + [f"    {c}" for c in store.get("commands", [])]
+    text = "\n".join(lines) + "\n"
+    path_md.write_text(text)
+    return text
+
+
+def _plot(task: str, names: dict[str, list[dict]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for name, runs in names.items():
+        for ax, metric in zip(axes, ("acc", "nll", "ece")):
+            ys = [statistics.mean(r["scores"][f"{metric}@{a}"] for r in runs) for a in ANGLES]
+            ax.plot(ANGLES, ys, marker="o", ms=3, label=name)
+    for ax, title in zip(axes, ("accuracy", "NLL", "ECE")):
+        ax.set_xlabel("rotation (degrees)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[2].legend(fontsize=7)
+    fig.suptitle(f"{task}: rotated test set")
+    fig.tight_layout()
+    slug = task.split(" ")[0]
+    fig.savefig(RESULTS / f"uncertainty_{slug}.png", dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_root", default=None)
+    parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=["mnist_mlp"])
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                        help=f"of {', '.join(PEERS + tuple(OURS))}")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD:FLAGS",
+                        help="one of our methods with extra train.py flags")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--first_seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=None, help="override the task's epochs")
+    parser.add_argument("--subset", type=int, default=None, help="train on this many examples (a quick check)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--force", action="store_true", help="re-run runs already in the results")
+    parser.add_argument("--out", default=str(RESULTS / "uncertainty.json"))
+    parser.add_argument("--md", default=str(REPO / "docs" / "results_uncertainty.md"))
+    parser.add_argument("--report_only", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    path = Path(args.out)
+    store = json.loads(path.read_text()) if path.exists() else {"runs": {}, "commands": []}
+    if not args.report_only:
+        methods: dict[str, tuple[str, list[str]]] = {}
+        for m in args.methods:
+            if m not in PEERS + tuple(OURS):
+                raise SystemExit(f"error: unknown method {m!r}; choose from {', '.join(PEERS + tuple(OURS))}")
+            methods[m] = (m, [])
+        for v in args.variant:
+            name, _, rest = v.partition("=")
+            method, _, flags = rest.partition(":")
+            if method not in OURS:
+                raise SystemExit(f"error: --variant {v!r}: the method must be one of {', '.join(OURS)}")
+            methods[name] = (method, shlex.split(flags))
+        words = list(argv if argv is not None else sys.argv[1:])
+        if "--data_root" in words:  # a machine's path, not part of the study
+            del words[words.index("--data_root"):words.index("--data_root") + 2]
+        command = "python bench/uncertainty.py " + " ".join(shlex.quote(w) for w in words)
+        if command not in store["commands"]:
+            store["commands"].append(command)
+        store["environment"] = environment(threads=args.threads)
+        for task in args.tasks:
+            run_task(task, methods, list(range(args.first_seed, args.first_seed + args.seeds)), args, store, path)
+    print(report(store, Path(args.md)))
+
+
+if __name__ == "__main__":
+    main()
