@@ -368,7 +368,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_root", default=None)
     parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=["mnist_mlp"])
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+    parser.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS),
                         help=f"of {', '.join(PEERS + tuple(OURS))}")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD:FLAGS",
                         help="one of our methods with extra train.py flags")
