@@ -571,12 +571,15 @@ class NoisyKFAC(NGVIOptimizer):
     @staticmethod
     def _kl_clip_scale(updates: list[tuple]) -> Tensor | None:
         """``nu = min(1, sqrt(kl_clip / sum_layers lr^2 <D, V>))`` as a device scalar (no host sync);
-        ``None`` when no group clips."""
+        ``None`` when no group clips.
+
+        The learning rates enter as Python scalars: a tensor built from them would be a host-to-device
+        copy, which waits for the stream, in every step."""
         clips = [g["kl_clip"] for _, g, *_ in updates if g["kl_clip"] is not None]
         if not clips:
             return None
-        dots = torch.stack([torch.dot(D.reshape(-1), V.reshape(-1)) for _, _, _, V, D in updates]).double()
-        vg = (dots * dots.new_tensor([g["lr"] for _, g, *_ in updates]).square()).sum()
+        vg = torch.stack([torch.dot(D.reshape(-1), V.reshape(-1)).double() * (g["lr"] * g["lr"])
+                          for _, g, _, V, D in updates]).sum()
         return torch.where(vg > 0, (min(clips) / vg).sqrt().clamp(max=1.0), 1.0)
 
     @staticmethod
