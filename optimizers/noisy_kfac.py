@@ -586,8 +586,12 @@ class NoisyKFAC(NGVIOptimizer):
     def _has_decomposition(state: dict) -> bool:
         return "A_inv" in state or "QA" in state
 
+    #: state entries that count events: int64 CPU tensors, read on the host without a device sync
+    COUNTERS = ("guard_count",)
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        self._restore_counters(state_dict)
         for group in self.param_groups:  # a checkpoint from before an option existed: its default
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -598,6 +602,20 @@ class NoisyKFAC(NGVIOptimizer):
             if not self.state.get(layer.weight):  # saved before the first step
                 continue
             self._schedule_stats(int(self.state[layer.weight]["step"].item()) + 1, group)
+
+    def _restore_counters(self, state_dict: dict) -> None:
+        """Put the saved ``COUNTERS`` back as int64 CPU tensors.
+
+        ``Optimizer.load_state_dict`` casts every state tensor but ``step`` to its parameter's dtype and
+        device: a count would come back as a float (on a GPU, a device tensor that syncs when read).
+        Saved and current parameters pair up in order, as they do in ``Optimizer.load_state_dict``."""
+        saved = state_dict["state"]
+        ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in zip(ids, params):
+            for key in self.COUNTERS:
+                if key in saved.get(i, {}):
+                    self.state[p][key] = torch.as_tensor(saved[i][key]).to("cpu", torch.int64, copy=True)
 
     def _schedule_stats(self, k: int, group: dict) -> None:
         """Whether step k's backward takes statistics, and from which grid of conv locations."""
