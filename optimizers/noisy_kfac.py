@@ -187,7 +187,7 @@ def subspace_block(k: int, n: int) -> int | None:
     """The columns ``m`` of ``top_eigenpairs``' block for the top k of an n x n factor,
     ``k + max(k, SUBSPACE_OVERSAMPLE)``; ``None`` (an exact ``eigh``) where ``8 m > n``, where the iterations
     cost about as much as the ``eigh``: on the MNIST MLP's 785 x 785 factor (one thread, float64, a loaded
-    machine) 9-12 products at k = 16 took 50 ms against the ``eigh``'s 150-170 ms, 7-10 at k = 64 as long as it.
+    machine) 11-13 products at k = 16 took 50-80 ms against the ``eigh``'s 150-230 ms, 5-8 at k = 64 as long as it.
     """
     m = k + max(k, SUBSPACE_OVERSAMPLE)
     return None if 8 * m > n else m
