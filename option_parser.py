@@ -45,6 +45,7 @@ reproduce it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -55,6 +56,7 @@ from experiment import OPTIMIZER_CLASSES, optimizer_defaults, resolve_optimizer_
 from models import ARCHS, POSTERIORS
 from optimizers.noisy_kfac import STRUCTURES as KFAC_STRUCTURES
 from util.checkpoint import latest_epoch, list_epochs
+from util.distributed import DIST_TIMEOUT_S
 from util.errors import UserError, one_line
 from util.run_dir import RunDir, latest_run, list_runs
 
@@ -361,6 +363,9 @@ class TrainOptions(BaseOptions):
         g.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR10 only)")
         g.add_argument("--no_progress", action="store_true",
                        help="no progress bar (without a terminal there is one line per epoch anyway)")
+        g.add_argument("--dist_timeout", type=float, default=DIST_TIMEOUT_S, metavar="SECONDS",
+                       help="under torchrun: how long a rank waits for the others (while rank 0 downloads, "
+                            "evaluates, writes checkpoints) before the job stops")
 
         g = parser.add_argument_group("visdom")
         g.add_argument("--display_server", default="http://localhost")
@@ -389,6 +394,8 @@ class TrainOptions(BaseOptions):
              f"--kfac_rank must be a positive integer (omit it for exact factors), got {opt.kfac_rank}")
         need(1 <= opt.display_port <= 65535, f"--display_port must be in 1..65535, got {opt.display_port}")
         need(opt.n is None or opt.n >= 1, f"--n must be a positive integer, got {opt.n}")
+        need(0 < opt.dist_timeout <= 1e8, f"--dist_timeout must be a positive number of seconds (at most 1e8), "
+             f"got {opt.dist_timeout}")
         train_size = DATASETS[opt.dataset].train_size
         need(opt.subset is None or 1 <= opt.subset <= train_size,
              f"--subset must be between 1 and {train_size} (the {opt.dataset} training-set size), "
@@ -417,7 +424,8 @@ class TrainOptions(BaseOptions):
             opt.name = f"{opt.dataset}_{opt.model}_{opt.optimizer}_{opt.arch}"
         run_dir = Path(opt.ckpt_dir) / opt.name
         opt.run_dir = str(run_dir)
-        if opt.resume and latest_epoch(run_dir) is None:
+        # rank 0 reads the checkpoint and sends it to the other ranks, whose machines need not see the run folder
+        if opt.resume and latest_epoch(run_dir) is None and os.environ.get("RANK", "0") == "0":
             raise UserError(
                 f"--resume: no checkpoints in {run_dir}; drop --resume to start a new run, "
                 "or pass the --name of the run to continue"

@@ -23,7 +23,7 @@ from evaluation import evaluate
 from experiment import finite, make_model, make_optimizer, make_scheduler
 from optimizers import NGVIOptimizer
 from option_parser import TrainOptions, print_options, save_options
-from training import Diverged, StepRecords, fetch_data, posterior_summaries, restore, train_epoch
+from training import Diverged, StepRecords, fetch_data, latest_checkpoint, posterior_summaries, restore, train_epoch
 from util import distributed
 from util.checkpoint import CHECKPOINT_FORMAT, rng_state
 from util.errors import UserError, run_cli
@@ -33,7 +33,7 @@ from util.visualizer import Visualizer
 
 def main(argv: list[str] | None = None) -> None:
     opt = TrainOptions().parse(argv)
-    ctx, device = distributed.setup(opt.device)
+    ctx, device = distributed.setup(opt.device, opt.dist_timeout)
     try:
         train(opt, ctx, device)
     finally:
@@ -70,7 +70,8 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
 
     start_epoch, iteration = 1, 0
     if opt.resume:
-        ckpt = restore(run.checkpoint(run.latest_epoch()), model, optimizer, scheduler, ctx, device, opt.seed)
+        path, ckpt = latest_checkpoint(run, ctx)  # rank 0's, on every rank
+        ckpt = restore(path, model, optimizer, scheduler, ctx, device, opt.seed, ckpt)
         start_epoch, iteration = ckpt["epoch"] + 1, ckpt["iteration"]
         if ctx.is_main:
             run.truncate_metrics(ckpt["epoch"])

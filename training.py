@@ -93,15 +93,41 @@ def account(records: StepRecords, totals: tuple[dict, ...], epoch: int, ctx: dis
             acc["seen"] += size
 
 
+def latest_checkpoint(run: RunDir, ctx: distributed.DistContext) -> tuple[Path, dict]:
+    """The path and contents of the run's latest checkpoint, read by rank 0 and sent to every rank.
+
+    Only rank 0 writes checkpoints, so on several machines without a shared filesystem the others have none;
+    and one with an older copy must not resume from it. Rank 0's error (no checkpoint, a corrupted one) stops
+    every rank with the same line.
+    """
+    found: tuple[str, dict] | str
+    if ctx.is_main:
+        try:
+            epoch = run.latest_epoch()
+            if epoch is None:
+                raise UserError(f"--resume: rank 0 finds no checkpoints in {run.path} (removed?)")
+            found = (str(run.checkpoint(epoch)), load_checkpoint(run.checkpoint(epoch), map_location="cpu"))
+        except UserError as e:
+            found = str(e)
+    else:
+        found = ""
+    found = distributed.broadcast_object(found, ctx)
+    if isinstance(found, str):
+        raise UserError(found)
+    return Path(found[0]), found[1]
+
+
 def restore(path: Path, model, optimizer, scheduler, ctx: distributed.DistContext, device: torch.device,
-            seed: int) -> dict:
-    """Load ``path`` into the model, optimizer and schedule, and this rank's RNG state; return the checkpoint.
+            seed: int, ckpt: dict | None = None) -> dict:
+    """Load ``path`` (or its contents ``ckpt``) into the model, optimizer and schedule, and this rank's RNG state;
+    return the checkpoint.
 
     Loaded onto the CPU: ``load_state_dict`` copies the weights and the optimizer's state to the parameters'
     device, the step counters stay on the CPU (read without a device sync), and the RNG states are CPU byte
     tensors as ``torch.set_rng_state`` needs.
     """
-    ckpt = load_checkpoint(path, map_location="cpu")
+    if ckpt is None:
+        ckpt = load_checkpoint(path, map_location="cpu")
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

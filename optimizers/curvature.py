@@ -35,6 +35,7 @@ need nothing: the hooks see whatever gradient flows through them.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -51,6 +52,47 @@ _PATCH_CHUNK_ELEMENTS = 2**20
 _GRAD_CHUNK_ELEMENTS = 2**19
 #: bound on one chunk of a BatchNorm layer's elementwise products (elements; 1 MB, in cache with its inputs)
 _NORM_CHUNK_ELEMENTS = 2**18
+#: on a GPU the bounds above would cut a batch into many small chunks, each a few kernel launches, for no cache
+#: to gain: there each chunk buffer may take this share of the device's memory instead (on an 80 GB card 625 MB,
+#: so ResNet-20's first convolution on a batch of 128 CIFAR images, 75 MB of patches, is one chunk, not 19)
+_CUDA_BUFFER_SHARE = 1 / 128
+
+
+class ChunkLimits(NamedTuple):
+    """Element bounds on the chunked rules' buffers (``chunk_limits``)."""
+
+    linear: int  # per-example gradients of a Linear layer on sequences
+    patches: int  # a convolution chunk's unfolded input patches
+    grads: int  # a convolution chunk's per-example gradients
+    norm: int  # a BatchNorm chunk's elementwise products
+
+
+def chunk_limits(device: torch.device, element_size: int = 4, total_memory: int | None = None) -> ChunkLimits:
+    """The chunk bounds for tensors on ``device``: cache-sized on the CPU (and other devices), memory-sized on CUDA.
+
+    ``total_memory``: the CUDA device's memory in bytes (default: what the device reports).
+    """
+    if device.type != "cuda":
+        return ChunkLimits(_CHUNK_ELEMENTS, _PATCH_CHUNK_ELEMENTS, _GRAD_CHUNK_ELEMENTS, _NORM_CHUNK_ELEMENTS)
+    if total_memory is None:
+        total_memory = _cuda_memory(device)
+    n = max(1, int(total_memory * _CUDA_BUFFER_SHARE) // element_size)
+    return ChunkLimits(n, n, n, n)
+
+
+@functools.cache
+def _cuda_memory(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def _limits(x: Tensor) -> ChunkLimits:
+    return chunk_limits(x.device, x.element_size())
+
+
+def conv_grad_chunk(limits: ChunkLimits, b: int, out: int, n_in: int, t: int) -> int:
+    """Examples per chunk of ``_conv_grad_squared``: its per-example gradients (chunk x out x n_in) and patches
+    (chunk x n_in x T) within ``limits``, at least 1, at most the batch."""
+    return max(1, min(limits.grads // (out * n_in), limits.patches // (t * n_in), b))
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -183,7 +225,7 @@ def grad_squared(module: nn.Module, a: Tensor, g: Tensor, scale: float) -> tuple
         return g2.T @ a.reshape(b, -1).square(), (g2.sum(0) if module.bias is not None else None)
     a, g = layer_patches(module, a, g)
     out, n_in = g.shape[2], a.shape[2]
-    chunk = max(1, _CHUNK_ELEMENTS // (out * n_in))
+    chunk = max(1, _limits(a).linear // (out * n_in))
     sq_w = a.new_zeros(out, n_in)
     for i in range(0, b, chunk):
         per_example = torch.bmm(g[i:i + chunk].transpose(1, 2), a[i:i + chunk])
@@ -197,10 +239,10 @@ def _conv_grad_squared(module: nn.Conv2d, a: Tensor, g: Tensor, scale: float) ->
     """``grad_squared`` of a convolution, unfolding the batch chunk by chunk.
 
     Each chunk is zero-padded, its patches copied from a strided view and its per-example gradients
-    formed, all in reused buffers (``_Scratch``) bounded by ``_PATCH_CHUNK_ELEMENTS`` and
-    ``_GRAD_CHUNK_ELEMENTS`` so that they stay in cache: faster and far less memory than unfolding
-    the whole batch at once (``bench/per_example.py``). The patch copy runs along contiguous rows of
-    W_out elements from an NCHW chunk, or of kw x C_in from an NHWC copy of it; the NHWC layout is
+    formed, all in reused buffers (``_Scratch``) bounded by ``chunk_limits`` (on the CPU
+    ``_PATCH_CHUNK_ELEMENTS`` and ``_GRAD_CHUNK_ELEMENTS``, so that they stay in cache): faster and far less
+    memory than unfolding the whole batch at once (``bench/per_example.py``). The patch copy runs along
+    contiguous rows of W_out elements from an NCHW chunk, or of kw x C_in from an NHWC copy of it; the NHWC layout is
     taken where its rows are many times longer (small feature maps, many channels), where the copy
     would otherwise cost as much as the product.
     """
@@ -208,7 +250,7 @@ def _conv_grad_squared(module: nn.Conv2d, a: Tensor, g: Tensor, scale: float) ->
     ho, wo = g.shape[2], g.shape[3]
     g = g.reshape(b, g.shape[1], -1)  # (B, out, T)
     out, t = g.shape[1], g.shape[2]
-    chunk = max(1, min(_GRAD_CHUNK_ELEMENTS // (out * n_in), _PATCH_CHUNK_ELEMENTS // (t * n_in), b))
+    chunk = conv_grad_chunk(_limits(a), b, out, n_in, t)
     (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
     nhwc = dw == 1 and kw * c_in > 8 * wo
     patches = _scratch.get("patches", (chunk, t, n_in) if nhwc else (chunk, n_in, t), a)
@@ -255,7 +297,8 @@ def kfac_factors(module: nn.Module, a: Tensor, g: Tensor, scale: float,
 def _conv_kfac_factors(module: nn.Conv2d, a: Tensor, g: Tensor, scale: float,
                        locations: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """``kfac_factors`` of a convolution: A summed over chunks of the batch, each chunk's patches copied
-    into one reused (in [+1]) x (chunk T) matrix (bounded by ``_PATCH_CHUNK_ELEMENTS``, so it stays in cache).
+    into one reused (in [+1]) x (chunk T) matrix (bounded by ``chunk_limits``: on the CPU ``_PATCH_CHUNK_ELEMENTS``,
+    so it stays in cache).
 
     Same values as the generic path (unfold, transpose, append the 1, reshape), without its two
     strided copies of the whole B x T x in patch tensor.
@@ -269,7 +312,7 @@ def _conv_kfac_factors(module: nn.Conv2d, a: Tensor, g: Tensor, scale: float,
     t_grid = -(-g.shape[2] // s) * -(-g.shape[3] // s)  # the largest grid: ceil(H_out / s) ceil(W_out / s)
     g = g.reshape(b, g.shape[1], -1)  # (B, out, T)
     t, bias = g.shape[2], module.bias is not None
-    chunk = max(1, min(_PATCH_CHUNK_ELEMENTS // ((n_in + bias) * t_grid), b))
+    chunk = max(1, min(_limits(a).patches // ((n_in + bias) * t_grid), b))
     cols = _scratch.get("kfac_cols", (n_in + bias, chunk * t_grid), a)
     if bias:
         cols[n_in] = 1
@@ -320,7 +363,7 @@ def batch_norm_grad_squared(module: nn.Module, saved: tuple[Tensor, Tensor, Tens
     b, c = g.shape[0], g.shape[1]
     g, x = g.reshape(b, c, -1), x.reshape(b, c, -1)
     g_sum, gx_sum = g.new_empty(b, c), g.new_empty(b, c)
-    chunk = max(1, min(_NORM_CHUNK_ELEMENTS // g[0].numel(), b))
+    chunk = max(1, min(_limits(g).norm // g[0].numel(), b))
     prod = _scratch.get("norm_product", (chunk, c, g.shape[2]), g)
     for i in range(0, b, chunk):  # both sums while the chunk of g is in cache
         n = min(chunk, b - i)

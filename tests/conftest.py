@@ -185,7 +185,8 @@ def tensors(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def assert_same_training_state(model_a, opt_a, model_b, opt_b) -> None:
-    """Bit-equal model state dicts and per-parameter optimizer states (same keys, ``torch.equal`` values)."""
+    """Bit-equal model state dicts and per-parameter optimizer states (same keys, ``torch.equal`` values, and the
+    same dtype and device: ``torch.equal`` compares across dtypes)."""
     sa, sb = model_a.state_dict(), model_b.state_dict()
     assert sa.keys() == sb.keys()
     for key in sa:
@@ -195,3 +196,5 @@ def assert_same_training_state(model_a, opt_a, model_b, opt_b) -> None:
         assert st_a.keys() == st_b.keys()
         for key in st_a:
             assert torch.equal(st_a[key], st_b[key]), key
+            if torch.is_tensor(st_a[key]):
+                assert (st_a[key].dtype, st_a[key].device) == (st_b[key].dtype, st_b[key].device), key

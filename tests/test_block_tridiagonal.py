@@ -385,6 +385,39 @@ def test_guard_floors_an_indefinite_chain_and_counts_it(float64):
         assert torch.isfinite(m.weight).all() and torch.isfinite(m.weight_std()).all()
 
 
+def _guarded_chain(model: nn.Module) -> NoisyKFAC:
+    """Two steps of ``model`` (a chain net), the second with cross factors large enough to be floored."""
+    opt = NoisyKFAC(model, structure="block_tridiagonal", **KW)
+    x, y = data()
+    x = x.to(model[0].weight)
+    for k in range(2):
+        if k:
+            for st in (opt.state[m.weight] for m in chain_layers(model)[:-1]):
+                st["A_cross"].mul_(50.0)
+                st["G_cross"].mul_(50.0)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y.to(x.device)).backward()
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_guard_count_stays_an_int64_cpu_counter_through_load_state_dict(device):
+    """``Optimizer.load_state_dict`` casts state to the parameters' dtype and device; the counter must not follow."""
+    opt = _guarded_chain(chain_net().float().to(device))
+    count = opt.guard_count()
+    assert count > 0
+    saved = opt.state_dict()
+    model_b = chain_net(seed=1).float().to(device)
+    opt_b = NoisyKFAC(model_b, structure="block_tridiagonal", **KW)
+    opt_b.load_state_dict(saved)
+    counters = [opt_b.state[m.weight]["guard_count"] for m in chain_layers(model_b)[:-1]]
+    assert all((c.dtype, c.device.type) == (torch.int64, "cpu") for c in counters)
+    assert opt_b.guard_count() == count
+    assert all(s["guard_count"].dtype == torch.int64 for s in saved["state"].values() if "guard_count" in s)
+
+
 def test_block_tridiagonal_needs_factored_damping():
     with pytest.raises(ValueError, match="factored"):
         NoisyKFAC(chain_net(), structure="block_tridiagonal", damping_mode="exact")

@@ -177,3 +177,54 @@ def test_kronecker_factors_conv_location_grids(monkeypatch, stride, chunks, bias
         for j, g in enumerate(grids):
             torch.testing.assert_close(g[name][1], S, rtol=RTOL, atol=ATOL, msg=f"{name} S, grid {j}")
             assert torch.allclose(g[name][0], A) != is_conv, f"{name} grid {j}: a conv's grid is a sub-sample"
+
+
+#: ResNet-20's first-stage convolution on a batch of 128 CIFAR-10 images: (B, out, C_in kh kw, H_out W_out)
+RESNET_STAGE1 = (128, 16, 16 * 9, 32 * 32)
+
+
+def test_chunk_limits_per_device():
+    """Cache-sized chunks on the CPU; on CUDA bounded by a share of the device's memory, so the whole batch."""
+    cpu = curvature.chunk_limits(torch.device("cpu"))
+    assert cpu == (curvature._CHUNK_ELEMENTS, curvature._PATCH_CHUNK_ELEMENTS, curvature._GRAD_CHUNK_ELEMENTS,
+                   curvature._NORM_CHUNK_ELEMENTS)
+    b, out, n_in, t = RESNET_STAGE1
+    assert curvature.conv_grad_chunk(cpu, *RESNET_STAGE1) == 7  # 19 chunks of the batch
+    for gigabytes, element_size, chunk in ((80, 4, b), (16, 4, b), (16, 8, 105)):
+        total = gigabytes * 10**9
+        cuda = curvature.chunk_limits(torch.device("cuda", 0), element_size, total_memory=total)
+        assert all(v * element_size <= total / 100 for v in cuda)  # memory-bounded: 1/128 of it per buffer
+        # float32: one chunk; float64 on a 16 GB card: 125 MB of patches, 105 examples of 144 x 1024 x 8 bytes
+        assert curvature.conv_grad_chunk(cuda, *RESNET_STAGE1) == chunk
+    tiny = curvature.chunk_limits(torch.device("cuda"), 4, total_memory=2**20)  # 8 KB per buffer
+    assert curvature.conv_grad_chunk(tiny, *RESNET_STAGE1) == 1
+    assert curvature.conv_grad_chunk(tiny._replace(grads=3 * out * n_in, patches=10**9), *RESNET_STAGE1) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resnet_stage1_conv_is_one_chunk_on_cuda(monkeypatch):
+    """On the GPU the first-stage convolution's batch is one chunk, with the CPU's float64 statistics."""
+    chunks = []
+    padded_chunks = curvature._padded_chunks
+
+    def spy(module, a, chunk, *args, **kwargs):
+        chunks.append(chunk)
+        return padded_chunks(module, a, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(curvature, "_padded_chunks", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 10)).float()
+    x, y = torch.randn(128, 16, 32, 32, dtype=torch.float32), torch.randint(0, 10, (128,))
+    ref = optimizers.sum_grad_squared(model.double(), x.double(), y)
+    ref_kfac = optimizers.kronecker_factors(model, x.double(), y)
+    chunks.clear()
+    model = model.float().cuda()
+    got = optimizers.sum_grad_squared(model, x.cuda(), y.cuda())
+    got_kfac = optimizers.kronecker_factors(model, x.cuda(), y.cuda())
+    assert chunks == [128, 128]  # per-example squares, then the Kronecker factor A
+    for name in ref:
+        torch.testing.assert_close(got[name].cpu().double(), ref[name], rtol=1e-4, atol=1e-7, msg=name)
+    for name in ref_kfac:
+        for g, r in zip(got_kfac[name], ref_kfac[name]):
+            torch.testing.assert_close(g.cpu().double(), r, rtol=1e-4, atol=1e-7, msg=name)

@@ -267,3 +267,108 @@ def test_torchrun_train_then_test(tmp_path: Path, data_root: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["name"] == "ddp" and result["epoch"] == 1 and 0.0 <= result["test_acc"] <= 1.0
+
+
+# ============================================================================ --dist_timeout, resume across machines
+TIMEOUT_S, SLEEP_S = 2.0, 8.0
+
+
+def _timeout_worker(rank: int, port: int, out_dir: str) -> None:
+    """Rank 0 sleeps (a long download or evaluation) before a collective that rank 1 is already waiting in."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # join together: the timeout also bounds the rendezvous, and the two imports may finish seconds apart
+    (Path(out_dir) / f"ready{rank}").touch()
+    while not all((Path(out_dir) / f"ready{r}").exists() for r in range(2)):
+        time.sleep(0.01)
+    ctx, _ = distributed.setup("cpu", timeout=TIMEOUT_S)
+    result: dict = {"error": None}
+    try:
+        if rank == 0:
+            time.sleep(SLEEP_S)
+        t0 = time.monotonic()
+        try:
+            distributed.broadcast_flag(False, ctx)
+        except Exception as e:  # gloo: a timeout error on the waiting rank, then a closed connection
+            result["error"] = f"{type(e).__name__}: {e}"
+        result["waited"] = time.monotonic() - t0
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        distributed.cleanup(ctx)
+
+
+@pytest.mark.slow
+def test_dist_timeout_bounds_the_wait_in_a_collective(tmp_path: Path) -> None:
+    """The timeout reaches the process group: rank 1 gives up after about 2 s instead of waiting out rank 0's 8 s
+    (gloo's own default is 30 minutes, NCCL's 10)."""
+    procs = mp.spawn(_timeout_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 60
+    while not procs.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("the 2 gloo ranks did not finish within 60 s")
+    waiting = torch.load(tmp_path / "rank1.pt")
+    assert waiting["error"] is not None and "imed out" in waiting["error"], waiting
+    assert waiting["waited"] < SLEEP_S / 2, waiting
+
+
+def test_train_py_joins_the_group_with_dist_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import train
+
+    class Joined(Exception):
+        pass
+
+    seen = []
+
+    def setup(device: str, timeout: float):
+        seen.append(timeout)
+        raise Joined
+
+    monkeypatch.setattr(train.distributed, "setup", setup)
+    for flags, timeout in (([], distributed.DIST_TIMEOUT_S), (["--dist_timeout", "90"], 90.0)):
+        with pytest.raises(Joined):
+            train.main(["--ckpt_dir", str(tmp_path), "--no_visdom", *flags])
+        assert seen.pop() == timeout
+
+
+def _node(rank: int, port: int, cwd: Path, *flags: str) -> subprocess.Popen:
+    """Rank ``rank`` of 2 as torchrun starts it on a machine of its own (``cwd``: its disk)."""
+    env = dict(os.environ, RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), *flags], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _two_nodes(cwds: tuple[Path, Path], *flags: str) -> None:
+    port = _free_port()
+    procs = [_node(rank, port, cwd, *flags) for rank, cwd in enumerate(cwds)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+
+
+@pytest.mark.slow
+def test_resume_on_two_machines_without_a_shared_filesystem(tmp_path: Path, data_root: Path) -> None:
+    """Only rank 0's machine holds the checkpoints (relative ``--ckpt_dir`` in each machine's folder): ``--resume``
+    resumes every rank from rank 0's, and the run equals one that was not interrupted."""
+    flags = ["--dataset", "MNIST", "--data_root", str(data_root), "--subset", "400", "--device", "cpu",
+             "--no_visdom", "--no_progress", "--test_samples", "1", "--ckpt_dir", "ckpt", "--name", "r",
+             "--model", "MVG", "--num_threads", "1", "--dist_timeout", "120"]
+    shared, node0, node1 = (tmp_path / d for d in ("shared", "node0", "node1"))
+    for d in (shared, node0, node1):
+        d.mkdir()
+    _two_nodes((shared, shared), *flags, "--epoch", "2")
+    _two_nodes((node0, node1), *flags, "--epoch", "1")
+    assert list_epochs(node0 / "ckpt" / "r") == [1] and list_epochs(node1 / "ckpt" / "r") == []
+    _two_nodes((node0, node1), *flags, "--epoch", "2", "--resume")
+
+    def epochs(run: Path) -> list[dict]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "sec_per_epoch"} for r in records if r["kind"] == "epoch"]
+
+    assert epochs(node0 / "ckpt" / "r") == epochs(shared / "ckpt" / "r")
+    assert len(epochs(shared / "ckpt" / "r")) == 2
+    ref = torch.load(shared / "ckpt" / "r" / "epoch_2.pt", weights_only=False)
+    got = torch.load(node0 / "ckpt" / "r" / "epoch_2.pt", weights_only=False)
+    for key, value in ref["model"].items():
+        assert torch.equal(got["model"][key], value), key

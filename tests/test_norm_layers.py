@@ -17,7 +17,7 @@ from torch import nn
 import models
 import optimizers
 from models import BayesianGroupNorm, BayesianLayerNorm, BayesianLinear
-from optimizers import VOGN, NoisyAdam, NoisyKFAC
+from optimizers import VOGN, NoisyAdam, NoisyKFAC, curvature
 
 RTOL, ATOL = 1e-6, 1e-14
 
@@ -117,6 +117,45 @@ def test_batchnorm_statistics_without_the_autograd_node(float64):
     x, y = torch.randn(6, 2, 5, 5) * 2 + 1, torch.randint(0, 4, (6,))
     got = optimizers.sum_grad_squared(net(_CloneBatchNorm2d).train(), x, y)
     assert_stats_equal(got, optimizers.sum_grad_squared(net(nn.BatchNorm2d).train(), x, y))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cudnn", [True, False], ids=["cudnn_node", "native_node"])
+def test_batchnorm_statistics_from_the_cuda_node(monkeypatch, cudnn):
+    """On CUDA the batch's mean and 1/std are read from the forward's node (cuDNN's, or the native kernel's), not
+    recomputed: the same squares as the float64 CPU rule; and the fallback gives them too."""
+    def net(bn: type) -> nn.Module:
+        torch.manual_seed(3)
+        return randomise_norms(nn.Sequential(nn.Conv2d(2, 3, 3), bn(3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 4)))
+
+    torch.manual_seed(5)
+    x, y = torch.randn(6, 2, 5, 5) * 2 + 1, torch.randint(0, 4, (6,))
+    ref = optimizers.sum_grad_squared(net(nn.BatchNorm2d).double().train(), x.double(), y)
+    xc, yc = x.float().cuda(), y.cuda()
+    with torch.backends.cudnn.flags(enabled=cudnn):
+        model = net(nn.BatchNorm2d).float().cuda().train()
+        h = model[0](xc)
+        out = model[1](h)
+        node = out.grad_fn
+        _, mean, invstd = curvature.batch_norm_input(model[1], h, out)
+        saved = (node._saved_result1.data_ptr(), node._saved_result2.data_ptr())
+        assert (mean.data_ptr(), invstd.data_ptr()) == saved, type(node).__name__
+        h64 = h.detach().double()
+        torch.testing.assert_close(mean.double(), h64.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(invstd.double(), (h64.var((0, 2, 3), unbiased=False) + 1e-5).rsqrt(), rtol=1e-5,
+                                   atol=0)
+
+        def no_second_pass(*args, **kwargs):
+            raise AssertionError("the batch statistics were recomputed instead of read from the node")
+
+        with monkeypatch.context() as m:
+            m.setattr(torch, "var_mean", no_second_pass)
+            got = optimizers.sum_grad_squared(model, xc, yc)
+        fallback = optimizers.sum_grad_squared(net(_CloneBatchNorm2d).float().cuda().train(), xc, yc)
+    for stats in (got, fallback):
+        assert list(stats) == list(ref)
+        for name in ref:
+            torch.testing.assert_close(stats[name].cpu().double(), ref[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_sum_grad_squared_residual_block(float64):

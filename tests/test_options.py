@@ -159,6 +159,8 @@ def test_device_cuda_when_available(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--lr_step", "0"], "--lr_step"),
         (["--log_interval", "0"], "--log_interval"),
         (["--num_threads", "0"], "--num_threads"),
+        (["--dist_timeout", "0"], "--dist_timeout must be a positive number of seconds"),
+        (["--dist_timeout", "inf"], "--dist_timeout must be a positive number of seconds"),
         (["--n", "0"], "--n"),
         (["--name", "a/b"], "--name"),
         (["--resume"], "--resume"),

@@ -9,6 +9,7 @@ per step (``all_reduce_mean`` below, the one home of the collectives); the deter
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -17,6 +18,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from util.errors import UserError
+
+#: how long a rank waits in a collective (and in joining the group) before the job stops (``--dist_timeout``):
+#: the other ranks wait while rank 0 downloads the data, evaluates the test set and writes checkpoints, which
+#: can take longer than NCCL's default of 10 minutes
+DIST_TIMEOUT_S = 3600.0
 
 
 def is_distributed() -> bool:
@@ -51,8 +57,10 @@ class DistContext:
         return self.world_size > 1
 
 
-def setup(device: str) -> tuple[DistContext, torch.device]:
-    """Join the process group when launched by ``torchrun``; return the context and this rank's device."""
+def setup(device: str, timeout: float = DIST_TIMEOUT_S) -> tuple[DistContext, torch.device]:
+    """Join the process group when launched by ``torchrun``; return the context and this rank's device.
+
+    ``timeout``: seconds a collective may wait for the other ranks (``DIST_TIMEOUT_S``)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistContext(), torch.device(device)
@@ -68,7 +76,8 @@ def setup(device: str) -> tuple[DistContext, torch.device]:
         # ranks sharing a machine split its cores; oversubscribed BLAS threads spin and crawl
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
         torch.set_num_threads(max(1, available_cores() // local_world))
-    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout))
     return DistContext(rank, world_size, local_rank), dev
 
 
@@ -135,3 +144,12 @@ def min_over_ranks(value: float, ctx: DistContext) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return t.item()
+
+
+def broadcast_object(obj: object, ctx: DistContext) -> object:
+    """Rank 0's ``obj`` on every rank (pickled; e.g. a checkpoint that only rank 0's machine holds)."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=_collective_device())
+    return box[0]
