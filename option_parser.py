@@ -497,7 +497,7 @@ class TestOptions(BaseOptions):
         elif opt.epoch not in epochs:
             raise UserError(
                 f"run {opt.name!r} has no checkpoint for epoch {opt.epoch}; available: "
-                f"{', '.join(map(str, epochs))}"
+                f"{', '.join(map(str, epochs))}; pass one of them with --epoch, or omit --epoch for the latest"
             )
         if opt.ood_dataset is not None:
             ood, ind = DATASETS[opt.ood_dataset], DATASETS[opt.dataset]
