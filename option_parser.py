@@ -172,13 +172,14 @@ class BaseOptions:
                        help="Monte Carlo samples at evaluation (0 = use the mean weights)")
 
         g = parser.add_argument_group("data")
-        g.add_argument("--dataset", choices=tuple(DATASETS), default="MNIST")
+        g.add_argument("--dataset", choices=tuple(DATASETS), default="MNIST", help="data set (test.py: the run's)")
         g.add_argument("--data_root", default=None,
                        help="folder with the data sets (default: $DATA_ROOT, then ./data; test.py: the run's)")
 
         g = parser.add_argument_group("run")
-        g.add_argument("--seed", type=int, default=0)
-        g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        g.add_argument("--seed", type=int, default=0,
+                       help="random seed: initial weights, data order, weight noise (test.py: its weight samples)")
+        g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
         g.add_argument("--num_threads", type=int, default=None,
                        help="torch intra-op threads (default: torch's default; under torchrun on CPU, "
                             "the cores divided by the ranks per machine)")
@@ -346,7 +347,7 @@ class TrainOptions(BaseOptions):
         g.add_argument("--train_samples", type=int, default=1, help="Monte Carlo samples per training step")
 
         g = parser.add_argument_group("training")
-        g.add_argument("--batch_size", type=int, default=100)
+        g.add_argument("--batch_size", type=int, default=100, help="training examples per step (per rank)")
         g.add_argument("--subset", type=int, default=None,
                        help="use only N training examples (first N after a seeded shuffle)")
         g.add_argument("--epoch", type=int, default=20, help="number of epochs to train")
@@ -363,8 +364,8 @@ class TrainOptions(BaseOptions):
                        help="no progress bar (without a terminal there is one line per epoch anyway)")
 
         g = parser.add_argument_group("visdom")
-        g.add_argument("--display_server", default="http://localhost")
-        g.add_argument("--display_port", type=int, default=8097)
+        g.add_argument("--display_server", default="http://localhost", help="visdom server")
+        g.add_argument("--display_port", type=int, default=8097, help="visdom port")
         g.add_argument("--env", default="main", help="visdom environment")
         g.add_argument("--no_visdom", action="store_true", help="do not send plots to visdom")
         return parser
