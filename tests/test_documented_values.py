@@ -40,6 +40,7 @@ from optimizers import NoisyAdam, NoisyKFAC
 from optimizers.noisy_kfac import DENSE_ROOT_MAX
 from option_parser import DEFAULT_ARCH, DEFAULT_OPTIMIZER, TrainOptions
 from option_parser import TestOptions as _TestOptions  # "Test*" names would be collected by pytest
+from util.metrics import ECE_BINS, reliability_bins
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -233,7 +234,7 @@ def test_ece_has_the_documented_bin_count() -> None:
     """The ECE that train.py and test.py report (``evaluate``) is the 15-bin one, as README and its docstring say."""
     bins = int(documented(r"ECE \((\d+) bins\)"))
     assert bins == int(documented(r"ECE \((\d+) bins\)", evaluate.__doc__, "evaluate's docstring"))
-    assert bins == DOCUMENTED["ece_bins"]
+    assert bins == DOCUMENTED["ece_bins"] == ECE_BINS
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(4000, 10, generator=gen, dtype=torch.float64) * torch.rand(4000, 1, generator=gen) * 6
     conf, pred = logits.softmax(1).max(1)
@@ -244,6 +245,7 @@ def test_ece_has_the_documented_bin_count() -> None:
     p, y = probs.numpy(), labels.numpy()
     matches = [b for b in range(5, 31) if abs(numpy_ece(p, y, b) - metrics["ece"]) < 1e-12]
     assert matches == [bins], f"evaluate's ECE is the {matches}-bin one, the docs say {bins}"
+    assert len(reliability_bins(probs, labels)["count"]) == bins  # the reliability diagrams' bins are the ECE's
 
 
 def test_test_samples_default() -> None:

@@ -17,6 +17,8 @@ started from a folder of its own with ``$DATA_ROOT`` set and the default ``--ckp
   ``metrics.jsonl`` records of epochs 1-10, wall-clock times included, stay as they were) and ends bit-identical to
   the uninterrupted run.
 
+* The command train.py prints for a run under ``--ckpt_dir`` names that folder, so it finds the run from elsewhere.
+
 ``train.py``, the resume, the printed command and the missing epoch run as scripts in subprocesses; the other
 ``test.py`` commands call its ``main`` with the same arguments in this process (starting torch costs more than
 evaluating).
@@ -43,6 +45,9 @@ import pytest
 import torch
 from conftest import tensors
 
+import train
+from option_parser import TestOptions as _TestOptions  # "Test*" names would be collected by pytest
+from option_parser import TrainOptions, save_options
 from util.errors import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -254,3 +259,16 @@ def test_resume_continues_from_the_latest_epoch(commands: Commands) -> None:
     assert ta.keys() == tb.keys()
     for key in ta:
         assert torch.equal(ta[key], tb[key]), key
+
+
+def test_printed_command_names_the_runs_ckpt_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run under ``--ckpt_dir`` (a name with a space): the command train.py prints finds it from another folder."""
+    opt = TrainOptions().parse(["--ckpt_dir", str(tmp_path / "my runs"), "--name", "run 1", "--epoch", "3",
+                                "--data_root", str(tmp_path), "--device", "cpu"])
+    save_options(opt, opt.run_dir)
+    (Path(opt.run_dir) / "epoch_3.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    python, script, *argv = shlex.split(train.evaluate_command(opt))
+    assert (python, script) == ("python", "test.py")
+    got = _TestOptions().parse([*argv, "--device", "cpu"])
+    assert (got.run_dir, got.epoch) == (opt.run_dir, 3)
