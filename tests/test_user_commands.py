@@ -62,8 +62,6 @@ ECE_BINS = 15
 #: test.py (float32) against the float64 recomputation; neighbouring epochs differ by 1e-2 or more
 TOL = {"test_acc": 2e-4, "test_nll": 1e-4, "test_ece": 2e-4}
 
-pytestmark = pytest.mark.slow
-
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """``python <script> ...`` with the repository's script, from ``cwd`` (where the run's folder is)."""
@@ -192,12 +190,14 @@ def assert_reports(got: dict, ref: dict, what: str) -> None:
         assert abs(got[key] - ref[key]) <= tol, f"{what}: {key} {got[key]:.6f}, epoch_N.pt gives {ref[key]:.6f}"
 
 
+@pytest.mark.slow
 def test_epochs_can_be_told_apart(recomputed: dict[int, dict[str, float]]) -> None:
     """Every pair of epochs differs, in NLL, by far more than the tolerance (else the tests below prove nothing)."""
     nll = sorted(r["test_nll"] for r in recomputed.values())
     assert min(b - a for a, b in zip(nll, nll[1:])) > 20 * TOL["test_nll"], nll
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epoch", [1, 2, 3])
 def test_epoch_n_reports_that_checkpoint(commands: Commands, recomputed: dict, epoch: int) -> None:
     got = commands.result(f"epoch_{epoch}")
@@ -207,6 +207,7 @@ def test_epoch_n_reports_that_checkpoint(commands: Commands, recomputed: dict, e
     assert_reports(got, recomputed[epoch], f"test.py --epoch={epoch}")
 
 
+@pytest.mark.slow
 def test_no_epoch_evaluates_the_latest(commands: Commands, recomputed: dict) -> None:
     got = commands.result("latest")
     assert got["epoch"] == EPOCHS
@@ -217,6 +218,7 @@ def nearest_epoch(got: dict, recomputed: dict[int, dict[str, float]]) -> int:
     return min(recomputed, key=lambda e: abs(recomputed[e]["test_nll"] - got["test_nll"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("key", "epoch"), [("mc_epoch_3", 3), ("printed", EPOCHS)])
 def test_monte_carlo_predictive_of_the_epoch_asked_for(commands: Commands, recomputed: dict, key: str,
                                                         epoch: int) -> None:
@@ -229,6 +231,7 @@ def test_monte_carlo_predictive_of_the_epoch_asked_for(commands: Commands, recom
     assert nearest_epoch(got, recomputed) == epoch
 
 
+@pytest.mark.slow
 def test_missing_epoch_is_one_line_listing_the_epochs(commands: Commands) -> None:
     proc = commands.procs["missing"]
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
@@ -239,6 +242,7 @@ def test_missing_epoch_is_one_line_listing_the_epochs(commands: Commands) -> Non
     assert "--epoch" in line, f"the error does not say what to pass: {line}"
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_latest_epoch(commands: Commands) -> None:
     out = commands.ok("resume")
     assert f"resuming {NAME} from epoch {EPOCHS - 1}" in out
