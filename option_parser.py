@@ -174,13 +174,14 @@ class BaseOptions:
                        help="Monte Carlo samples at evaluation (0 = use the mean weights)")
 
         g = parser.add_argument_group("data")
-        g.add_argument("--dataset", choices=tuple(DATASETS), default="MNIST")
+        g.add_argument("--dataset", choices=tuple(DATASETS), default="MNIST", help="data set (test.py: the run's)")
         g.add_argument("--data_root", default=None,
                        help="folder with the data sets (default: $DATA_ROOT, then ./data; test.py: the run's)")
 
         g = parser.add_argument_group("run")
-        g.add_argument("--seed", type=int, default=0)
-        g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        g.add_argument("--seed", type=int, default=0,
+                       help="random seed: initial weights, data order, weight noise (test.py: its weight samples)")
+        g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
         g.add_argument("--num_threads", type=int, default=None,
                        help="torch intra-op threads (default: torch's default; under torchrun on CPU, "
                             "the cores divided by the ranks per machine)")
@@ -348,7 +349,7 @@ class TrainOptions(BaseOptions):
         g.add_argument("--train_samples", type=int, default=1, help="Monte Carlo samples per training step")
 
         g = parser.add_argument_group("training")
-        g.add_argument("--batch_size", type=int, default=100)
+        g.add_argument("--batch_size", type=int, default=100, help="training examples per step (per rank)")
         g.add_argument("--subset", type=int, default=None,
                        help="use only N training examples (first N after a seeded shuffle)")
         g.add_argument("--epoch", type=int, default=20, help="number of epochs to train")
@@ -368,8 +369,8 @@ class TrainOptions(BaseOptions):
                             "evaluates, writes checkpoints) before the job stops")
 
         g = parser.add_argument_group("visdom")
-        g.add_argument("--display_server", default="http://localhost")
-        g.add_argument("--display_port", type=int, default=8097)
+        g.add_argument("--display_server", default="http://localhost", help="visdom server")
+        g.add_argument("--display_port", type=int, default=8097, help="visdom port")
         g.add_argument("--env", default="main", help="visdom environment")
         g.add_argument("--no_visdom", action="store_true", help="do not send plots to visdom")
         return parser
@@ -509,7 +510,7 @@ class TestOptions(BaseOptions):
         elif opt.epoch not in epochs:
             raise UserError(
                 f"run {opt.name!r} has no checkpoint for epoch {opt.epoch}; available: "
-                f"{', '.join(map(str, epochs))}"
+                f"{', '.join(map(str, epochs))}; pass one of them with --epoch, or omit --epoch for the latest"
             )
         if opt.ood_dataset is not None:
             ood, ind = DATASETS[opt.ood_dataset], DATASETS[opt.dataset]

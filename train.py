@@ -14,6 +14,7 @@ and write ``epoch_<N>.pt`` atomically. ``--resume`` continues bit-for-bit (CPU).
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 import torch
@@ -135,7 +136,13 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
                                  "options": {k: v for k, v in vars(opt).items() if k != "explicit"},
                                  "metrics": record}, epoch)
     if ctx.is_main:
-        print(f"done: checkpoints in {run.path}; evaluate with: python test.py --name {opt.name} --epoch {opt.epoch}")
+        print(f"done: checkpoints in {run.path}; evaluate with: {evaluate_command(opt)}")
+
+
+def evaluate_command(opt) -> str:
+    """The test.py command for the run's last epoch, with ``--ckpt_dir`` when the run was given one."""
+    where = ["--ckpt_dir", opt.ckpt_dir] if "ckpt_dir" in opt.explicit else []
+    return shlex.join(["python", "test.py", *where, "--name", opt.name, "--epoch", str(opt.epoch)])
 
 
 if __name__ == "__main__":

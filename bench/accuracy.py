@@ -255,7 +255,7 @@ def train_run(task: Task, method: str, lr: float, seed: int, epochs: int, train:
         return run
     final = {"acc": curves["test_acc"][-1], "nll": curves["test_nll"][-1], "ece": curves["test_ece"][-1],
              "sec_per_epoch": statistics.mean(curves["sec_per_epoch"])}
-    run["reliability"] = reliability_bins(probs, evaluation[1], 15)
+    run["reliability"] = reliability_bins(probs, evaluation[1])
     if ood is not None:
         final["ood_auroc"] = ood_auroc(probs, probabilities(method, model, optimizer, ood))
     if bayesian:  # a diagnostic: the posterior means alone (no weight noise), and the noise-to-signal ratio

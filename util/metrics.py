@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "ECE_BINS",
     "accuracy",
     "auroc",
     "ece",
@@ -19,6 +20,8 @@ __all__ = [
 ]
 
 _MIN_PROB = 1e-12
+#: equal-width confidence bins of the ECE that train.py and test.py report (README: "ECE (15 bins)")
+ECE_BINS = 15
 
 
 def _check(probs: torch.Tensor, labels: torch.Tensor | None = None) -> None:
@@ -49,7 +52,7 @@ def predictive_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 def reliability_bins(
-    probs: torch.Tensor, labels: torch.Tensor, bins: int = 15
+    probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS
 ) -> dict[str, list[float] | list[int]]:
     """Equal-width confidence bins for a reliability diagram.
 
@@ -77,7 +80,7 @@ def reliability_bins(
     }
 
 
-def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
     """Expected calibration error: ``sum_b (n_b / N) |acc_b - conf_b|`` over equal-width bins."""
     r = reliability_bins(probs, labels, bins)
     n = float(sum(r["count"]))
