@@ -160,6 +160,14 @@ class NGVIOptimizer(Optimizer):
         params = [p for p in (layer.weight, layer.bias) if p is not None]
         return sum(float(p.double().square().sum()) for p in params), sum(p.numel() for p in params)
 
+    def estimate_prior_vars(self) -> list[float]:
+        """Each layer's ELBO-maximising eta for the current posterior, ``(||mu||^2 + tr Cov) / d`` (layer order)."""
+        out = []
+        for _, layer in self.layers:
+            total, count = self._layer_second_moment(layer)
+            out.append(total / count)
+        return out
+
     @torch.no_grad()
     def _advance_prior(self) -> bool:
         """Count a step; every ``prior_every`` steps set each auto layer's eta to its ELBO maximiser.
@@ -172,11 +180,8 @@ class NGVIOptimizer(Optimizer):
         auto = [i for i, (_, g, _) in enumerate(self._layer_groups) if self.param_groups[g]["prior_var"] == AUTO]
         if not auto or self.prior_steps % self.param_groups[self._layer_groups[auto[0]][1]]["prior_every"]:
             return False
-        estimates = []
-        for i in auto:
-            total, count = self._layer_second_moment(self.layers[i][1])
-            estimates.append(total / count)
-        values = torch.tensor(estimates, dtype=torch.float64)
+        estimates = self.estimate_prior_vars()
+        values = torch.tensor([estimates[i] for i in auto], dtype=torch.float64)
         if self.distributed:
             self.all_reduce_mean([values])
         for i, eta in zip(auto, values.tolist()):
