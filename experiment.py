@@ -25,7 +25,7 @@ OPTIMIZER_CLASSES: dict[str, type] = {"noisy_adam": NoisyAdam, "vogn": VOGN, "no
 #: the options that configure an optimizer; each one an optimizer does not take stays ``None``
 OPTIMIZER_OPTIONS = ("lr", "momentum", "beta2", "kl_weight", "prior_var", "damping", "init_precision", "fisher",
                      "damping_mode", "kl_clip", "t_stats", "t_inv", "kfac_rank", "kfac_conv_stride", "kfac_structure",
-                     "norm_posterior", "eps")
+                     "norm_posterior", "eps", "prior_every")
 #: the SGD baseline's defaults (torch's are lr 1e-3 without momentum)
 SGD_DEFAULTS = {"lr": 0.1, "momentum": 0.9}
 
@@ -79,7 +79,7 @@ def make_optimizer(opt: argparse.Namespace, model: nn.Module) -> torch.optim.Opt
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum)
     common = dict(lr=opt.lr, num_data=opt.n, kl_weight=opt.kl_weight, prior_var=opt.prior_var, damping=opt.damping,
-                  init_precision=opt.init_precision, norm_posterior=opt.norm_posterior)
+                  init_precision=opt.init_precision, norm_posterior=opt.norm_posterior, prior_every=opt.prior_every)
     if name == "noisy_kfac":
         if getattr(opt, "beta2", None) is not None:
             raise UserError("--beta2 is for noisy_adam and vogn; drop it for noisy_kfac")

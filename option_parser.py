@@ -54,6 +54,7 @@ from data.datasets import DATASETS, resolve_data_root
 from evaluation import EVAL_BATCH_SIZE
 from experiment import OPTIMIZER_CLASSES, optimizer_defaults, resolve_optimizer_options
 from models import ARCHS, POSTERIORS
+from optimizers.base import AUTO
 from optimizers.noisy_kfac import STRUCTURES as KFAC_STRUCTURES
 from util.checkpoint import latest_epoch, list_epochs
 from util.distributed import DIST_TIMEOUT_S
@@ -256,6 +257,7 @@ class BaseOptions:
         if "hidden" in opt.explicit and opt.arch != "mlp":
             raise UserError(f"--hidden sets the mlp's hidden sizes and does not apply to --arch {opt.arch}; "
                             "drop --hidden or use --arch mlp")
+        _check_prior_options(opt)
         if "norm_posterior" in opt.explicit and opt.model == "MAP":
             raise UserError("--norm_posterior is for the Bayesian models (FFG, MVG); drop it with --model MAP")
         allowed = COMPATIBLE_OPTIMIZERS[opt.model]
@@ -290,6 +292,28 @@ class BaseOptions:
             )
 
 
+def _prior_var(text: str) -> float | str:
+    if text == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid prior variance {text!r}; use a positive number or auto") from None
+
+
+def _check_prior_options(opt: argparse.Namespace) -> None:
+    """``--prior_var auto`` needs a Bayesian model; ``--prior_every`` needs ``--prior_var auto``."""
+    if getattr(opt, "prior_var", None) == AUTO and opt.model == "MAP":
+        raise UserError("--prior_var auto learns the prior of a Bayesian model; use --model FFG or MVG, "
+                        "or drop --prior_var with --model MAP")
+    if "prior_every" in opt.explicit and opt.model == "MAP":
+        raise UserError("--prior_every is for --prior_var auto of the Bayesian models (FFG, MVG); drop it with "
+                        "--model MAP")
+    if "prior_every" in opt.explicit and getattr(opt, "prior_var", None) != AUTO:
+        raise UserError("--prior_every sets how often --prior_var auto re-estimates eta; add --prior_var auto "
+                        "or drop --prior_every")
+
+
 def _need(ok: bool, msg: str) -> None:
     if not ok:
         raise UserError(msg)
@@ -313,8 +337,11 @@ class TrainOptions(BaseOptions):
                        help="training-set size N in the ELBO (default: the real size, or --subset)")
         g.add_argument("--kl_weight", type=float, default=None,
                        help=f"lambda, the weight of the KL term ({_per_optimizer('kl_weight')})")
-        g.add_argument("--prior_var", type=float, default=None,
-                       help=f"eta, the prior variance ({_per_optimizer('prior_var')})")
+        g.add_argument("--prior_var", type=_prior_var, default=None,
+                       help="eta, the prior variance, or auto: learned per layer by empirical Bayes, the ELBO's "
+                            f"maximiser every --prior_every steps ({_per_optimizer('prior_var')})")
+        g.add_argument("--prior_every", type=int, default=None,
+                       help=f"steps between the estimates of --prior_var auto ({_per_optimizer('prior_every')})")
         g.add_argument("--damping", type=float, default=None,
                        help=f"extrinsic damping gamma_ex ({_per_optimizer('damping')})")
         g.add_argument("--init_precision", type=float, default=None,
@@ -383,7 +410,9 @@ class TrainOptions(BaseOptions):
         need(opt.kl_weight is None or opt.kl_weight >= 0, f"--kl_weight must be >= 0, got {opt.kl_weight}")
         for flag in ("prior_var", "init_precision"):
             v = getattr(opt, flag)
-            need(v is None or v > 0, f"--{flag} must be > 0, got {v}")
+            need(v is None or v == AUTO or v > 0, f"--{flag} must be > 0, got {v}")
+        need(opt.prior_every is None or opt.prior_every >= 1,
+             f"--prior_every must be a positive integer (steps between estimates of eta), got {opt.prior_every}")
         need(opt.kl_clip is None or opt.kl_clip >= 0, f"--kl_clip must be >= 0 (0 turns it off), got {opt.kl_clip}")
         need(opt.damping is None or opt.damping >= 0, f"--damping must be >= 0, got {opt.damping}")
         need(opt.momentum is None or 0 <= opt.momentum < 1, f"--momentum must be in [0, 1), got {opt.momentum}")

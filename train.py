@@ -24,7 +24,16 @@ from evaluation import evaluate
 from experiment import finite, make_model, make_optimizer, make_scheduler
 from optimizers import NGVIOptimizer
 from option_parser import TrainOptions, print_options, save_options
-from training import Diverged, StepRecords, fetch_data, latest_checkpoint, posterior_summaries, restore, train_epoch
+from training import (
+    Diverged,
+    StepRecords,
+    fetch_data,
+    latest_checkpoint,
+    objective_record,
+    posterior_summaries,
+    restore,
+    train_epoch,
+)
 from util import distributed
 from util.checkpoint import CHECKPOINT_FORMAT, rng_state
 from util.errors import UserError, run_cli
@@ -117,6 +126,8 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
             test, _ = evaluate(model, test_x, test_y, opt.test_samples)
             record.update(test_acc=test["acc"], test_nll=test["nll"], test_ece=test["ece"])
         record.update(lr=optimizer.param_groups[0]["lr"], sec_per_epoch=seconds)
+        if bayesian and ctx.is_main:
+            record.update(objective_record(optimizer, record["train_loss"]))
         scheduler.step()
         rngs = [rng_state(device)]
         if ctx.enabled:
@@ -125,7 +136,9 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
         if ctx.is_main:
             print(f"epoch {epoch:3d}  train loss {record['train_loss']:.4f}  acc {record['train_acc']:.4f}  |  "
                   f"test acc {record['test_acc']:.4f}  nll {record['test_nll']:.4f}  ece {record['test_ece']:.4f}  |  "
-                  f"{seconds:.1f}s",
+                  f"{seconds:.1f}s"
+                  + (f"  |  elbo {record['elbo']:.4g} (E log-lik {record['expected_loglik']:.4g}, "
+                     f"KL {record['kl']:.4g})" if bayesian else ""),
                   flush=True)
             log(record)
             if bayesian:

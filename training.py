@@ -45,6 +45,20 @@ def posterior_summaries(model, optimizer) -> tuple[dict, dict]:
     return stds, spectra
 
 
+def objective_record(optimizer: NGVIOptimizer, train_loss: float) -> dict:
+    """The ELBO's terms after an epoch (``elbo``, ``expected_loglik``, ``kl``) and, when eta is learned, ``prior_var``.
+
+    ``expected_loglik = -N train_loss``: each step's loss, at that step's batch and weight sample, is an unbiased
+    estimate of ``E_q[mean loss]`` under the step's posterior, so the epoch's mean training loss estimates
+    ``E_q[log p(D | w)] / (-N)`` averaged over the epoch's posteriors, at no extra forward pass. The KL term is
+    the closed form at the epoch's end (docs/MATH.md, "The ELBO").
+    """
+    out = optimizer.elbo(train_loss)
+    if optimizer.learns_prior:
+        out["prior_var"] = optimizer.prior_variances()
+    return out
+
+
 class StepRecords:
     """Each step's loss and correct count, kept on the device and read once per logging interval.
 

@@ -80,6 +80,16 @@ class FactorRoot:
         eye = torch.eye(self.mat.shape[0], dtype=self.mat.dtype, device=self.mat.device)
         return self.left(eye) if left else self.right(eye)
 
+    def logabsdet(self) -> Tensor:
+        """``log |det|`` of the side (float64): ``-sum log |diag L|`` for ``cholesky`` (the side is ``L^-1``)."""
+        mat = self.mat.double()
+        if self.kind == "dense":
+            return torch.linalg.slogdet(mat).logabsdet
+        if self.kind == "cholesky":
+            return -mat.diagonal().abs().log().sum()
+        iso = torch.as_tensor(self.iso, dtype=torch.float64, device=mat.device).abs()
+        return (mat.shape[0] - mat.shape[1]) * iso.log() + (iso + self.coef.double()).abs().log().sum()
+
     def explicit(self, max_n: int, left: bool = False) -> FactorRoot:
         """A ``cholesky`` side of size at most ``max_n`` as the same side in ``dense`` form; else itself."""
         if self.kind != "cholesky" or self.mat.shape[0] > max_n:
@@ -260,6 +270,36 @@ class BayesianLayer:
     def bias_std(self) -> Tensor | None:
         """Marginal posterior std of every bias entry (``None`` without bias)."""
         return self._marginal_std()[1]
+
+    @torch.no_grad()
+    def second_moment(self) -> tuple[float, int]:
+        """``(sum of E_q[w^2] = mu^2 + Var[w] over the weight and bias entries, their number)``, in float64."""
+        total, count = 0.0, 0
+        for mean, std in zip((self.weight, self.bias), self._marginal_std()):
+            if mean is not None:
+                total += float(mean.double().square().sum() + std.double().square().sum())
+                count += mean.numel()
+        return total, count
+
+    @torch.no_grad()
+    def log_det_covariance(self) -> float:
+        """``log det`` of the posterior covariance of the layer's entries (float64).
+
+        FFG: ``sum log sigma^2``. MVG: the noise ``U (E * R) V`` has covariance ``(V^T (x) U) diag(R^2) (V (x) U^T)``,
+        so ``2 in' log|det U| + 2 out log|det V| + sum log R^2``; an upstream layer of a chain adds the
+        conditional map ``E -> E + P ((P^T E Q) * g) Q^T`` (orthonormal P, Q): ``2 sum log(1 + g)``.
+        """
+        if self.posterior == "FFG":
+            sigmas = [self.weight_sigma] + ([self.bias_sigma] if self.bias is not None else [])
+            return sum(float(s.double().square().log().sum()) for s in sigmas)
+        out_root, in_root = self.factor_roots()
+        out, n_in = self.matrix_shape
+        value = (2 * n_in * out_root.logabsdet() + 2 * out * in_root.logabsdet()
+                 + self.mid_scale.double().square().log().sum())
+        gain = getattr(self, "cond_gain", None)
+        if isinstance(gain, Tensor) and gain.numel():
+            value = value + 2 * gain.double().log1p().sum()
+        return float(value)
 
     @torch.no_grad()
     def _marginal_std(self) -> tuple[Tensor, Tensor | None]:

@@ -14,12 +14,17 @@ Usage (the two-step update of the first seed)::
 
 Several forward/backward pairs before one ``step()`` are several Monte-Carlo samples: their
 gradients and statistics are averaged.
+
+``prior_var="auto"`` learns eta per layer by empirical Bayes: every ``prior_every`` steps each layer's
+eta is set to the ELBO's maximiser for the current posterior, ``mean over its entries of mu^2 + Var[w]``
+(docs/MATH.md, "Learning the prior variance").
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +37,17 @@ from util.distributed import all_reduce_mean, is_distributed
 #: how the affine parameters of normalisation layers are treated (MATH.md, "Normalisation layers")
 NORM_POSTERIORS = ("gaussian", "point")
 
+#: ``prior_var`` value that learns eta per layer (empirical Bayes)
+AUTO = "auto"
+#: eta of an ``auto`` run until its first estimate: the fixed default's value, so that the first
+#: ``prior_every`` steps are exactly those of a default run (the means have moved off their initialisation,
+#: whose scale, ~1/(3 fan_in), would otherwise be the first prior)
+PRIOR_VAR_START = 1.0
+#: steps between eta estimates: eta is a mean over a whole layer and moves slowly, an estimate costs one
+#: pass over the parameters (FFG) or a layer's marginal variances (MVG, about one decomposition), and 100 is
+#: Noisy K-FAC's ``t_inv``: each new eta reaches its decompositions at the next refresh, with no extra one
+PRIOR_EVERY = 100
+
 
 class NGVIOptimizer(Optimizer):
     """Base class: owns a ``CurvatureCapture`` over ``model`` and the layers' posteriors."""
@@ -41,8 +57,13 @@ class NGVIOptimizer(Optimizer):
     def __init__(self, model: nn.Module, defaults: dict, capture_kind: str, fisher: str = "example",
                  norm_posterior: str = "point") -> None:
         for key in ("lr", "num_data", "kl_weight", "prior_var"):
-            if not defaults[key] > 0:
-                raise ValueError(f"{key} must be positive, got {defaults[key]}")
+            if key == "prior_var" and defaults[key] == AUTO:
+                continue
+            if isinstance(defaults[key], str) or not defaults[key] > 0:
+                raise ValueError(f"{key} must be positive" + (" or 'auto'" if key == "prior_var" else "")
+                                 + f", got {defaults[key]!r}")
+        if not (isinstance(defaults.get("prior_every"), int) and defaults["prior_every"] >= 1):
+            raise ValueError(f"prior_every must be a positive integer, got {defaults.get('prior_every')!r}")
         if defaults.get("damping", 0.0) < 0:
             raise ValueError(f"damping must be >= 0, got {defaults['damping']}")
         if norm_posterior not in NORM_POSTERIORS:
@@ -71,6 +92,10 @@ class NGVIOptimizer(Optimizer):
             params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
             group = self.group_of(layer.weight)
             self._layer_groups.append((layer, next(i for i, g in enumerate(self.param_groups) if g is group), params))
+        self._layer_index = {layer: i for i, (_, layer) in enumerate(self.layers)}
+        #: each layer's learned eta (used where its group has ``prior_var="auto"``), and the steps taken
+        self.prior_vars = [PRIOR_VAR_START] * len(self.layers)
+        self.prior_steps = 0
         self.capture = CurvatureCapture(model, capture_kind, fisher)
         if norm_posterior == "point":  # point estimates: the layers' samples are their means
             for _, layer in self.layers:
@@ -98,6 +123,115 @@ class NGVIOptimizer(Optimizer):
     def gamma(cls, group: dict) -> float:
         """Total damping ``gamma = gamma_in + gamma_ex`` of the mean update (``gamma_ex`` = ``damping``)."""
         return cls.gamma_in(group) + group["damping"]
+
+    # -- the prior: fixed, or learned per layer ------------------------------------------------
+    def prior_var(self, layer: nn.Module, group: dict) -> float:
+        """``layer``'s eta: its group's ``prior_var``, or the layer's learned one where that is ``"auto"``."""
+        if group["prior_var"] == AUTO:
+            return self.prior_vars[self._layer_index[layer]]
+        return group["prior_var"]
+
+    def layer_gamma_in(self, layer: nn.Module, group: dict) -> float:
+        """``gamma_in = lambda / (N eta)`` with ``layer``'s eta (``gamma_in(group)`` for a fixed prior)."""
+        if group["prior_var"] == AUTO:
+            return group["kl_weight"] / (group["num_data"] * self.prior_vars[self._layer_index[layer]])
+        return self.gamma_in(group)
+
+    def layer_gamma(self, layer: nn.Module, group: dict) -> float:
+        """``gamma_in + gamma_ex`` with ``layer``'s eta."""
+        if group["prior_var"] == AUTO:
+            return self.layer_gamma_in(layer, group) + group["damping"]
+        return self.gamma(group)
+
+    @property
+    def learns_prior(self) -> bool:
+        return any(g["prior_var"] == AUTO for g in self.param_groups)
+
+    def prior_variances(self) -> dict[str, float]:
+        """Every layer's eta, by module name."""
+        return {name: self.prior_var(layer, self.param_groups[i]) for (name, layer), (_, i, _)
+                in zip(self.layers, self._layer_groups)}
+
+    @torch.no_grad()
+    def _layer_second_moment(self, layer: nn.Module) -> tuple[float, int]:
+        """``(sum of mu^2 + Var[w] over the layer's entries, their number)``; a point estimate has Var = 0."""
+        if isinstance(layer, BayesianLayer):
+            return layer.second_moment()
+        params = [p for p in (layer.weight, layer.bias) if p is not None]
+        return sum(float(p.double().square().sum()) for p in params), sum(p.numel() for p in params)
+
+    def estimate_prior_vars(self) -> list[float]:
+        """Each layer's ELBO-maximising eta for the current posterior, ``(||mu||^2 + tr Cov) / d`` (layer order)."""
+        out = []
+        for _, layer in self.layers:
+            total, count = self._layer_second_moment(layer)
+            out.append(total / count)
+        return out
+
+    @torch.no_grad()
+    def _advance_prior(self) -> bool:
+        """Count a step; every ``prior_every`` steps set each auto layer's eta to its ELBO maximiser.
+
+        ``eta = (||mu||^2 + tr Cov) / d`` per layer (docs/MATH.md). The estimates are averaged over ranks
+        (the posteriors are replicated, so this only keeps rounding from splitting them). Returns whether
+        eta changed.
+        """
+        self.prior_steps += 1
+        auto = [i for i, (_, g, _) in enumerate(self._layer_groups) if self.param_groups[g]["prior_var"] == AUTO]
+        if not auto or self.prior_steps % self.param_groups[self._layer_groups[auto[0]][1]]["prior_every"]:
+            return False
+        estimates = self.estimate_prior_vars()
+        values = torch.tensor([estimates[i] for i in auto], dtype=torch.float64)
+        if self.distributed:
+            self.all_reduce_mean([values])
+        for i, eta in zip(auto, values.tolist()):
+            self.prior_vars[i] = eta
+        return True
+
+    @torch.no_grad()
+    def kl_divergence(self) -> float:
+        """``KL(q || p)`` of the Gaussian layers against ``N(0, eta I)`` each, closed form (float64).
+
+        Per layer with d entries: ``(sum mu^2 + tr Cov) / (2 eta) - d/2 + (d/2) log eta - (1/2) log det Cov``.
+        Point estimates (``norm_posterior="point"``) have no KL term.
+        """
+        total = 0.0
+        for (layer, group, _) in self.layer_params():
+            if not self.sampled(layer):
+                continue
+            eta = self.prior_var(layer, group)
+            second, d = layer.second_moment()
+            total += 0.5 * (second / eta - d + d * math.log(eta) - layer.log_det_covariance())
+        return total
+
+    def elbo(self, expected_nll: float) -> dict[str, float]:
+        """The ELBO ``E_q[log p(D | w)] - lambda KL(q || p)`` from an estimate of ``E_q[mean loss]``.
+
+        ``expected_loglik = -N expected_nll`` (N = ``num_data``, lambda = ``kl_weight`` of the first group).
+        """
+        group = self.param_groups[0]
+        loglik = -group["num_data"] * expected_nll
+        kl = self.kl_divergence()
+        return {"elbo": loglik - group["kl_weight"] * kl, "expected_loglik": loglik, "kl": kl}
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        out["prior"] = {"prior_vars": list(self.prior_vars), "steps": self.prior_steps}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        prior = state_dict.pop("prior", None)
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a checkpoint from before an option existed: its default
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        if prior is not None:  # saved before eta could be learned: a fixed prior, nothing to restore
+            if len(prior["prior_vars"]) != len(self.layers):
+                raise ValueError(f"the state holds {len(prior['prior_vars'])} prior variances for "
+                                 f"{len(self.layers)} layers")
+            self.prior_vars = [float(v) for v in prior["prior_vars"]]
+            self.prior_steps = int(prior["steps"])
 
     @staticmethod
     def noise_scale(group: dict) -> float:

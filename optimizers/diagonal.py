@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from optimizers.base import NGVIOptimizer
+from optimizers.base import PRIOR_EVERY, NGVIOptimizer
 
 #: the curvature estimators of the diagonal methods (docs/MATH.md, "Noisy Adam and VOGN")
 FISHERS = ("example", "batch", "hessian")
@@ -39,9 +39,9 @@ class DiagonalNGVI(NGVIOptimizer):
     prior_at_sample: bool = True
 
     def __init__(self, model: nn.Module, lr: float, betas: tuple[float, float], num_data: int,
-                 kl_weight: float = 1.0, prior_var: float = 1.0, damping: float = 0.0,
+                 kl_weight: float = 1.0, prior_var: float | str = 1.0, damping: float = 0.0,
                  init_precision: float | None = None, fisher: str = "example",
-                 norm_posterior: str = "point") -> None:
+                 norm_posterior: str = "point", prior_every: int = PRIOR_EVERY) -> None:
         if fisher not in FISHERS:
             raise ValueError(f"fisher must be 'example' (per-example squares), 'batch' or 'hessian' "
                              f"(reparameterisation estimate), got {fisher!r}")
@@ -50,7 +50,7 @@ class DiagonalNGVI(NGVIOptimizer):
         if init_precision is not None and init_precision <= 0:
             raise ValueError(f"init_precision must be positive, got {init_precision}")
         defaults = dict(lr=lr, betas=tuple(betas), num_data=num_data, kl_weight=kl_weight, prior_var=prior_var,
-                        damping=damping, init_precision=init_precision, fisher=fisher)
+                        damping=damping, init_precision=init_precision, fisher=fisher, prior_every=prior_every)
         super().__init__(model, defaults, capture_kind="diag" if fisher == "example" else "none",
                          norm_posterior=norm_posterior)
         for _, layer in self.layers:
@@ -58,49 +58,50 @@ class DiagonalNGVI(NGVIOptimizer):
                 layer.track_noise_grad = fisher == "hessian"
         self._refresh_posteriors()
 
-    def _initial_fisher(self, group: dict) -> float:
+    def _initial_fisher(self, group: dict, gamma_in: float) -> float:
         """``f`` before the first step: the posterior precision is ``init_precision`` (0 = the prior)."""
         if group["init_precision"] is None:
             return 0.0
-        return max(0.0, group["init_precision"] * group["kl_weight"] / group["num_data"] - self.gamma_in(group))
+        return max(0.0, group["init_precision"] * group["kl_weight"] / group["num_data"] - gamma_in)
 
-    def _state(self, p: Tensor, group: dict) -> dict:
+    def _state(self, p: Tensor, group: dict, gamma_in: float) -> dict:
         """``p``'s state, created at its first step on ``p``'s device and dtype (so the optimizer may be
         built before ``model.to(device)``); the step counter stays on the CPU (no device sync to read it)."""
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["fisher"] = torch.full_like(p, self._initial_fisher(group), memory_format=torch.preserve_format)
+            state["fisher"] = torch.full_like(p, self._initial_fisher(group, gamma_in),
+                                              memory_format=torch.preserve_format)
         return state
 
-    def _fisher(self, p: Tensor, group: dict) -> Tensor:
+    def _fisher(self, p: Tensor, group: dict, gamma_in: float) -> Tensor:
         state = self.state.get(p)
         if state:
             return state["fisher"]
-        return torch.full_like(p, self._initial_fisher(group), memory_format=torch.preserve_format)
+        return torch.full_like(p, self._initial_fisher(group, gamma_in), memory_format=torch.preserve_format)
 
     @torch.no_grad()
     def _refresh_posteriors(self) -> None:
         """``sigma = sqrt((lambda/N) / (f + gamma_in))`` into every layer's ``weight_sigma`` / ``bias_sigma``."""
         for group in self.param_groups:  # in place: sigma <- f; += gamma_in; rsqrt; *= sqrt(lambda/N)
-            pairs = [(p, sigma) for layer, grp, params in self.layer_params()
-                     if grp is group and self.sampled(layer)
-                     for p, sigma in zip(params, (layer.weight_sigma, layer.bias_sigma))]
-            if not pairs:
-                continue
-            sigmas = [sigma for _, sigma in pairs]
-            torch._foreach_copy_(sigmas, [self._fisher(p, group) for p, _ in pairs])
-            torch._foreach_add_(sigmas, self.gamma_in(group))
-            torch._foreach_rsqrt_(sigmas)
-            torch._foreach_mul_(sigmas, self.noise_scale(group))
+            by_gamma: dict[float, list[tuple[Tensor, Tensor]]] = {}  # one entry unless eta is learned per layer
+            for layer, grp, params in self.layer_params():
+                if grp is group and self.sampled(layer):
+                    by_gamma.setdefault(self.layer_gamma_in(layer, group), []).extend(
+                        zip(params, (layer.weight_sigma, layer.bias_sigma)))
+            for gamma_in, pairs in by_gamma.items():
+                sigmas = [sigma for _, sigma in pairs]
+                torch._foreach_copy_(sigmas, [self._fisher(p, group, gamma_in) for p, _ in pairs])
+                torch._foreach_add_(sigmas, gamma_in)
+                torch._foreach_rsqrt_(sigmas)
+                torch._foreach_mul_(sigmas, self.noise_scale(group))
 
-    def _update_group(self, group: dict, params: tuple[Tensor, ...], grads: tuple[Tensor, ...],
+    def _update_group(self, group: dict, gamma_in: float, params: tuple[Tensor, ...], grads: tuple[Tensor, ...],
                       stats: tuple[Tensor, ...], noises: tuple[Tensor | None, ...]) -> None:
         """``v = g + gamma_in w``; ``m``, ``f`` running averages; ``mu -= lr m_hat / (f + gamma_in + gamma_ex)``."""
         beta1, beta2 = group["betas"]
-        gamma_in = self.gamma_in(group)
-        states = [self._state(p, group) for p in params]
+        states = [self._state(p, group, gamma_in) for p in params]
         exp_avgs, fishers = [st["exp_avg"] for st in states], [st["fisher"] for st in states]
         torch._foreach_add_([st["step"] for st in states], 1)
         v = torch._foreach_add(grads, params, alpha=gamma_in)
@@ -116,7 +117,7 @@ class DiagonalNGVI(NGVIOptimizer):
         if group["fisher"] == "hessian":
             torch._foreach_add_(fishers, corr, alpha=0.5 * (1 - beta2) ** 2)
         bias_correction = 1 - beta1 ** states[0]["step"].item()
-        denom = torch._foreach_add(fishers, self.gamma(group))
+        denom = torch._foreach_add(fishers, gamma_in + group["damping"])
         torch._foreach_addcdiv_(list(params), exp_avgs, denom, value=-group["lr"] / bias_correction)
 
     @torch.no_grad()
@@ -138,7 +139,8 @@ class DiagonalNGVI(NGVIOptimizer):
                     if noise_grad[i] is None:
                         raise RuntimeError("fisher='hessian' needs the backward pass of a sampled forward "
                                            "(model.train()); this gradient came from the mean weights")
-                    s = noise_grad[i] * ((self._state(p, group)["fisher"] + self.gamma_in(group))
+                    gamma_in = self.layer_gamma_in(layer, group)
+                    s = noise_grad[i] * ((self._state(p, group, gamma_in)["fisher"] + gamma_in)
                                          / self.noise_scale(group) ** 2)
                 else:
                     s = stats[i] if stats is not None else g.square()
@@ -153,9 +155,13 @@ class DiagonalNGVI(NGVIOptimizer):
             for _, grp, _, g, s, _ in work:
                 if grp["fisher"] == "batch":
                     s.copy_(g.square())
-        for group in self.param_groups:  # one fused (foreach) kernel per operation and group
-            items = [w for w in work if w[1] is group]
-            if items:
-                self._update_group(group, *zip(*[w[2:] for w in items]))
+        for group in self.param_groups:  # one fused (foreach) kernel per operation, group and eta
+            by_gamma: dict[float, list[tuple]] = {}
+            for w in work:
+                if w[1] is group:
+                    by_gamma.setdefault(self.layer_gamma_in(w[0], group), []).append(w[2:])
+            for gamma_in, items in by_gamma.items():
+                self._update_group(group, gamma_in, *zip(*items))
+        self._advance_prior()  # a new eta enters sigma at once (below) and the mean update from the next step
         self._refresh_posteriors()
         return loss

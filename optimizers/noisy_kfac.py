@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from models.bayesian_layers import FactorRoot
 from models.joint_posterior import attach_chains
-from optimizers.base import NGVIOptimizer
+from optimizers.base import PRIOR_EVERY, NGVIOptimizer
 from optimizers.block_tridiagonal import posterior_link, precondition_chain, preconditioner_link
 from optimizers.curvature import is_norm_layer
 
@@ -291,6 +291,9 @@ class NoisyKFAC(NGVIOptimizer):
             direction (one of the s^2 grids, in turn, weighted s^2: ``stats_grid``), at 1/s^2 of its cost.
         norm_posterior: affine parameters of normalisation layers (diagonal curvature): ``"point"``
             (no noise; default) or ``"gaussian"`` (a diagonal Gaussian posterior, sampled).
+        prior_every: with ``prior_var="auto"`` (eta learned per layer from the marginal variances), steps
+            between the estimates; a new eta enters ``V`` at the next step and the posterior at the next
+            refresh (with the default 100 = ``t_inv``, the very next step).
         structure: ``"block_diagonal"`` (the paper) or ``"block_tridiagonal"`` (adjacent Linear layers
             of a chain correlated; needs ``damping_mode="factored"`` and ``rank=None``).
     """
@@ -298,11 +301,12 @@ class NoisyKFAC(NGVIOptimizer):
     posterior = "MVG"
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9, num_data: int = 60000,
-                 kl_weight: float = 1.0, prior_var: float = 1.0, damping: float = 1e-3, stat_decay: float = 0.95,
+                 kl_weight: float = 1.0, prior_var: float | str = 1.0, damping: float = 1e-3,
+                 stat_decay: float = 0.95,
                  t_stats: int = T_STATS, t_inv: int = T_INV, damping_mode: str = "factored", fisher: str = "example",
                  kl_clip: float | None = 1e-3, init_precision: float = 1e3, rank: int | None = None,
                  subspace_iters: int = SUBSPACE_MAX_ITERS, conv_stats_stride: int = 2, norm_posterior: str = "point",
-                 structure: str = "block_diagonal") -> None:
+                 structure: str = "block_diagonal", prior_every: int = PRIOR_EVERY) -> None:
         if structure not in STRUCTURES:
             raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
         if structure == "block_tridiagonal" and (damping_mode != "factored" or rank is not None):
@@ -327,7 +331,7 @@ class NoisyKFAC(NGVIOptimizer):
         defaults = dict(lr=lr, momentum=momentum, num_data=num_data, kl_weight=kl_weight, prior_var=prior_var,
                         damping=damping, stat_decay=stat_decay, t_stats=t_stats, t_inv=t_inv,
                         damping_mode=damping_mode, kl_clip=kl_clip, init_precision=init_precision, rank=rank,
-                        subspace_iters=subspace_iters, conv_stats_stride=conv_stats_stride)
+                        subspace_iters=subspace_iters, conv_stats_stride=conv_stats_stride, prior_every=prior_every)
         super().__init__(model, defaults, capture_kind="kfac", fisher=fisher, norm_posterior=norm_posterior)
         for layer, _, params in self.layer_params():
             w = layer.weight
@@ -377,10 +381,10 @@ class NoisyKFAC(NGVIOptimizer):
         """A normalisation layer's affine parameters (or their gradients, noise) as one vector."""
         return torch.cat([w.reshape(-1), b.reshape(-1)]) if layer.bias is not None else w.reshape(-1)
 
-    def _precondition(self, state: dict, group: dict, V: Tensor) -> Tensor:
+    def _precondition(self, layer, state: dict, group: dict, V: Tensor) -> Tensor:
         if group["damping_mode"] == "factored":
             return self._stored_root(state, "A_inv").right(self._stored_root(state, "S_inv").left(V))
-        gamma = self.gamma(group)
+        gamma = self.layer_gamma(layer, group)
         QS, QA = state["QS"], state["QA"]
         return QS @ ((QS.T @ V @ QA) / (state["dS"][:, None] * state["dA"][None, :] + gamma)) @ QA.T
 
@@ -398,12 +402,12 @@ class NoisyKFAC(NGVIOptimizer):
         return state
 
     def _decompose(self, layer, state: dict, group: dict) -> None:
-        gamma_in = self.gamma_in(group)
+        gamma_in = self.layer_gamma_in(layer, group)
         dtype = layer.weight.dtype
         c = self.noise_scale(group)
         if group["damping_mode"] == "factored":
             bases = tuple(state[k] if k + "_coef" in state else None for k in ("A_inv", "S_inv"))
-            dec = factored_decomposition(state["A"], state["S"], gamma_in, self.gamma(group),
+            dec = factored_decomposition(state["A"], state["S"], gamma_in, self.layer_gamma(layer, group),
                                          group["rank"], bases, group["subspace_iters"])
             for key in ("A_inv", "S_inv"):
                 root = dec[key]
@@ -467,11 +471,11 @@ class NoisyKFAC(NGVIOptimizer):
             refresh = "A" in state and (refreshes(k, group["t_inv"]) or not self._has_decomposition(state))
             if refresh:
                 self._decompose(layer, state, group)
-            V = self._gradient_matrix(layer, grads, noise, self.gamma_in(group))
+            V = self._gradient_matrix(layer, grads, noise, self.layer_gamma_in(layer, group))
             if layer in self._chained:
                 D = None  # the chain's joint preconditioner, below
             else:
-                D = self._precondition(state, group, V) if self._has_decomposition(state) else V
+                D = self._precondition(layer, state, group, V) if self._has_decomposition(state) else V
             updates.append((layer, group, state, V, D))
             self._schedule_stats(k + 1, group)
         if self.chains:
@@ -495,6 +499,7 @@ class NoisyKFAC(NGVIOptimizer):
                 layer.bias.add_(buf[:, -1], alpha=-lr)
             else:
                 layer.weight.add_(buf.view_as(layer.weight), alpha=-lr)
+        self._advance_prior()
         return loss
 
     def _diagonal_direction(self, layer, state: dict, group: dict, G: Tensor, stats: list[Tensor] | None,
@@ -506,7 +511,7 @@ class NoisyKFAC(NGVIOptimizer):
             else:
                 beta = group["stat_decay"]
                 state["fisher"].mul_(beta).add_(stats[0], alpha=1 - beta)
-        gamma_in = self.gamma_in(group)
+        gamma_in = self.layer_gamma_in(layer, group)
         M = self._as_vector(layer, layer.weight, layer.bias)
         V = G + gamma_in * (M + noise if noise is not None else M)
         if "fisher" not in state:
@@ -530,7 +535,7 @@ class NoisyKFAC(NGVIOptimizer):
                 for layer, st in zip(chain.layers, states):
                     if layer in index:
                         V = updates[index[layer]][3]
-                        D = self._precondition(st, group, V) if self._has_decomposition(st) else V
+                        D = self._precondition(layer, st, group, V) if self._has_decomposition(st) else V
                         updates[index[layer]] = (*updates[index[layer]][:4], D)
                 continue
             for layer, state in zip(chain.layers, states):
@@ -546,8 +551,8 @@ class NoisyKFAC(NGVIOptimizer):
             if "gain" in states[0]:
                 Ds = precondition_chain(Vs, [(st["S_inv"], st["A_inv"]) for st in states], states[:-1])
             else:
-                Ds = [self._precondition(st, group, V) if self._has_decomposition(st) else V
-                      for st, V in zip(states, Vs)]
+                Ds = [self._precondition(layer, st, group, V) if self._has_decomposition(st) else V
+                      for layer, st, V in zip(chain.layers, states, Vs)]
             for layer, D in zip(chain.layers, Ds):
                 j = index[layer]
                 updates[j] = (*updates[j][:4], D)
@@ -559,10 +564,11 @@ class NoisyKFAC(NGVIOptimizer):
         Runs right after the layers' own refresh: the sampler's link reuses layer i's Cholesky factors
         (its ``factor_roots()``), the update's link its damped inverses ``A_inv``, ``S_inv``.
         """
-        gamma_in = self.gamma_in(group)
-        gamma = gamma_in + group["damping"]
         dtype = chain.layers[0].weight.dtype
         for i, (layer, st, nxt) in enumerate(zip(chain.layers, states[:-1], states[1:])):
+            # the next layer's damping: its factors are the ones damped here (its own eta when learned)
+            gamma_in = self.layer_gamma_in(chain.layers[i + 1], group)
+            gamma = gamma_in + group["damping"]
             out_root, in_root = layer.factor_roots()  # Cholesky factors of the gamma_in-damped A, S
             cross = st["A_cross"].double(), st["G_cross"].double()
             damped_in = factored_damped(nxt["A"], nxt["S"], gamma_in)
@@ -631,9 +637,6 @@ class NoisyKFAC(NGVIOptimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self._restore_counters(state_dict)
-        for group in self.param_groups:  # a checkpoint from before an option existed: its default
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
         # whether the next backward takes statistics (``capture.active``) is not saved state:
         # re-derive it from the restored step counts, as ``step`` leaves it (else a resumed run
         # takes statistics on a step where the uninterrupted run does not, with t_stats > 1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from optimizers.base import PRIOR_EVERY
 from optimizers.diagonal import DiagonalNGVI
 
 
@@ -31,7 +32,8 @@ class VOGN(DiagonalNGVI):
     prior_at_sample = False
 
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9, beta2: float = 0.99999,
-                 num_data: int = 60000, kl_weight: float = 1.0, prior_var: float = 1.0, damping: float = 0.0,
-                 init_precision: float | None = 6e4, fisher: str = "example", norm_posterior: str = "point") -> None:
+                 num_data: int = 60000, kl_weight: float = 1.0, prior_var: float | str = 1.0, damping: float = 0.0,
+                 init_precision: float | None = 6e4, fisher: str = "example", norm_posterior: str = "point",
+                 prior_every: int = PRIOR_EVERY) -> None:
         super().__init__(model, lr, (momentum, beta2), num_data, kl_weight, prior_var, damping, init_precision,
-                         fisher, norm_posterior)
+                         fisher, norm_posterior, prior_every)

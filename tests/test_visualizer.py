@@ -357,3 +357,33 @@ def test_npm_failure_is_one_clear_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if not line.startswith("visdom assets: fetching")]
     assert lines == ["error: npm pack jquery@3.1.1 failed: npm error 404 No match found for version 3.1.1"]
+
+
+# --- the ELBO and the learned prior ----------------------------------------------------------
+
+
+ELBO_EPOCH = {"kind": "epoch", "epoch": 2, "elbo": -1200.0, "expected_loglik": -200.0, "kl": 1000.0,
+              "prior_var": {"fc1": 2e-3, "fc2": 0.04, "bad": float("nan")}}
+
+
+def test_series_of_elbo_and_learned_prior() -> None:
+    points = {(win, trace): (x, y) for win, trace, x, y, _ in _series(ELBO_EPOCH, "runA")}
+    assert points == {
+        ("elbo", "runA (ELBO)"): (2.0, -1200.0),
+        ("elbo", "runA (E log-lik)"): (2.0, -200.0),
+        ("elbo", "runA (KL)"): (2.0, 1000.0),
+        ("prior_var", "runA fc1"): (2.0, 2e-3),
+        ("prior_var", "runA fc2"): (2.0, 0.04),
+    }
+    opts = {win: o for win, _, _, _, o in _series(ELBO_EPOCH, "runA")}
+    assert opts["prior_var"]["ytype"] == "log" and opts["elbo"]["title"].startswith("ELBO")
+
+
+def test_elbo_and_prior_windows_reach_the_server(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    vis = Visualizer(server="http://127.0.0.1", port=server.port, env="elbo", name="runA")
+    for epoch in (1, 2):
+        vis.log_record({**ELBO_EPOCH, "epoch": epoch})
+    assert capsys.readouterr() == ("", "")
+    env = server.saved_env("elbo")
+    assert traces(env, "elbo") == {"runA (ELBO)": 2, "runA (E log-lik)": 2, "runA (KL)": 2}
+    assert traces(env, "prior_var") == {"runA fc1": 2, "runA fc2": 2}

@@ -26,6 +26,10 @@ from util.run_dir import RunDir
 
 SKIP_KEYS = frozenset({"kind", "epoch", "iteration", "epoch_float"})
 ACCURACY_KEYS = {"train_acc": "train", "test_acc": "test"}
+#: the ELBO and its two terms share one window
+ELBO_KEYS = {"elbo": "ELBO", "expected_loglik": "E log-lik", "kl": "KL"}
+#: a record's per-layer learned prior variances (a mapping layer -> eta): one window, a trace per layer
+PRIOR_VAR_KEY = "prior_var"
 HIST_BINS = 50
 SPECTRUM_COLUMNS = 64
 #: plotly's default trace colours (RGB)
@@ -157,6 +161,12 @@ def _series(record: Mapping[str, Any], name: str) -> list[tuple[str, str, float,
         return []
     points = []
     for key, y in record.items():
+        if key == PRIOR_VAR_KEY and isinstance(y, Mapping):
+            opts = {"title": "prior variance (learned)", "xlabel": "epoch", "ylabel": "eta", "showlegend": True,
+                    "markers": True, "markersize": 6, "ytype": "log"}
+            points += [(PRIOR_VAR_KEY, f"{name} {layer}", float(x), float(v), opts)
+                       for layer, v in y.items() if _is_number(v) and v > 0]
+            continue
         if key in SKIP_KEYS or not _is_number(y):
             continue
         if kind == "iter":
@@ -167,6 +177,9 @@ def _series(record: Mapping[str, Any], name: str) -> list[tuple[str, str, float,
         elif kind == "epoch" and key in ACCURACY_KEYS:
             win, title, label = "epoch_accuracy", "accuracy", "accuracy"
             trace = f"{name} ({ACCURACY_KEYS[key]})"
+        elif kind == "epoch" and key in ELBO_KEYS:
+            win, title, label = "elbo", "ELBO = E log-lik - lambda KL", "nats"
+            trace = f"{name} ({ELBO_KEYS[key]})"
         else:
             win = key if kind == "epoch" else f"{kind}_{key}"
             title = label = key.replace("_", " ")
