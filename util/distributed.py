@@ -135,3 +135,21 @@ def min_over_ranks(value: float, ctx: DistContext) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return t.item()
+
+
+def shard(n: int, ctx: DistContext) -> tuple[int, int]:
+    """This rank's rows ``[lo, hi)`` of ``n``: contiguous slices whose sizes differ by at most one."""
+    return ctx.rank * n // ctx.world_size, (ctx.rank + 1) * n // ctx.world_size
+
+
+def assemble(part: Tensor, lo: int, n: int, ctx: DistContext) -> Tensor:
+    """The ``n`` rows whose rows ``[lo, lo + len(part))`` each rank holds as ``part``, on every rank.
+
+    One all-reduce of a zero-filled ``n``-row buffer: each row is its own rank's values plus zeros, exactly.
+    """
+    if not ctx.enabled:
+        return part
+    full = part.new_zeros((n, *part.shape[1:]))
+    full[lo:lo + part.shape[0]] = part
+    dist.all_reduce(full)
+    return full
