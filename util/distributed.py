@@ -4,7 +4,8 @@ Each rank draws its own weight noise (seeded from ``--seed`` and the rank), so K
 Monte-Carlo samples per step. The natural-gradient optimizers average gradients, curvature
 statistics and the prior's weight sample across ranks themselves, in one bucketed all-reduce
 per step (``all_reduce_mean`` below, the one home of the collectives); the deterministic baselines use
-``average_gradients``. Only rank 0 logs, evaluates, writes checkpoints and talks to visdom.
+``average_gradients``. Every rank evaluates its slice of the test set (``shard``, ``assemble``); only rank 0
+logs, writes checkpoints and talks to visdom.
 """
 
 from __future__ import annotations
