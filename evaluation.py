@@ -23,8 +23,9 @@ from util import distributed
 from util.metrics import accuracy, auroc, ece, nll, predictive_entropy
 
 #: examples per evaluation forward on a CPU: small enough that a batch's activations stay in the cache (one
-#: thread, FFG, 28x28, time relative to batch 1000: ResNet-20 0.34 at 64, 0.33 at 32, 0.39 at 100; CovNet 0.63
-#: at 64, 0.54 at 128; the MLP 1.30 at 64, 1.00 at 512, where its whole pass takes milliseconds)
+#: thread, FFG, 28x28, time relative to batch 1000, medians of interleaved rounds on a loaded 2-core machine:
+#: ResNet-20 0.34 at 64, 0.33 at 32, 0.39 at 100; CovNet 0.63 at 64, 0.54 at 128; the MLP 1.30 at 64, 1.00 at
+#: 512, where its whole pass takes milliseconds)
 CPU_EVAL_BATCH_SIZE = 64
 #: examples per evaluation forward on a GPU: large, so that a forward fills the device
 GPU_EVAL_BATCH_SIZE = 4096

@@ -12,7 +12,8 @@ Derived defaults (left ``None`` on the command line, filled in by ``parse``):
 * ``optimizer`` follows ``model``: FFG -> noisy_adam, MVG -> noisy_kfac, MAP -> adam
 * ``arch`` follows ``dataset``: MNIST/FashionMNIST -> mlp, CIFAR10 -> lenet5
 * ``n`` = training-set size (or ``--subset``); ``initial_size`` = C*H*W;
-  ``label_size`` = number of classes; ``device``: auto -> cuda if available
+  ``label_size`` = number of classes; ``device``: auto -> cuda if available;
+  ``eval_batch_size``: per device (``evaluation.default_eval_batch_size``)
 * train: ``name`` = ``{dataset}_{model}_{optimizer}_{arch}``
 * test: ``name`` = latest run under ``--ckpt_dir`` (of ``--model`` if given),
   ``epoch`` = its latest checkpoint, and the options that define the trained
