@@ -22,18 +22,21 @@ from models.weight_samples import draw_noise, fixed_sample
 from util import distributed
 from util.metrics import accuracy, auroc, ece, nll, predictive_entropy
 
-#: examples per evaluation forward on a CPU: small enough that a batch's activations stay in the cache (one
-#: thread, FFG, 28x28, time relative to batch 1000, medians of interleaved rounds on a loaded 2-core machine:
-#: ResNet-20 0.34 at 64, 0.33 at 32, 0.39 at 100; CovNet 0.63 at 64, 0.54 at 128; the MLP 1.30 at 64, 1.00 at
-#: 512, where its whole pass takes milliseconds)
-CPU_EVAL_BATCH_SIZE = 64
+#: examples per evaluation forward and CPU thread: small enough that each core's share of a batch's activations
+#: stays in its cache (one thread, FFG, 28x28, time relative to batch 1000, medians of interleaved rounds on a
+#: loaded 2-core machine: ResNet-20 0.34 at 64, 0.33 at 32, 0.39 at 100; CovNet 0.63 at 64, 0.54 at 128; the MLP
+#: 1.30 at 64, 1.00 at 512, where its whole pass takes milliseconds; two threads, ResNet-20: 0.73 at 128, 0.90 at 64)
+CPU_EVAL_BATCH_SIZE_PER_THREAD = 64
 #: examples per evaluation forward on a GPU: large, so that a forward fills the device
 GPU_EVAL_BATCH_SIZE = 4096
 
 
-def default_eval_batch_size(device: torch.device | str) -> int:
-    """The evaluation batch size of ``device`` when ``--eval_batch_size`` is not given."""
-    return CPU_EVAL_BATCH_SIZE if torch.device(device).type == "cpu" else GPU_EVAL_BATCH_SIZE
+def default_eval_batch_size(device: torch.device | str, threads: int | None = None) -> int:
+    """The evaluation batch size of ``device`` when ``--eval_batch_size`` is not given (CPU: per thread of
+    ``threads``, default torch's intra-op threads)."""
+    if torch.device(device).type != "cpu":
+        return GPU_EVAL_BATCH_SIZE
+    return CPU_EVAL_BATCH_SIZE_PER_THREAD * (threads or torch.get_num_threads())
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -13,7 +13,7 @@ Derived defaults (left ``None`` on the command line, filled in by ``parse``):
 * ``arch`` follows ``dataset``: MNIST/FashionMNIST -> mlp, CIFAR10 -> lenet5
 * ``n`` = training-set size (or ``--subset``); ``initial_size`` = C*H*W;
   ``label_size`` = number of classes; ``device``: auto -> cuda if available;
-  ``eval_batch_size``: per device (``evaluation.default_eval_batch_size``)
+  ``eval_batch_size``: per device and ``--num_threads`` (``evaluation.default_eval_batch_size``)
 * train: ``name`` = ``{dataset}_{model}_{optimizer}_{arch}``
 * test: ``name`` = latest run under ``--ckpt_dir`` (of ``--model`` if given),
   ``epoch`` = its latest checkpoint, and the options that define the trained
@@ -173,8 +173,8 @@ class BaseOptions:
                        help="Monte Carlo samples at evaluation (0 = use the mean weights)")
         g.add_argument("--eval_batch_size", type=int, default=None,
                        help="test examples per evaluation forward; a speed setting only, the predictive does not "
-                            "depend on it (default: per device, cpu "
-                            f"{default_eval_batch_size('cpu')}, cuda {default_eval_batch_size('cuda')})")
+                            f"depend on it (default: per device, cpu {default_eval_batch_size('cpu', 1)} per thread, "
+                            f"cuda {default_eval_batch_size('cuda')})")
 
         g = parser.add_argument_group("data")
         g.add_argument("--dataset", choices=tuple(DATASETS), default="MNIST")
@@ -245,7 +245,7 @@ class BaseOptions:
             opt.n = getattr(opt, "subset", None) or info.train_size
         opt.device = _resolve_device(opt.device)
         if opt.eval_batch_size is None:
-            opt.eval_batch_size = default_eval_batch_size(opt.device)
+            opt.eval_batch_size = default_eval_batch_size(opt.device, opt.num_threads)
 
     def _check_ranges(self, opt: argparse.Namespace) -> None:
         need = _need

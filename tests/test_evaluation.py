@@ -316,9 +316,10 @@ def test_two_ranks_give_the_one_process_predictive(tmp_path: Path) -> None:
 
 # -- the batch size's default ----------------------------------------------------------------------
 def test_default_batch_size_per_device() -> None:
-    cpu, cuda = default_eval_batch_size("cpu"), default_eval_batch_size(torch.device("cuda", 0))
+    cpu, cuda = default_eval_batch_size("cpu", 1), default_eval_batch_size(torch.device("cuda", 0))
     assert 16 <= cpu <= 256 < cuda  # cache-sized on a CPU, large on a GPU
-    assert default_eval_batch_size(torch.zeros(1).device) == cpu
+    assert default_eval_batch_size(torch.zeros(1).device, 3) == 3 * cpu  # each thread its cache-sized share
+    assert default_eval_batch_size("cpu") == torch.get_num_threads() * cpu
 
 
 def test_eval_batch_size_option_defaults_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -326,6 +327,7 @@ def test_eval_batch_size_option_defaults_per_device(monkeypatch: pytest.MonkeyPa
 
     parse = lambda *argv: TrainOptions().parse(["--no_visdom", *argv])  # noqa: E731
     assert parse("--device", "cpu").eval_batch_size == default_eval_batch_size("cpu")
+    assert parse("--device", "cpu", "--num_threads", "2").eval_batch_size == default_eval_batch_size("cpu", 2)
     assert parse("--device", "cpu", "--eval_batch_size", "7").eval_batch_size == 7
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert parse().eval_batch_size == default_eval_batch_size("cuda")
