@@ -12,7 +12,8 @@ Derived defaults (left ``None`` on the command line, filled in by ``parse``):
 * ``optimizer`` follows ``model``: FFG -> noisy_adam, MVG -> noisy_kfac, MAP -> adam
 * ``arch`` follows ``dataset``: MNIST/FashionMNIST -> mlp, CIFAR10 -> lenet5
 * ``n`` = training-set size (or ``--subset``); ``initial_size`` = C*H*W;
-  ``label_size`` = number of classes; ``device``: auto -> cuda if available
+  ``label_size`` = number of classes; ``device``: auto -> cuda if available;
+  ``eval_batch_size``: per device and ``--num_threads`` (``evaluation.default_eval_batch_size``)
 * train: ``name`` = ``{dataset}_{model}_{optimizer}_{arch}``
 * test: ``name`` = latest run under ``--ckpt_dir`` (of ``--model`` if given),
   ``epoch`` = its latest checkpoint, and the options that define the trained
@@ -51,7 +52,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from data.datasets import DATASETS, resolve_data_root
-from evaluation import EVAL_BATCH_SIZE
+from evaluation import default_eval_batch_size
 from experiment import OPTIMIZER_CLASSES, optimizer_defaults, resolve_optimizer_options
 from models import ARCHS, POSTERIORS
 from optimizers.base import AUTO
@@ -173,6 +174,10 @@ class BaseOptions:
                        help="number of classes (default from the data set; must match it)")
         g.add_argument("--test_samples", type=int, default=10,
                        help="Monte Carlo samples at evaluation (0 = use the mean weights)")
+        g.add_argument("--eval_batch_size", type=int, default=None,
+                       help="test examples per evaluation forward; a speed setting only, the predictive does not "
+                            f"depend on it (default: per device, cpu {default_eval_batch_size('cpu', 1)} per thread, "
+                            f"cuda {default_eval_batch_size('cuda')})")
 
         g = parser.add_argument_group("data")
         g.add_argument("--dataset", choices=tuple(DATASETS), default="MNIST", help="data set (test.py: the run's)")
@@ -243,11 +248,16 @@ class BaseOptions:
         if getattr(opt, "n", None) is None:
             opt.n = getattr(opt, "subset", None) or info.train_size
         opt.device = _resolve_device(opt.device)
+        if opt.eval_batch_size is None:
+            opt.eval_batch_size = default_eval_batch_size(opt.device, opt.num_threads)
 
     def _check_ranges(self, opt: argparse.Namespace) -> None:
         need = _need
 
         need(opt.test_samples >= 0, f"--test_samples must be >= 0 (0 = mean weights), got {opt.test_samples}")
+        need(opt.eval_batch_size is None or opt.eval_batch_size >= 1,
+             f"--eval_batch_size must be a positive integer (omit it for the device's default), "
+             f"got {opt.eval_batch_size}")
         need(opt.num_threads is None or opt.num_threads >= 1,
              f"--num_threads must be a positive integer, got {opt.num_threads}")
         need(not opt.name or ("/" not in opt.name and opt.name not in (".", "..")),
@@ -472,8 +482,8 @@ class TestOptions(BaseOptions):
         parser = super().initialize(parser)
         g = parser.add_argument_group("evaluation")
         g.add_argument("--epoch", type=int, default=None, help="checkpoint epoch to load (default: latest)")
-        g.add_argument("--batch_size", type=int, default=EVAL_BATCH_SIZE,
-                       help="test examples per batch (one weight sample per batch and MC sample)")
+        g.add_argument("--batch_size", type=int, dest="eval_batch_size", default=None,
+                       help="the same as --eval_batch_size")
         g.add_argument("--ood_dataset", choices=tuple(DATASETS), default=None,
                        help="also score out-of-distribution detection against this data set (its test split, "
                             "normalised as the training set is)")
@@ -499,7 +509,6 @@ class TestOptions(BaseOptions):
 
     def _check_ranges(self, opt: argparse.Namespace) -> None:
         super()._check_ranges(opt)
-        _need(opt.batch_size >= 1, f"--batch_size must be a positive integer, got {opt.batch_size}")
         if opt.epoch is not None and opt.epoch <= 0:
             raise UserError(f"--epoch must be a positive integer, got {opt.epoch}")
 

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(opt.seed)
 
     test_x, test_y = load_split(opt.dataset, False, opt.data_root, device, rotate_degrees=opt.rotate)
-    metrics, probs = evaluate(model, test_x, test_y, opt.test_samples, opt.batch_size)
+    # the networks of train.py's evaluation of this epoch when --seed is the run's
+    metrics, probs = evaluate(model, test_x, test_y, opt.test_samples, opt.seed, opt.epoch, opt.eval_batch_size)
     result = {"name": opt.name, "epoch": opt.epoch, "model": opt.model, "optimizer": opt.optimizer,
               "arch": opt.arch, "dataset": opt.dataset, "rotate": opt.rotate, "test_samples": opt.test_samples,
               "test_acc": metrics["acc"], "test_nll": metrics["nll"], "test_ece": metrics["ece"]}
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         # through the training set's preprocessing, as a deployed model sees any input
         ood_x, _ = load_split(opt.ood_dataset, False, opt.data_root, device, normalize_as=opt.dataset)
         result["ood_dataset"] = opt.ood_dataset
-        result["ood_auroc"] = ood_auroc(probs, predict(model, ood_x, opt.test_samples, opt.batch_size))
+        ood_probs = predict(model, ood_x, opt.test_samples, opt.seed, opt.epoch, opt.eval_batch_size)
+        result["ood_auroc"] = ood_auroc(probs, ood_probs)
 
     samples = f"{opt.test_samples} weight samples" if opt.test_samples else "mean weights"
     shift = f", test images rotated {opt.rotate:g} degrees" if opt.rotate else ""

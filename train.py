@@ -65,8 +65,7 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
     fetch_data(opt.dataset, opt.data_root, ctx)
     train_x, train_y = load_split(opt.dataset, True, opt.data_root, device)
     train_x, train_y = take_subset(train_x, train_y, opt.subset, opt.seed)
-    if ctx.is_main:  # only rank 0 evaluates
-        test_x, test_y = load_split(opt.dataset, False, opt.data_root, device)
+    test_x, test_y = load_split(opt.dataset, False, opt.data_root, device)  # every rank scores its slice
     loader = InMemoryLoader(train_x, train_y, opt.batch_size, shuffle=True, seed=opt.seed, augment=opt.augment,
                             rank=ctx.rank, world_size=ctx.world_size)
 
@@ -119,12 +118,11 @@ def train(opt, ctx: distributed.DistContext, device: torch.device) -> None:
             raise Diverged(f"training diverged in epoch {epoch}: the weights are not finite; {run.last_good()}; "
                            "lower --lr or raise --damping")
 
-        # -- evaluate (rank 0), log, checkpoint --------------------------------------------
+        # -- evaluate (all ranks), log, checkpoint (rank 0) --------------------------------
         record = {"kind": "epoch", "epoch": epoch, "iteration": iteration,
                   "train_loss": result["loss"], "train_acc": result["acc"]}
-        if ctx.is_main:
-            test, _ = evaluate(model, test_x, test_y, opt.test_samples)
-            record.update(test_acc=test["acc"], test_nll=test["nll"], test_ece=test["ece"])
+        test, _ = evaluate(model, test_x, test_y, opt.test_samples, opt.seed, epoch, opt.eval_batch_size, ctx)
+        record.update(test_acc=test["acc"], test_nll=test["nll"], test_ece=test["ece"])
         record.update(lr=optimizer.param_groups[0]["lr"], sec_per_epoch=seconds)
         if bayesian and ctx.is_main:
             record.update(objective_record(optimizer, record["train_loss"]))

@@ -76,7 +76,7 @@ from common import REPO, RESULTS, environment  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from data import DATASETS, InMemoryLoader, find_data, load_split, take_subset  # noqa: E402
-from evaluation import ood_auroc, predict  # noqa: E402
+from evaluation import default_eval_batch_size, ood_auroc, predict, sample_seed  # noqa: E402
 from experiment import finite, make_model, make_optimizer, optimizer_defaults  # noqa: E402
 from models import bayesian_layers  # noqa: E402
 from option_parser import TrainOptions  # noqa: E402
@@ -160,22 +160,30 @@ def options(task: Task, method: str, lr: float, n: int, seed: int, data_root: st
 
 
 @torch.no_grad()
-def ivon_predict(model: nn.Module, optimizer: ivon.IVON, images: Tensor, samples: int,
-                 batch_size: int = 1000) -> Tensor:
-    """IVON's predictive: the mean of the softmax over ``samples`` weight draws (log-mean-exp)."""
+def ivon_predict(model: nn.Module, optimizer: ivon.IVON, images: Tensor, samples: int, seed: int = 0,
+                 epoch: int = 0) -> Tensor:
+    """IVON's predictive: the mean of the softmax over ``samples`` weight draws (log-mean-exp).
+
+    Draw ``s`` is IVON's own sampler run from ``evaluation.sample_seed(seed, epoch, s)`` (the global RNG forked and
+    restored), so that, as for :func:`evaluation.predict`, the test and OOD sets see the same networks.
+    """
     model.eval()
+    batch_size = default_eval_batch_size(images.device)
     logps = []
-    for _ in range(samples):
-        with optimizer.sampled_params():
-            logps.append(torch.cat([F.log_softmax(model(images[i:i + batch_size]), dim=-1)
-                                    for i in range(0, images.shape[0], batch_size)]))
+    for s in range(samples):
+        with torch.random.fork_rng(devices=[] if images.device.type == "cpu" else None):
+            torch.manual_seed(sample_seed(seed, epoch, s))
+            with optimizer.sampled_params():
+                logps.append(torch.cat([F.log_softmax(model(images[i:i + batch_size]), dim=-1)
+                                        for i in range(0, images.shape[0], batch_size)]))
     return (torch.logsumexp(torch.stack(logps), dim=0) - math.log(samples)).exp()
 
 
-def probabilities(method: str, model: nn.Module, optimizer, images: Tensor) -> Tensor:
+def probabilities(method: str, model: nn.Module, optimizer, images: Tensor, seed: int, epoch: int) -> Tensor:
+    """The predictive of ``evaluation.predict`` (IVON: :func:`ivon_predict`) over the networks of ``(seed, epoch)``."""
     if method == "IVON":
-        return ivon_predict(model, optimizer, images, TEST_SAMPLES)
-    return predict(model, images, 0 if method == "Adam" else TEST_SAMPLES)
+        return ivon_predict(model, optimizer, images, TEST_SAMPLES, seed, epoch)
+    return predict(model, images, 0 if method == "Adam" else TEST_SAMPLES, seed, epoch)
 
 
 def scores(probs: Tensor, labels: Tensor) -> dict[str, float]:
@@ -238,7 +246,7 @@ def train_run(task: Task, method: str, lr: float, seed: int, epochs: int, train:
         if epoch < epochs and not task.every_epoch:  # a CPU-heavy task: score after the last epoch only
             s = {"acc": None, "nll": None, "ece": None}
         else:
-            probs = probabilities(method, model, optimizer, evaluation[0])
+            probs = probabilities(method, model, optimizer, evaluation[0], seed, epoch)
             s = scores(probs, evaluation[1])
         for key, v in (("train_loss", loss_sum / seen), ("test_acc", s["acc"]), ("test_nll", s["nll"]),
                        ("test_ece", s["ece"]), ("sec_per_epoch", seconds)):
@@ -257,7 +265,7 @@ def train_run(task: Task, method: str, lr: float, seed: int, epochs: int, train:
              "sec_per_epoch": statistics.mean(curves["sec_per_epoch"])}
     run["reliability"] = reliability_bins(probs, evaluation[1])
     if ood is not None:
-        final["ood_auroc"] = ood_auroc(probs, probabilities(method, model, optimizer, ood))
+        final["ood_auroc"] = ood_auroc(probs, probabilities(method, model, optimizer, ood, seed, epoch))
     if bayesian:  # a diagnostic: the posterior means alone (no weight noise), and the noise-to-signal ratio
         mean_scores = scores(predict(model, evaluation[0], 0), evaluation[1])
         final.update(acc_mean_weights=mean_scores["acc"], nll_mean_weights=mean_scores["nll"],

@@ -143,9 +143,9 @@ def train_run(task_name: str, settings: dict | None, seed: int, epochs: int, dat
     model.eval()
     for k in args.samples:
         if not is_ivon:
-            probs = predict(model, test_x, k)
+            probs = predict(model, test_x, k, seed, epochs)
         elif k > 0:
-            probs = ivon_predict(model, optimizer, test_x, k)
+            probs = ivon_predict(model, optimizer, test_x, k, seed, epochs)
         else:
             with torch.no_grad():
                 probs = torch.cat([F.softmax(model(test_x[i:i + 1000]), -1) for i in range(0, len(test_x), 1000)])

@@ -84,8 +84,8 @@ def run(method: str, hidden: str, seed: int, epochs: int, data: dict) -> dict:
         seconds.append(time.perf_counter() - t0)
         if not finite(model):
             return {"diverged": f"epoch {epoch}"}
-    metrics, probs = evaluate(model, *data["test"], TEST_SAMPLES)
-    metrics["ood_auroc"] = ood_auroc(probs, predict(model, data["ood"], TEST_SAMPLES))
+    metrics, probs = evaluate(model, *data["test"], TEST_SAMPLES, seed, epochs)
+    metrics["ood_auroc"] = ood_auroc(probs, predict(model, data["ood"], TEST_SAMPLES, seed, epochs))
     metrics["sec_per_epoch"] = statistics.mean(seconds)
     if hasattr(optimizer, "guard_count"):
         metrics["guard_count"] = optimizer.guard_count()

@@ -49,7 +49,7 @@ from common import REPO, RESULTS, environment, table  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from data import InMemoryLoader, load_split, take_subset  # noqa: E402
-from evaluation import predict  # noqa: E402
+from evaluation import predict, sample_seed  # noqa: E402
 from experiment import finite, make_model, make_optimizer  # noqa: E402
 from models import bayesian_layers  # noqa: E402
 from option_parser import TrainOptions  # noqa: E402
@@ -155,9 +155,9 @@ class Predictor:
         return self.fn(images, samples)
 
 
-def ngvi_predictor(model: nn.Module) -> Predictor:
+def ngvi_predictor(model: nn.Module, seed: int, epoch: int) -> Predictor:
     first = next(iter(bayesian_layers(model)))[1]
-    return Predictor(lambda x, s: predict(model, x, s), True, first.weight_std().flatten().detach().cpu())
+    return Predictor(lambda x, s: predict(model, x, s, seed, epoch), True, first.weight_std().flatten().detach().cpu())
 
 
 def adam_predictor(model: nn.Module) -> Predictor:
@@ -165,15 +165,17 @@ def adam_predictor(model: nn.Module) -> Predictor:
 
 
 @torch.no_grad()
-def ivon_predictor(model: nn.Module, optimizer: ivon.IVON) -> Predictor:
+def ivon_predictor(model: nn.Module, optimizer: ivon.IVON, seed: int, epoch: int) -> Predictor:
     def probs(images: Tensor, samples: int) -> Tensor:
         model.eval()
         if samples == 0:
             return _batched(model, images).softmax(-1)
         out = 0
-        for _ in range(samples):
-            with optimizer.sampled_params():
-                out = out + _batched(model, images).softmax(-1)
+        for s in range(samples):  # draw s from evaluation's seed of (seed, epoch, s): every set, the same networks
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(seed, epoch, s))
+                with optimizer.sampled_params():
+                    out = out + _batched(model, images).softmax(-1)
         return out / samples
 
     group = optimizer.param_groups[0]
@@ -276,7 +278,8 @@ def run_task(task_name: str, methods: dict[str, tuple[str, list[str]]], seeds: l
                                                                                 task.batch_size)
             else:
                 model, optimizer, opt = train(task, method, flags, seed, data, args, epochs)
-                pred = ivon_predictor(model, optimizer) if method == "IVON" else ngvi_predictor(model)
+                pred = (ivon_predictor(model, optimizer, seed, epochs) if method == "IVON"
+                        else ngvi_predictor(model, seed, epochs))
                 if method != "IVON":
                     record["options"] = {k: getattr(opt, k) for k in ("lr", "momentum", "beta2", "kl_weight",
                                                                       "prior_var", "damping", "init_precision",

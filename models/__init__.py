@@ -14,12 +14,11 @@ from models.bayesian_layers import (
     BayesianNorm,
     bayesian_layers,
     bayesian_norm,
-    predictive,
     sampling,
 )
 
 __all__ = [
     "ARCHS", "BAYESIAN_POSTERIORS", "POSTERIORS", "BayesianBatchNorm1d", "BayesianBatchNorm2d", "BayesianBatchNorm3d",
     "BayesianConv2d", "BayesianGroupNorm", "BayesianLayer", "BayesianLayerNorm", "BayesianLinear", "BayesianNorm",
-    "bayesian_layers", "bayesian_norm", "bayesianize", "build_model", "predictive", "sampling",
+    "bayesian_layers", "bayesian_norm", "bayesianize", "build_model", "sampling",
 ]

@@ -20,7 +20,8 @@ written by the optimizer after every step (the "two-step update" of the first se
 
 In ``train()`` mode every forward pass draws a fresh weight sample ``w = mu + noise`` with the
 noise detached, so the gradient w.r.t. the sample lands on the mean's ``.grad``. In ``eval()``
-mode the layer uses the mean, unless ``sample_in_eval`` is set (MC prediction). With
+mode the layer uses the mean, unless ``sample_in_eval`` is set (a fresh sample per forward). While
+``fixed_noise`` is set, every forward uses that one sample (an evaluation's networks). With
 ``track_noise_grad`` set (the diagonal optimizers' ``fisher="hessian"``), a hook on each sample
 also averages ``g * noise`` over the backward passes (``pop_noise_grad``), where ``g`` is that
 pass's gradient w.r.t. the sample: the numerator of the reparameterisation Hessian estimate.
@@ -28,7 +29,6 @@ pass's gradient w.r.t. the sample: the numerator of the reparameterisation Hessi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -97,6 +97,17 @@ class FactorRoot:
         return FactorRoot("dense", self.dense(left))
 
 
+def standard_normal(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """``N(0, I)`` of ``shape`` with ``like``'s dtype and device, from the global RNG or from ``generator``.
+
+    A generator's numbers are drawn on the generator's device and then moved, so a CPU generator gives the
+    same draw whatever device the layer lives on.
+    """
+    if generator is None:
+        return torch.randn(shape, dtype=like.dtype, device=like.device)
+    return torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
+
+
 class BayesianLayer:
     """Mixin holding the posterior scale and the sampling logic shared by both layer types."""
 
@@ -110,6 +121,8 @@ class BayesianLayer:
     joint_noise: tuple[Tensor, Tensor | None] | None = None
     #: the entrywise marginal variance (out x in') when the layer's noise is part of a joint draw
     joint_variance: Callable[[], Tensor] | None = None
+    #: noise every forward uses while set, in any mode (one network of an evaluation, ``models.weight_samples``)
+    fixed_noise: tuple[Tensor, Tensor | None] | None = None
 
     def _init_posterior(self, posterior: str, init_std: float) -> None:
         if posterior not in BAYESIAN_POSTERIORS:
@@ -203,14 +216,15 @@ class BayesianLayer:
             return m.view_as(self.weight), None
         return m[:, :-1].reshape_as(self.weight), m[:, -1]
 
-    def sample_noise(self) -> tuple[Tensor, Tensor | None]:
-        """One draw of ``(weight_noise, bias_noise)`` from the zero-mean posterior."""
+    def sample_noise(self, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor | None]:
+        """One draw of ``(weight_noise, bias_noise)`` from the zero-mean posterior (the global RNG or ``generator``)."""
         with torch.no_grad():
             if self.posterior == "FFG":
-                wn = torch.randn_like(self.weight).mul_(self.weight_sigma)
-                bn = torch.randn_like(self.bias).mul_(self.bias_sigma) if self.bias is not None else None
+                wn = standard_normal(self.weight.shape, self.weight, generator).mul_(self.weight_sigma)
+                bn = (standard_normal(self.bias.shape, self.bias, generator).mul_(self.bias_sigma)
+                      if self.bias is not None else None)
                 return wn, bn
-            e = torch.randn_like(self.mid_scale).mul_(self.mid_scale)
+            e = standard_normal(self.mid_scale.shape, self.mid_scale, generator).mul_(self.mid_scale)
             out_root, in_root = self.factor_roots()
             return self._split_matrix(in_root.right(out_root.left(e)))
 
@@ -312,6 +326,9 @@ class BayesianLayer:
         return self._split_matrix(var.sqrt())
 
     def _weights_for_forward(self) -> tuple[Tensor, Tensor | None]:
+        if self.fixed_noise is not None:
+            wn, bn = self.fixed_noise
+            return self.weight + wn, (self.bias + bn if self.bias is not None else None)
         if self.training or self.sample_in_eval:
             return self.sample_weight()
         return self.weight, self.bias
@@ -470,19 +487,3 @@ class sampling:
     def __exit__(self, *exc) -> None:
         for m, s in zip(self.layers, self.saved):
             m.sample_in_eval = s
-
-
-@torch.no_grad()
-def predictive(model: nn.Module, x: Tensor, samples: int) -> Tensor:
-    """MC predictive ``p(y|x) = mean_s softmax(f(x; w_s))``; ``samples=0`` uses the mean weights."""
-    was_training = model.training
-    model.eval()
-    try:
-        if samples <= 0 or not bayesian_layers(model):
-            return F.softmax(model(x), dim=-1)
-        with sampling(model):
-            # log-mean-exp of log-softmax is exact and avoids underflow of tiny probabilities
-            logp = torch.stack([F.log_softmax(model(x), dim=-1) for _ in range(samples)])
-            return (torch.logsumexp(logp, dim=0) - math.log(samples)).exp()
-    finally:
-        model.train(was_training)

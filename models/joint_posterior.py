@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.bayesian_layers import BayesianLinear
+from models.bayesian_layers import BayesianLinear, standard_normal
 
 #: parameter-free elementwise modules that may sit between two layers of a chain
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
@@ -119,14 +119,17 @@ class LayerChain:
         return w
 
     @torch.no_grad()
-    def draw(self, batch_shape: tuple[int, ...] = ()) -> list[tuple[Tensor, Tensor | None]]:
-        """One joint draw (or ``batch_shape`` of them): ``(weight_noise, bias_noise)`` per layer."""
-        eps = [torch.randn(*batch_shape, *layer.mid_scale.shape, dtype=layer.mid_scale.dtype,
-                           device=layer.mid_scale.device) for layer in self.layers]
+    @torch.no_grad()
+    def draw(self, batch_shape: tuple[int, ...] = (),
+             generator: torch.Generator | None = None) -> list[tuple[Tensor, Tensor | None]]:
+        """One joint draw (or ``batch_shape`` of them): ``(weight_noise, bias_noise)`` per layer (the global RNG or
+        ``generator``)."""
+        eps = [standard_normal((*batch_shape, *layer.mid_scale.shape), layer.mid_scale, generator)
+               for layer in self.layers]
         return [_split(layer, m) for layer, m in zip(self.layers, self.noise_from(eps))]
 
     def _pre_forward(self, module: nn.Module, inputs: tuple) -> None:
-        if not (module.training or module.sample_in_eval):
+        if module.fixed_noise is not None or not (module.training or module.sample_in_eval):
             return
         for layer, noise in zip(self.layers, self.draw()):
             layer.joint_noise = noise
@@ -164,6 +167,11 @@ def _split(layer: BayesianLinear, m: Tensor) -> tuple[Tensor, Tensor | None]:
     if layer.bias is None:
         return m, None
     return m[..., :-1], m[..., -1]
+
+
+def chains_of(model: nn.Module) -> list[LayerChain]:
+    """The chains :func:`attach_chains` gave ``model`` (none if it was not called)."""
+    return model.__dict__.get("_joint_chains", [])
 
 
 def attach_chains(model: nn.Module) -> list[LayerChain]:

@@ -65,6 +65,9 @@ def _cases(root: Path) -> dict[str, Case]:
                                  "argument --optimizer: invalid choice: 'rmsprop'"),
         "train_batch_size_0": Case("train.py", ("--batch_size", "0", *good),
                                    "error: --batch_size must be a positive integer, got 0"),
+        "train_eval_batch_size_0": Case("train.py", ("--eval_batch_size", "0", *good),
+                                        "error: --eval_batch_size must be a positive integer (omit it for the "
+                                        "device's default), got 0"),
         "train_negative_lr": Case("train.py", ("--lr", "-0.01", *good), "error: --lr must be > 0, got -0.01"),
         "train_cuda_without_cuda": Case(
             "train.py", (*good, "--device", "cuda"),
@@ -99,6 +102,9 @@ def _cases(root: Path) -> dict[str, Case]:
         # -- test.py -----------------------------------------------------------------------
         "test_missing_checkpoint": Case("test.py", ("--ckpt_dir", str(ckpt), "--name", "good", "--epoch", "3"),
                                         "error: run 'good' has no checkpoint for epoch 3; available: 1"),
+        "test_batch_size_0": Case("test.py", ("--ckpt_dir", str(ckpt), "--name", "good", "--batch_size", "0"),
+                                  "error: --eval_batch_size must be a positive integer (omit it for the device's "
+                                  "default), got 0"),
         "test_random_bytes": Case("test.py", ("--ckpt_dir", str(ckpt), "--name", "random"),
                                   f"error: checkpoint {ckpt / 'random' / 'epoch_1.pt'} is corrupted ("),
         "test_other_model": Case(

@@ -18,7 +18,7 @@
 * ``broadcast_flag`` (a non-finite loss on one rank stops all), ``sum_over_ranks``, the
   per-rank thread count, and ``average_running_stats`` (BatchNorm statistics: the ranks' mean).
 * End to end: ``torchrun --nproc_per_node=2 train.py`` on 2000 MNIST images writes one set of
-  checkpoints (with both ranks' RNG states) and ``test.py`` reads them.
+  checkpoints (with both ranks' RNG states) and ``test.py`` reads them, and scores them as the two ranks did.
 """
 
 from __future__ import annotations
@@ -267,6 +267,9 @@ def test_torchrun_train_then_test(tmp_path: Path, data_root: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["name"] == "ddp" and result["epoch"] == 1 and 0.0 <= result["test_acc"] <= 1.0
+    # the ranks' evaluation (each its half of the test set) is test.py's one-process evaluation: same networks
+    for key in ("test_acc", "test_nll", "test_ece"):
+        assert records[-1][key] == pytest.approx(result[key], rel=1e-6, abs=1e-7), key
 
 
 # ============================================================================ --dist_timeout, resume across machines

@@ -1,5 +1,5 @@
 """Bayesian layers: sampling distribution (FFG and MVG), train/eval behaviour, gradients,
-the seeds' architectures and the MC predictive."""
+the seeds' architectures (the MC predictive: test_evaluation.py)."""
 
 from __future__ import annotations
 
@@ -317,43 +317,6 @@ def test_build_model_mlp_hidden_and_errors():
         models.build_model("mlp", "Laplace", 1, 28, 10)
     with pytest.raises(ValueError):
         models.build_model("covnet", "FFG", 1, 12, 10)
-
-
-# ----------------------------------------------------------------------------- predictive
-def test_predictive(float64):
-    torch.manual_seed(8)
-    model = models.build_model("mlp", "FFG", 1, 4, 3, hidden=(5,))
-    layers = [m for _, m in models.bayesian_layers(model)]
-    for m in layers:
-        m.set_ffg_posterior(torch.full_like(m.weight, 0.8), torch.full_like(m.bias, 0.8))
-    model.train()
-    x = torch.randn(6, 1, 4, 4)
-
-    def forward(params):
-        (w1, b1), (w2, b2) = params
-        return F.relu(x.flatten(1) @ w1.T + b1) @ w2.T + b2
-
-    mean = [(m.weight.detach(), m.bias.detach()) for m in layers]
-    p0 = models.predictive(model, x, 0)
-    torch.testing.assert_close(p0, F.softmax(forward(mean), -1))
-    assert model.training  # mode restored
-
-    torch.manual_seed(9)
-    p = models.predictive(model, x, 4)
-    assert model.training
-    torch.testing.assert_close(p.sum(-1), torch.ones(6))
-    assert not torch.allclose(p, p0, atol=1e-3)
-    # the same draws by hand: per sample, per layer (forward order): weight noise then bias noise
-    torch.manual_seed(9)
-    probs = []
-    for _ in range(4):
-        params = [(w + 0.8 * torch.randn(w.shape), b + 0.8 * torch.randn(b.shape)) for w, b in mean]
-        probs.append(F.softmax(forward(params), -1))
-    torch.testing.assert_close(p, torch.stack(probs).mean(0))
-
-    model.eval()
-    models.predictive(model, x, 2)
-    assert not model.training and not any(m.sample_in_eval for m in layers)
 
 
 def test_mean_noise_averages_the_samples_since_the_last_step():

@@ -250,7 +250,7 @@ def test_test_options_latest_of_model_takes_saved_options(runs: Path) -> None:
 def test_test_options_named_run_and_epoch(runs: Path) -> None:
     o = _TestOptions().parse(["--ckpt_dir", str(runs), "--name", "cifar", "--epoch", "2", "--batch_size", "7"])
     assert (o.model, o.optimizer, o.arch, o.dataset, o.initial_size) == ("MAP", "adam", "lenet5", "CIFAR10", 3072)
-    assert o.epoch == 2 and o.batch_size == 7
+    assert o.epoch == 2 and o.eval_batch_size == 7  # --batch_size: test.py's alias of --eval_batch_size
     assert o.data_root == "/somewhere/data"  # inherited from the run...
     o = _TestOptions().parse(["--ckpt_dir", str(runs), "--name", "cifar", "--data_root", "x"])
     assert o.data_root == "x"  # ...unless given

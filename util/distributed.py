@@ -4,7 +4,8 @@ Each rank draws its own weight noise (seeded from ``--seed`` and the rank), so K
 Monte-Carlo samples per step. The natural-gradient optimizers average gradients, curvature
 statistics and the prior's weight sample across ranks themselves, in one bucketed all-reduce
 per step (``all_reduce_mean`` below, the one home of the collectives); the deterministic baselines use
-``average_gradients``. Only rank 0 logs, evaluates, writes checkpoints and talks to visdom.
+``average_gradients``. Every rank evaluates its slice of the test set (``shard``, ``assemble``); only rank 0
+logs, writes checkpoints and talks to visdom.
 """
 
 from __future__ import annotations
@@ -153,3 +154,21 @@ def broadcast_object(obj: object, ctx: DistContext) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=_collective_device())
     return box[0]
+
+
+def shard(n: int, ctx: DistContext) -> tuple[int, int]:
+    """This rank's rows ``[lo, hi)`` of ``n``: contiguous slices whose sizes differ by at most one."""
+    return ctx.rank * n // ctx.world_size, (ctx.rank + 1) * n // ctx.world_size
+
+
+def assemble(part: Tensor, lo: int, n: int, ctx: DistContext) -> Tensor:
+    """The ``n`` rows whose rows ``[lo, lo + len(part))`` each rank holds as ``part``, on every rank.
+
+    One all-reduce of a zero-filled ``n``-row buffer: each row is its own rank's values plus zeros, exactly.
+    """
+    if not ctx.enabled:
+        return part
+    full = part.new_zeros((n, *part.shape[1:]))
+    full[lo:lo + part.shape[0]] = part
+    dist.all_reduce(full)
+    return full
