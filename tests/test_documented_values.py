@@ -8,8 +8,8 @@
 * ``--help`` shows the default of every flag that has a fixed one; the mappings written into help texts (optimizer by
   model, architecture by data set, the MLP's hidden size) are the ones the parser applies.
 * The evaluation protocol: ECE over 15 equal-width bins (README, ``evaluate``), 10 test samples by default (README's
-  table, both scripts), test examples per batch 1000 (``test.py --help``; each batch draws its own weight samples, so
-  it is part of an MC result's definition).
+  table, both scripts), the evaluation batch per device (README's Flags table; a speed setting that leaves the
+  predictive unchanged).
 * Each data set's normalisation constants: mean and std of the training images (MNIST, FashionMNIST: computed here
   from the raw files; CIFAR-10: the published values, and computed when its files are present).
 * The default run folder of ``make train``, its epoch count, and ``DENSE_ROOT_MAX`` as the README and MATH.md state
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from data.datasets import DATASETS, expected_files, find_data
-from evaluation import EVAL_BATCH_SIZE, evaluate, predict
+from evaluation import default_eval_batch_size, evaluate
 from experiment import OPTIMIZER_CLASSES, OPTIMIZER_OPTIONS, optimizer_defaults
 from models import build_model
 from optimizers import NoisyAdam, NoisyKFAC
@@ -50,7 +50,7 @@ MATH = (REPO / "docs" / "MATH.md").read_text()
 DOCUMENTED = {
     "ece_bins": 15,
     "test_samples": 10,
-    "eval_batch_size": 1000,
+    "eval_batch_size": ("64", "4096"),
     "sigma0_diagonal": 0.004,
     "dense_root_max": 256,
     "make_train_epochs": 20,
@@ -125,6 +125,8 @@ def test_flags_table_defaults_are_the_parsers() -> None:
         if flags[0] == "--display_server":  # "localhost:8097": server and port in one cell
             server, port = (code_defaults(f)[""] for f in ("--display_server", "--display_port"))
             assert f"{urlparse(server).hostname}:{port}" == cell, (flags, cell)
+            continue
+        if flags[0] == "--eval_batch_size":  # per device, derived at parse time: test_eval_batch_size_default
             continue
         for flag, doc in zip(flags, cell.split(", ") if cell else []):  # an empty cell states no default
             values = code_defaults(flag)
@@ -257,23 +259,22 @@ def test_test_samples_default() -> None:
 
 
 def test_eval_batch_size_default() -> None:
-    """1000 test examples per batch (test.py --help): test.py's flag, ``evaluate``'s and ``predict``'s default, and
-    what ``evaluate`` does when not told (the same MC result as with 1000, which differs from other sizes where
-    each batch draws its own weight samples)."""
-    help_text = " ".join(_TestOptions().build_parser().format_help().split())
-    doc = int(documented(r"test examples per batch \([^)]*\) \(default: (\d+)\)", help_text, "test.py --help"))
-    assert doc == EVAL_BATCH_SIZE == DOCUMENTED["eval_batch_size"]
-    for fn in (evaluate, predict):
-        assert inspect.signature(fn).parameters["batch_size"].default == doc
+    """The README's evaluation batch (``cpu 64 per thread, cuda 4096``) is the per-device default, and only a speed
+    setting: the predictive does not depend on it (each of the S networks scores every batch)."""
+    doc = (documented(r"`--eval_batch_size` \| [^|]* \| cpu (\d+) per thread, cuda \d+ \|"),
+           documented(r"`--eval_batch_size` \| [^|]* \| cpu \d+ per thread, cuda (\d+) \|"))
+    assert doc == DOCUMENTED["eval_batch_size"]
+    per_thread, gpu = map(int, doc)
+    for threads in (1, 2, 3):
+        assert default_eval_batch_size("cpu", threads) == per_thread * threads
+    assert default_eval_batch_size("cuda") == gpu
     torch.manual_seed(0)
     model = build_model("mlp", "FFG", 1, 28, 10, hidden=[8])
     NoisyAdam(model, init_precision=10.0)  # a wide posterior: weight samples matter
-    x, y = torch.randn(2 * doc + 7, 1, 28, 28), torch.randint(0, 10, (2 * doc + 7,))
-    results = {}
-    for key, kwargs in (("default", {}), ("documented", {"batch_size": doc})):
-        torch.manual_seed(1)
-        results[key] = evaluate(model, x, y, 2, **kwargs)[1]
-    assert torch.equal(results["default"], results["documented"])
+    x, y = torch.randn(2 * per_thread + 7, 1, 28, 28), torch.randint(0, 10, (2 * per_thread + 7,))
+    results = [evaluate(model, x, y, 2, batch_size=b)[1] for b in (None, per_thread, 1000)]
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(results[0], results[2], rtol=0, atol=1e-6)
 
 
 # -- data sets ----------------------------------------------------------------------------------------
