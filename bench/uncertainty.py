@@ -57,7 +57,7 @@ from training import StepRecords, train_epoch  # noqa: E402
 from util.metrics import accuracy, auroc, ece, nll, predictive_entropy  # noqa: E402
 
 ANGLES = (0, 15, 30, 45, 60, 75, 90, 120, 150, 180)
-TEST_SAMPLES = 32  # weight samples of the MC predictive
+TEST_SAMPLES = 32  # weight samples of the MC predictive (--test_samples)
 ENSEMBLE_SIZE = 5
 IVON_LR = 0.1
 
@@ -219,10 +219,10 @@ def _batched(model: nn.Module, images: Tensor, batch: int = 1000) -> Tensor:
 
 
 # -- scores ------------------------------------------------------------------------------------
-def score(pred: Predictor, data: Data) -> dict:
+def score(pred: Predictor, data: Data, samples: int = TEST_SAMPLES) -> dict:
     """Clean, per-angle and OOD scores of the MC predictive, and at the mean weights where there are any."""
     out: dict = {}
-    variants = [("", TEST_SAMPLES)] + ([("_mean", 0)] if pred.has_mean else [])
+    variants = [("", samples)] + ([("_mean", 0)] if pred.has_mean else [])
     for suffix, samples in variants:
         probs_in = None
         for angle in ANGLES:
@@ -284,7 +284,8 @@ def run_task(task_name: str, methods: dict[str, tuple[str, list[str]]], seeds: l
                     record["options"] = {k: getattr(opt, k) for k in ("lr", "momentum", "beta2", "kl_weight",
                                                                       "prior_var", "damping", "init_precision",
                                                                       "fisher", "kfac_rank")}
-            record["scores"] = score(pred, data)
+            record["scores"] = score(pred, data, args.test_samples)
+            record["test_samples"] = args.test_samples
             record["seconds"] = time.perf_counter() - t0
             store["runs"][key] = record
             _save(path, store)
@@ -406,6 +407,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--first_seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="override the task's epochs")
     parser.add_argument("--subset", type=int, default=None, help="train on this many examples (a quick check)")
+    parser.add_argument("--test_samples", type=int, default=TEST_SAMPLES, help="weight samples of the predictive")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--force", action="store_true", help="re-run runs already in the results")
