@@ -43,6 +43,7 @@ def test_uncertainty_bench_quick(tmp_path: Path, data_root: Path) -> None:
             q = [s[f"std_p{p}"] for p in (0, 10, 50, 90, 100)]
             assert q == sorted(q) and q[0] > 0, (name, q)
     assert runs["Laplace"]["laplace_prior_precision"] > 0
+    assert (tmp_path / "uncertainty_mnist_mlp.png").exists()  # beside its JSON, not over the committed plots
     report = md.read_text()
     assert "| method" in report or "method " in report
     assert "NA-b999" in report and "--beta2 0.999" in report
