@@ -16,6 +16,8 @@ import os
 import pickle
 import struct
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ def _real_data_root() -> Path | None:
     env = os.environ.get("DATA_ROOT")
     for cand in ([Path(env)] if env else []) + [SHARED_DATA]:
         if has_data("MNIST", cand):
-            return cand
+            return cand.resolve()  # absolute: tests run scripts from folders of their own, $DATA_ROOT may be relative
     return None
 
 
@@ -198,3 +200,17 @@ def assert_same_training_state(model_a, opt_a, model_b, opt_b) -> None:
             assert torch.equal(st_a[key], st_b[key]), key
             if torch.is_tensor(st_a[key]):
                 assert (st_a[key].dtype, st_a[key].device) == (st_b[key].dtype, st_b[key].device), key
+
+
+def run_ranks(worker: Callable[..., None], *args: object, nprocs: int = 2, timeout: float = 120.0) -> None:
+    """Run ``worker(rank, *args)`` in ``nprocs`` spawned processes; fail the test if they outlive ``timeout`` s
+    (a collective that deadlocked), killing them."""
+    import torch.multiprocessing as mp
+
+    procs = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not procs.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail(f"the {nprocs} ranks did not finish within {timeout:.0f} s (a collective deadlocked?)")

@@ -35,8 +35,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import run_ranks
 from torch import nn
 
 from data import InMemoryLoader
@@ -160,13 +160,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Run every case on 2 gloo ranks once; their results, by rank."""
     out = tmp_path_factory.mktemp("ddp")
-    procs = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    while not procs.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail("the 2 gloo ranks did not finish within 120 s (a collective deadlocked?)")
+    run_ranks(_worker, _free_port(), str(out), nprocs=WORLD)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -304,13 +298,7 @@ def _timeout_worker(rank: int, port: int, out_dir: str) -> None:
 def test_dist_timeout_bounds_the_wait_in_a_collective(tmp_path: Path) -> None:
     """The timeout reaches the process group: rank 1 gives up after about 2 s instead of waiting out rank 0's 8 s
     (gloo's own default is 30 minutes, NCCL's 10)."""
-    procs = mp.spawn(_timeout_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 60
-    while not procs.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail("the 2 gloo ranks did not finish within 60 s")
+    run_ranks(_timeout_worker, _free_port(), str(tmp_path), timeout=60)
     waiting = torch.load(tmp_path / "rank1.pt")
     assert waiting["error"] is not None and "imed out" in waiting["error"], waiting
     assert waiting["waited"] < SLEEP_S / 2, waiting

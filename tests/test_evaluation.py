@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import run_ranks
 from test_block_tridiagonal import KW, chain_layers, dense_fhat, state_factors, trained_chain, vec
 from test_layers import reference_cov
 from torch import nn
@@ -297,13 +296,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.slow  # two processes importing torch: about 15 s on a loaded 2-core machine
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
 def test_two_ranks_give_the_one_process_predictive(tmp_path: Path) -> None:
-    procs = mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    while not procs.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail("the 2 gloo ranks did not finish within 120 s")
+    run_ranks(_worker, _free_port(), str(tmp_path), nprocs=WORLD)
     ref = _scores(None, 1000)
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")
