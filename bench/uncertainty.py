@@ -88,11 +88,14 @@ DEFAULT_METHODS = ("Adam", "Laplace", "IVON", "Ensemble", "NoisyAdam", "NoisyKFA
 class Data:
     """A task's splits on the device: train, test, each rotated test set, and the OOD set."""
 
-    def __init__(self, task: Task, data_root: str | None, device: torch.device, subset: int | None) -> None:
+    def __init__(self, task: Task, data_root: str | None, device: torch.device, subset: int | None,
+                 test_subset: int | None = None) -> None:
         self.train = take_subset(*load_split(task.dataset, True, data_root, device), subset, 0)
-        self.shifted = {a: load_split(task.dataset, False, data_root, device, rotate_degrees=a) for a in ANGLES}
+        n = test_subset  # the first n images of every scored set (a quick check), else all
+        self.shifted = {a: tuple(t[:n] for t in load_split(task.dataset, False, data_root, device, rotate_degrees=a))
+                        for a in ANGLES}
         self.test = self.shifted[0]
-        self.ood = load_split(task.ood, False, data_root, device, normalize_as=task.dataset)[0]
+        self.ood = load_split(task.ood, False, data_root, device, normalize_as=task.dataset)[0][:n]
 
 
 # -- training ----------------------------------------------------------------------------------
@@ -245,7 +248,7 @@ def score(pred: Predictor, data: Data, samples: int = TEST_SAMPLES) -> dict:
 
 # -- the study ---------------------------------------------------------------------------------
 def run_key(task: str, name: str, seed: int, epochs: int, subset: int | None) -> str:
-    return f"{task}|{name}|{seed}|{epochs}" + (f"|subset{subset}" if subset else "")
+    return f"{task}|{name}|{seed}|{epochs}" + (f"|subset{subset}" if subset else "")  # --test_subset: quick only
 
 
 def run_task(task_name: str, methods: dict[str, tuple[str, list[str]]], seeds: list[int], args, store: dict,
@@ -260,7 +263,7 @@ def run_task(task_name: str, methods: dict[str, tuple[str, list[str]]], seeds: l
             key = run_key(task_name, name, seed, epochs, args.subset)
             if key in store["runs"] and not args.force:
                 continue
-            data = data or Data(task, args.data_root, device, args.subset)
+            data = data or Data(task, args.data_root, device, args.subset, args.test_subset)
             t0 = time.perf_counter()
             print(f"{task_name} {name} seed {seed} ({epochs} epochs)", flush=True)
             record = {"task": task_name, "name": name, "method": method, "flags": flags, "seed": seed,
@@ -408,6 +411,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--first_seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="override the task's epochs")
     parser.add_argument("--subset", type=int, default=None, help="train on this many examples (a quick check)")
+    parser.add_argument("--test_subset", type=int, default=None,
+                        help="score the first N images of each test and OOD set (a quick check)")
     parser.add_argument("--test_samples", type=int, default=TEST_SAMPLES, help="weight samples of the predictive")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")

@@ -25,7 +25,7 @@ def test_uncertainty_bench_quick(tmp_path: Path, data_root: Path) -> None:
     require_module("laplace")
     out, md = tmp_path / "u.json", tmp_path / "u.md"
     cmd = [sys.executable, "bench/uncertainty.py", "--data_root", str(data_root), "--subset", "300", "--epochs", "1",
-           "--test_samples", "2",
+           "--test_samples", "2", "--test_subset", "1000",
            "--methods", "Adam", "Laplace", "IVON", "NoisyAdam", "--variant", "NA-b999=NoisyAdam:--beta2 0.999",
            "--out", str(out), "--md", str(md)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
