@@ -65,6 +65,9 @@ CASES: dict[str, tuple[type | None, dict]] = {
     # block-tridiagonal: the net's two Linear layers form a chain (cross factors in the bucket, joint noise)
     "noisy_kfac_tridiagonal": (NoisyKFAC, dict(_NGVI, damping=1e-2, t_stats=1, t_inv=2, structure="block_tridiagonal")),
     "noisy_kfac_exact_clip": (NoisyKFAC, dict(_NGVI, damping=1e-2, t_inv=1, damping_mode="exact", kl_clip=1e-2)),
+    # learned prior: eta re-estimated after step 1, so steps 2 and 3 use it (every rank the same eta)
+    "noisy_adam_prior_auto": (NoisyAdam, dict(_NGVI, prior_var="auto", prior_every=1)),
+    "noisy_kfac_prior_auto": (NoisyKFAC, dict(_NGVI, damping=1e-2, t_inv=2, prior_var="auto", prior_every=1)),
     "adam": (None, dict(lr=1e-2)),
 }
 
@@ -121,6 +124,8 @@ def run_case(name: str, rank: int, world: int, noise_seed: int) -> dict:
                              for k, v in s.items() if torch.is_tensor(v)})
         out["std"].append({f"{n}.{i}": s for n, m in bayesian_layers(model)
                            for i, s in enumerate((m.weight_std(), m.bias_std())) if s is not None})
+        if cls is not None and opt.state_dict().get("prior") is not None:  # the learned eta, per layer
+            out["state"][-1]["prior_vars"] = torch.tensor(opt.state_dict()["prior"]["prior_vars"], dtype=torch.float64)
     assert len(out["params"]) == STEPS
     return out
 
@@ -199,6 +204,8 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(ranks: list[dict], name: 
     if CASES[name][0] is not None:
         curv = [k for k in ref["state"][-1] if k.split(".")[-1] in ("fisher", "A", "S")]
         assert curv and all(ref["state"][-1][k].abs().max() > 0 for k in curv)
+    if CASES[name][1].get("prior_var") == "auto":  # eta was learned, not left at its initial 1
+        assert (ref["state"][-1]["prior_vars"] - 1).abs().min() > 1e-3
 
 
 @pytest.mark.parametrize("name", [n for n in CASES if CASES[n][0] is not None])
