@@ -72,11 +72,11 @@ import ivon  # noqa: E402
 import plots  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import REPO, RESULTS, environment  # noqa: E402
+from common import REPO, RESULTS, environment, ivon_predict  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from data import DATASETS, InMemoryLoader, find_data, load_split, take_subset  # noqa: E402
-from evaluation import default_eval_batch_size, ood_auroc, predict, sample_seed  # noqa: E402
+from evaluation import ood_auroc, predict  # noqa: E402
 from experiment import finite, make_model, make_optimizer, optimizer_defaults  # noqa: E402
 from models import bayesian_layers  # noqa: E402
 from option_parser import TrainOptions  # noqa: E402
@@ -157,26 +157,6 @@ def options(task: Task, method: str, lr: float, n: int, seed: int, data_root: st
     opt = TrainOptions().parse(argv)
     opt.lr_ivon = lr if method == "IVON" else None
     return opt
-
-
-@torch.no_grad()
-def ivon_predict(model: nn.Module, optimizer: ivon.IVON, images: Tensor, samples: int, seed: int = 0,
-                 epoch: int = 0) -> Tensor:
-    """IVON's predictive: the mean of the softmax over ``samples`` weight draws (log-mean-exp).
-
-    Draw ``s`` is IVON's own sampler run from ``evaluation.sample_seed(seed, epoch, s)`` (the global RNG forked and
-    restored), so that, as for :func:`evaluation.predict`, the test and OOD sets see the same networks.
-    """
-    model.eval()
-    batch_size = default_eval_batch_size(images.device)
-    logps = []
-    for s in range(samples):
-        with torch.random.fork_rng(devices=[] if images.device.type == "cpu" else None):
-            torch.manual_seed(sample_seed(seed, epoch, s))
-            with optimizer.sampled_params():
-                logps.append(torch.cat([F.log_softmax(model(images[i:i + batch_size]), dim=-1)
-                                        for i in range(0, images.shape[0], batch_size)]))
-    return (torch.logsumexp(torch.stack(logps), dim=0) - math.log(samples)).exp()
 
 
 def probabilities(method: str, model: nn.Module, optimizer, images: Tensor, seed: int, epoch: int) -> Tensor:

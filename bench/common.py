@@ -9,6 +9,7 @@ baseline measured the same way, which cancels most of the drift in machine load.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import random
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -25,7 +27,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
+
+from evaluation import default_eval_batch_size, sample_seed  # noqa: E402
+
+if TYPE_CHECKING:
+    import ivon
 
 
 # -- timing -------------------------------------------------------------------------------
@@ -159,3 +167,24 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# -- IVON, the peer every study runs ------------------------------------------------------------
+@torch.no_grad()
+def ivon_predict(model: nn.Module, optimizer: ivon.IVON, images: Tensor, samples: int, seed: int = 0,
+                 epoch: int = 0) -> Tensor:
+    """IVON's predictive: the mean of the softmax over ``samples`` weight draws (log-mean-exp).
+
+    Draw ``s`` is IVON's own sampler run from ``evaluation.sample_seed(seed, epoch, s)`` (the global RNG forked and
+    restored), so that, as for :func:`evaluation.predict`, the test and OOD sets see the same networks.
+    """
+    model.eval()
+    batch_size = default_eval_batch_size(images.device)
+    logps = []
+    for s in range(samples):
+        with torch.random.fork_rng(devices=[] if images.device.type == "cpu" else None):
+            torch.manual_seed(sample_seed(seed, epoch, s))
+            with optimizer.sampled_params():
+                logps.append(torch.cat([F.log_softmax(model(images[i:i + batch_size]), dim=-1)
+                                        for i in range(0, images.shape[0], batch_size)]))
+    return (torch.logsumexp(torch.stack(logps), dim=0) - math.log(samples)).exp()

@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ivon  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from accuracy import TASKS, Data, ivon_predict, options  # noqa: E402
-from common import RESULTS, environment  # noqa: E402
+from accuracy import TASKS, Data, options  # noqa: E402
+from common import RESULTS, environment, ivon_predict  # noqa: E402
 
 from data import InMemoryLoader  # noqa: E402
 from evaluation import predict  # noqa: E402

@@ -46,11 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ivon  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import REPO, RESULTS, environment, table  # noqa: E402
+from common import REPO, RESULTS, environment, ivon_predict, table  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from data import InMemoryLoader, load_split, take_subset  # noqa: E402
-from evaluation import predict, sample_seed  # noqa: E402
+from evaluation import predict  # noqa: E402
 from experiment import finite, make_model, make_optimizer  # noqa: E402
 from models import bayesian_layers  # noqa: E402
 from option_parser import TrainOptions  # noqa: E402
@@ -171,16 +171,10 @@ def adam_predictor(model: nn.Module) -> Predictor:
 @torch.no_grad()
 def ivon_predictor(model: nn.Module, optimizer: ivon.IVON, seed: int, epoch: int) -> Predictor:
     def probs(images: Tensor, samples: int) -> Tensor:
-        model.eval()
         if samples == 0:
+            model.eval()
             return _batched(model, images).softmax(-1)
-        out = 0
-        for s in range(samples):  # draw s from evaluation's seed of (seed, epoch, s): every set, the same networks
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(seed, epoch, s))
-                with optimizer.sampled_params():
-                    out = out + _batched(model, images).softmax(-1)
-        return out / samples
+        return ivon_predict(model, optimizer, images, samples, seed, epoch)
 
     group = optimizer.param_groups[0]
     first = next(p for p in model.parameters() if p.dim() > 1)
