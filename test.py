@@ -39,7 +39,6 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyError, RuntimeError) as e:
         raise UserError(f"checkpoint {path} does not match a {opt.model} {opt.arch} for {opt.dataset} "
                         f"({str(e).splitlines()[0][:120]}); was it written by another run?") from None
-    torch.manual_seed(opt.seed)
 
     test_x, test_y = load_split(opt.dataset, False, opt.data_root, device, rotate_degrees=opt.rotate)
     # the networks of train.py's evaluation of this epoch when --seed is the run's
