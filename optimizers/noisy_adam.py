@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from optimizers.base import PRIOR_EVERY
+from optimizers.base import NGVI_FLAGS, PRIOR_EVERY
 from optimizers.diagonal import DiagonalNGVI
 
 
@@ -43,6 +43,8 @@ class NoisyAdam(DiagonalNGVI):
     """
 
     prior_at_sample = True
+    cli_name = "noisy_adam"
+    cli_flags = {**NGVI_FLAGS, "momentum": "betas[0]", "beta2": "betas[1]"}
 
     def __init__(self, model: nn.Module, lr: float = 0.1, betas: tuple[float, float] = (0.9, 0.99999),
                  num_data: int = 60000, kl_weight: float = 1.0, prior_var: float | str = 1.0, damping: float = 1e-3,

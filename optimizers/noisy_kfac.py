@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from models.bayesian_layers import FactorRoot
 from models.joint_posterior import attach_chains
-from optimizers.base import PRIOR_EVERY, NGVIOptimizer
+from optimizers.base import NGVI_FLAGS, PRIOR_EVERY, NGVIOptimizer
 from optimizers.block_tridiagonal import posterior_link, precondition_chain, preconditioner_link
 from optimizers.curvature import is_norm_layer
 
@@ -299,6 +299,10 @@ class NoisyKFAC(NGVIOptimizer):
     """
 
     posterior = "MVG"
+    cli_name = "noisy_kfac"
+    cli_flags = {**NGVI_FLAGS, "momentum": "momentum", "t_stats": "t_stats", "t_inv": "t_inv", "kfac_rank": "rank",
+                 "kfac_conv_stride": "conv_stats_stride", "kfac_structure": "structure",
+                 "damping_mode": "damping_mode", "kl_clip": "kl_clip"}
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9, num_data: int = 60000,
                  kl_weight: float = 1.0, prior_var: float | str = 1.0, damping: float = 1e-3,
