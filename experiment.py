@@ -72,10 +72,6 @@ def make_scheduler(opt: argparse.Namespace, optimizer: torch.optim.Optimizer):
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
-def is_bayesian(opt: argparse.Namespace) -> bool:
-    return opt.model in ("FFG", "MVG")
-
-
 def finite(model: nn.Module) -> bool:
     """Whether every parameter is finite (one device sync)."""
     flags = [torch.isfinite(p).all() for p in model.parameters()]
