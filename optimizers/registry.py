@@ -16,7 +16,13 @@ optimizer from flag values. ``--n`` is the ELBO's N, not a hyper-parameter: it i
 to a constructor that takes one.
 
 A plug-in optimizer is one :func:`register` call away from ``train.py`` (a new flag also needs an entry in
-:data:`FLAGS`).
+:data:`FLAGS`)::
+
+    import train
+    from optimizers.registry import register
+
+    register(MyOptimizer)  # with the class attributes cli_name, posterior and cli_flags
+    train.main(["--model", "MAP", "--optimizer", "my_optimizer", "--lr", "0.01"])
 """
 
 from __future__ import annotations
