@@ -1,14 +1,14 @@
 """From parsed options to the objects of a run: model, optimizer, LR schedule.
 
 Each optimizer option (``--lr``, ``--damping``, ...) defaults to the default of the optimizer class it configures,
-read from the class's signature by :func:`optimizer_defaults`: the classes are the one home of those defaults.
-``option_parser`` fills them in before anything is printed or saved, so a run records the values it used.
+read from the class's signature (``optimizers.registry``): the classes are the one home of those defaults, and
+their checks the one home of the values they accept. ``option_parser`` fills the defaults in before anything is
+printed or saved, so a run records the values it used.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 
 import torch
 from torch import nn
@@ -16,43 +16,15 @@ from torch import nn
 from data import DATASETS
 from models import build_model
 from models.joint_posterior import attach_chains
-from optimizers import VOGN, NoisyAdam, NoisyKFAC
+from optimizers.registry import OPTIMIZERS, optimizer_defaults, option_names
 from util.errors import UserError
-
-#: the optimizer class behind each ``--optimizer``
-OPTIMIZER_CLASSES: dict[str, type] = {"noisy_adam": NoisyAdam, "vogn": VOGN, "noisy_kfac": NoisyKFAC,
-                                      "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-#: the options that configure an optimizer; each one an optimizer does not take stays ``None``
-OPTIMIZER_OPTIONS = ("lr", "momentum", "beta2", "kl_weight", "prior_var", "damping", "init_precision", "fisher",
-                     "damping_mode", "kl_clip", "t_stats", "t_inv", "kfac_rank", "kfac_conv_stride", "kfac_structure",
-                     "norm_posterior", "eps", "prior_every")
-#: the SGD baseline's defaults (torch's are lr 1e-3 without momentum)
-SGD_DEFAULTS = {"lr": 0.1, "momentum": 0.9}
-
-
-def _signature_defaults(cls: type) -> dict:
-    params = inspect.signature(cls).parameters
-    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
-
-
-def optimizer_defaults(name: str) -> dict:
-    """The defaults of the options optimizer ``name`` takes, read from its class (``momentum``, ``beta2``: the
-    ``betas`` of Noisy Adam; ``kfac_rank``: Noisy K-FAC's ``rank``)."""
-    if name == "sgd":
-        return dict(SGD_DEFAULTS)
-    found = _signature_defaults(OPTIMIZER_CLASSES[name])
-    if name == "noisy_adam":
-        found["momentum"], found["beta2"] = found["betas"]
-    if name == "noisy_kfac":
-        found["kfac_rank"], found["kfac_structure"] = found["rank"], found["structure"]
-        found["kfac_conv_stride"] = found["conv_stats_stride"]
-    return {k: found[k] for k in OPTIMIZER_OPTIONS if k in found}
 
 
 def resolve_optimizer_options(opt: argparse.Namespace) -> None:
-    """Set every optimizer option of ``opt`` left ``None`` (or absent) to the default of ``opt.optimizer``'s class."""
+    """Set every optimizer option of ``opt`` left ``None`` (or absent) to the default of ``opt.optimizer``'s class;
+    an option it does not take stays ``None``."""
     defaults = optimizer_defaults(opt.optimizer)
-    for key in OPTIMIZER_OPTIONS:
+    for key in option_names():
         if getattr(opt, key, None) is None:
             setattr(opt, key, defaults.get(key))
 
@@ -70,29 +42,23 @@ def make_model(opt: argparse.Namespace) -> nn.Module:
 
 
 def make_optimizer(opt: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer of ``opt`` (options left ``None`` take the class's defaults; ``--kl_clip 0`` is off)."""
-    opt = argparse.Namespace(**vars(opt))
-    resolve_optimizer_options(opt)
-    name = opt.optimizer
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=opt.lr, eps=opt.eps)
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum)
-    common = dict(lr=opt.lr, num_data=opt.n, kl_weight=opt.kl_weight, prior_var=opt.prior_var, damping=opt.damping,
-                  init_precision=opt.init_precision, norm_posterior=opt.norm_posterior, prior_every=opt.prior_every)
-    if name == "noisy_kfac":
-        if getattr(opt, "beta2", None) is not None:
-            raise UserError("--beta2 is for noisy_adam and vogn; drop it for noisy_kfac")
-        if opt.fisher in ("batch", "hessian"):
-            raise UserError(f"--fisher {opt.fisher} is for the diagonal optimizers; noisy_kfac takes example or true")
-        return NoisyKFAC(model, momentum=opt.momentum, t_stats=opt.t_stats, t_inv=opt.t_inv, rank=opt.kfac_rank,
-                         damping_mode=opt.damping_mode, kl_clip=opt.kl_clip or None, fisher=opt.fisher,
-                         conv_stats_stride=opt.kfac_conv_stride, structure=opt.kfac_structure, **common)
-    if opt.fisher == "true":
-        raise UserError(f"--fisher true is implemented for noisy_kfac only; {name} takes example, batch or hessian")
-    if name == "noisy_adam":
-        return NoisyAdam(model, betas=(opt.momentum, opt.beta2), fisher=opt.fisher, **common)
-    return VOGN(model, momentum=opt.momentum, beta2=opt.beta2, fisher=opt.fisher, **common)
+    """The optimizer ``opt.optimizer`` with its flags' values from ``opt`` (``None`` or absent: the class's default).
+
+    A value the class rejects (its ``ValueError``) is a :class:`UserError` in flag names: this is where every
+    bad optimizer flag becomes the command line's one-line error."""
+    entry = OPTIMIZERS[opt.optimizer]
+    try:
+        return entry.build(model, {flag: getattr(opt, flag, None) for flag in entry.flags}, getattr(opt, "n", None))
+    except ValueError as e:
+        raise UserError(entry.flag_message(e)) from None
+
+
+def check_optimizer_options(opt: argparse.Namespace) -> None:
+    """Raise the :class:`UserError` :func:`make_optimizer` would for ``opt``, before the run's data and model exist:
+    the optimizer is built on a tiny network of its posterior (the global random state is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        probe = build_model("mlp", OPTIMIZERS[opt.optimizer].posterior, 1, 2, 2, hidden=[2])
+        make_optimizer(opt, probe)
 
 
 def make_scheduler(opt: argparse.Namespace, optimizer: torch.optim.Optimizer):
@@ -104,10 +70,6 @@ def make_scheduler(opt: argparse.Namespace, optimizer: torch.optim.Optimizer):
     if opt.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=opt.epoch)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-
-
-def is_bayesian(opt: argparse.Namespace) -> bool:
-    return opt.model in ("FFG", "MVG")
 
 
 def finite(model: nn.Module) -> bool:

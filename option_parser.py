@@ -9,7 +9,8 @@ usage dump, no traceback).
 
 Derived defaults (left ``None`` on the command line, filled in by ``parse``):
 
-* ``optimizer`` follows ``model``: FFG -> noisy_adam, MVG -> noisy_kfac, MAP -> adam
+* ``optimizer`` follows ``model``: FFG -> noisy_adam, MVG -> noisy_kfac, MAP -> adam (the first optimizer
+  registered for the model's posterior, ``optimizers.registry``)
 * ``arch`` follows ``dataset``: MNIST/FashionMNIST -> mlp, CIFAR10 -> lenet5
 * ``n`` = training-set size (or ``--subset``); ``initial_size`` = C*H*W;
   ``label_size`` = number of classes; ``device``: auto -> cuda if available;
@@ -20,13 +21,12 @@ Derived defaults (left ``None`` on the command line, filled in by ``parse``):
   model (model, optimizer, arch, hidden, dataset, n, ...) and ``data_root``
   are taken from the run's ``opt.json`` unless given on the command line.
 
-Optimizer options (``lr``, ``momentum``, ``kl_weight``, ``prior_var``, ``damping``,
-``init_precision``, ``fisher``, ``damping_mode``, ``kl_clip``, ``t_stats``, ``t_inv``, ``kfac_rank``, ``beta2``,
-``norm_posterior``, ``eps``) default
-to the defaults of the optimizer class they configure (``experiment.optimizer_defaults`` reads them
-from its signature) and are filled in by ``parse``; one the chosen optimizer does not take stays
-``None``.  ``data_root`` becomes the folder the data set was found in (or would be downloaded to).  So
-``opt.txt``, ``opt.json``, the console and the dashboard show the values the run used.
+Optimizer options (``lr``, ``momentum``, ``damping``, ...: the flags the registered optimizers declare,
+``optimizers.registry``) default to the defaults of the optimizer class they configure (read from its
+signature) and are filled in by ``parse``; one the chosen optimizer does not take stays ``None``, and is an
+error when given.  Their values are checked by the class itself (``experiment.check_optimizer_options``).
+``data_root`` becomes the folder the data set was found in (or would be downloaded to).  So ``opt.txt``,
+``opt.json``, the console and the dashboard show the values the run used.
 
 Training-only flags (the optimizer's, the schedule's, visdom's, ...) are not flags of test.py: it takes
 the run's values from its ``opt.json`` (options saved as ``None`` by older runs are resolved as above),
@@ -53,10 +53,10 @@ from typing import NoReturn
 
 from data.datasets import DATASETS, resolve_data_root
 from evaluation import default_eval_batch_size
-from experiment import OPTIMIZER_CLASSES, optimizer_defaults, resolve_optimizer_options
+from experiment import check_optimizer_options, resolve_optimizer_options
 from models import ARCHS, POSTERIORS
 from optimizers.base import AUTO
-from optimizers.noisy_kfac import STRUCTURES as KFAC_STRUCTURES
+from optimizers.registry import FLAGS, OPTIMIZERS, compatible_optimizers, default_optimizers, option_names
 from util.checkpoint import latest_epoch, list_epochs
 from util.distributed import DIST_TIMEOUT_S
 from util.errors import UserError, one_line
@@ -64,9 +64,7 @@ from util.run_dir import RunDir, latest_run, list_runs
 
 __all__ = [
     "BaseOptions",
-    "COMPATIBLE_OPTIMIZERS",
     "DEFAULT_ARCH",
-    "DEFAULT_OPTIMIZER",
     "TestOptions",
     "TrainOptions",
     "format_options",
@@ -74,26 +72,13 @@ __all__ = [
     "save_options",
 ]
 
-DEFAULT_OPTIMIZER = {"FFG": "noisy_adam", "MVG": "noisy_kfac", "MAP": "adam"}
 DEFAULT_ARCH = {"MNIST": "mlp", "FashionMNIST": "mlp", "CIFAR10": "lenet5"}
-# Which optimizers can train which model (FFG: diagonal Gaussian posterior,
-# MVG: matrix-variate Gaussian, MAP: point estimate).
-COMPATIBLE_OPTIMIZERS = {
-    "FFG": ("noisy_adam", "vogn"),
-    "MVG": ("noisy_kfac",),
-    "MAP": ("adam", "sgd"),
-}
-# Options that define a trained model; test.py takes them from the run's opt.json.
-RUN_KEYS = (
-    "model", "optimizer", "arch", "hidden", "dataset", "n", "initial_size", "label_size",
-    "kl_weight", "prior_var", "damping", "init_precision", "t_stats", "t_inv", "kfac_rank", "fisher",
-    "damping_mode", "kl_clip", "momentum", "beta2", "train_samples", "eps", "norm_posterior", "kfac_structure",
-    "kfac_conv_stride",
-)  # fmt: skip
+# Options that define a trained model, beside the optimizer's; test.py takes them from the run's opt.json.
+_MODEL_KEYS = ("model", "optimizer", "arch", "hidden", "dataset", "n", "initial_size", "label_size", "train_samples")
 # Also taken from the run when not given: where the training data was found (if it
 # has no data now, the usual $DATA_ROOT / ./data search still follows).
 _INHERITED_AT_TEST = ("data_root",)
-# Of RUN_KEYS, the ones that must not be changed at test time (the weights would not fit).
+# Of run_keys(), the ones that must not be changed at test time (the weights would not fit).
 _FIXED_AT_TEST = ("model", "optimizer", "arch", "hidden", "dataset")
 
 
@@ -106,10 +91,17 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def run_keys() -> tuple[str, ...]:
+    """The options test.py takes from the run: the model's and every optimizer flag."""
+    return _MODEL_KEYS + option_names()
+
+
 def _per_optimizer(key: str) -> str:
     """The default of option ``key`` of each optimizer that takes it, e.g. ``noisy_adam 0.003, adam 0.001``."""
-    values = {name: optimizer_defaults(name).get(key) for name in OPTIMIZER_CLASSES}
+    values = {name: entry.defaults().get(key) for name, entry in OPTIMIZERS.items()}
     values = {name: v for name, v in values.items() if v is not None}
+    if not values:
+        return "default: none"
     if len(set(map(str, values.values()))) == 1:
         return f"default: {next(iter(values.values()))}"
     return "default: " + ", ".join(f"{name} {v}" for name, v in values.items())
@@ -162,8 +154,9 @@ class BaseOptions:
         g = parser.add_argument_group("model")
         g.add_argument("--model", choices=POSTERIORS, default="FFG",
                        help="posterior: FFG (fully factorized Gaussian), MVG (matrix-variate Gaussian), MAP")
-        g.add_argument("--optimizer", choices=tuple(OPTIMIZER_CLASSES), default=None,
-                       help="default follows --model: FFG->noisy_adam, MVG->noisy_kfac, MAP->adam")
+        g.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=None,
+                       help="default follows --model: "
+                            + ", ".join(f"{model}->{name}" for model, name in default_optimizers().items()))
         g.add_argument("--arch", choices=ARCHS, default=None,
                        help="default by data set: MNIST/FashionMNIST->mlp, CIFAR10->lenet5")
         g.add_argument("--hidden", type=_hidden_sizes, nargs="+", default=None, metavar="SIZES",
@@ -237,7 +230,7 @@ class BaseOptions:
         if opt.hidden is None:
             opt.hidden = [100]
         if opt.optimizer is None:
-            opt.optimizer = DEFAULT_OPTIMIZER[opt.model]
+            opt.optimizer = default_optimizers()[opt.model]
         resolve_optimizer_options(opt)  # the optimizer class's own defaults (None: not an option it takes)
         if opt.arch is None:
             opt.arch = DEFAULT_ARCH[opt.dataset]
@@ -267,27 +260,13 @@ class BaseOptions:
         if "hidden" in opt.explicit and opt.arch != "mlp":
             raise UserError(f"--hidden sets the mlp's hidden sizes and does not apply to --arch {opt.arch}; "
                             "drop --hidden or use --arch mlp")
-        _check_prior_options(opt)
-        if "norm_posterior" in opt.explicit and opt.model == "MAP":
-            raise UserError("--norm_posterior is for the Bayesian models (FFG, MVG); drop it with --model MAP")
-        allowed = COMPATIBLE_OPTIMIZERS[opt.model]
+        allowed = compatible_optimizers(opt.model)
         if opt.optimizer not in allowed:
-            needs = {o: m for m, opts in COMPATIBLE_OPTIMIZERS.items() for o in opts}[opt.optimizer]
             raise UserError(
                 f"--model {opt.model} cannot be trained with --optimizer {opt.optimizer} "
-                f"({opt.optimizer} trains --model {needs}); use --optimizer {' or '.join(allowed)}"
+                f"({opt.optimizer} trains --model {OPTIMIZERS[opt.optimizer].posterior}); "
+                f"use --optimizer {' or '.join(allowed)}"
             )
-        if getattr(opt, "kfac_rank", None) is not None and getattr(opt, "damping_mode", None) == "exact":
-            raise UserError("--kfac_rank works with the factored damping only; drop --damping_mode exact or "
-                            "--kfac_rank")
-        if getattr(opt, "kfac_structure", None) not in (None, "block_diagonal"):
-            if opt.optimizer != "noisy_kfac":
-                raise UserError(f"--kfac_structure {opt.kfac_structure} is for --optimizer noisy_kfac (--model MVG), "
-                                f"not {opt.optimizer}; drop --kfac_structure")
-            if opt.damping_mode == "exact" or opt.kfac_rank is not None:
-                flag = "--damping_mode exact" if opt.damping_mode == "exact" else "--kfac_rank"
-                raise UserError(f"--kfac_structure {opt.kfac_structure} needs exact factors with factored damping; "
-                                f"drop {flag}")
         info = DATASETS[opt.dataset]
         if opt.initial_size != info.input_size:
             c, s = info.in_channels, info.image_size
@@ -302,26 +281,22 @@ class BaseOptions:
             )
 
 
-def _prior_var(text: str) -> float | str:
-    if text == AUTO:
-        return AUTO
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid prior variance {text!r}; use a positive number or auto") from None
-
-
-def _check_prior_options(opt: argparse.Namespace) -> None:
-    """``--prior_var auto`` needs a Bayesian model; ``--prior_every`` needs ``--prior_var auto``."""
-    if getattr(opt, "prior_var", None) == AUTO and opt.model == "MAP":
-        raise UserError("--prior_var auto learns the prior of a Bayesian model; use --model FFG or MVG, "
-                        "or drop --prior_var with --model MAP")
-    if "prior_every" in opt.explicit and opt.model == "MAP":
-        raise UserError("--prior_every is for --prior_var auto of the Bayesian models (FFG, MVG); drop it with "
-                        "--model MAP")
-    if "prior_every" in opt.explicit and getattr(opt, "prior_var", None) != AUTO:
+def _check_optimizer_flags(opt: argparse.Namespace) -> None:
+    """Each optimizer flag given is one the optimizer takes, with a value it accepts (its class checks them)."""
+    entry = OPTIMIZERS[opt.optimizer]
+    for flag in option_names():
+        if flag in opt.explicit and flag not in entry.flags:
+            by_model: dict[str, list[str]] = {}
+            for name, e in OPTIMIZERS.items():
+                if flag in e.flags:
+                    by_model.setdefault(e.posterior, []).append(name)
+            takers = " or ".join(f"{' or '.join(names)} (--model {model})" for model, names in by_model.items())
+            raise UserError(f"--{flag} is not an option of --optimizer {opt.optimizer}; drop --{flag}, or use "
+                            f"--optimizer {takers}")
+    if "prior_every" in opt.explicit and opt.prior_var != AUTO:
         raise UserError("--prior_every sets how often --prior_var auto re-estimates eta; add --prior_var auto "
                         "or drop --prior_every")
+    check_optimizer_options(opt)
 
 
 def _need(ok: bool, msg: str) -> None:
@@ -338,51 +313,13 @@ class TrainOptions(BaseOptions):
         """Add the shared flags plus the training flags."""
         parser = super().initialize(parser)
         g = parser.add_argument_group("optimizer (each default is the optimizer class's own)")
-        g.add_argument("--lr", type=float, default=None, help=f"learning rate ({_per_optimizer('lr')})")
-        g.add_argument("--momentum", type=float, default=None,
-                       help=f"beta1 (Noisy Adam) or momentum ({_per_optimizer('momentum')})")
-        g.add_argument("--beta2", type=float, default=None,
-                       help=f"running-average rate of the curvature ({_per_optimizer('beta2')})")
+        for name in option_names():
+            flag = FLAGS[name]
+            g.add_argument(f"--{name}", type=flag.type, choices=flag.choices, default=None,
+                           help=flag.help.format(default=_per_optimizer(name)) if "{default}" in flag.help
+                           else flag.help)
         g.add_argument("--n", type=int, default=None,
                        help="training-set size N in the ELBO (default: the real size, or --subset)")
-        g.add_argument("--kl_weight", type=float, default=None,
-                       help=f"lambda, the weight of the KL term ({_per_optimizer('kl_weight')})")
-        g.add_argument("--prior_var", type=_prior_var, default=None,
-                       help="eta, the prior variance, or auto: learned per layer by empirical Bayes, the ELBO's "
-                            f"maximiser every --prior_every steps ({_per_optimizer('prior_var')})")
-        g.add_argument("--prior_every", type=int, default=None,
-                       help=f"steps between the estimates of --prior_var auto ({_per_optimizer('prior_every')})")
-        g.add_argument("--damping", type=float, default=None,
-                       help=f"extrinsic damping gamma_ex ({_per_optimizer('damping')})")
-        g.add_argument("--init_precision", type=float, default=None,
-                       help=f"posterior precision before the first step ({_per_optimizer('init_precision')})")
-        g.add_argument("--fisher", choices=("example", "batch", "hessian", "true"), default=None,
-                       help="curvature estimate: per-example squares (the empirical Fisher), squared batch "
-                            "gradient, reparameterisation Hessian (diagonal methods), or sampled labels "
-                            f"(noisy_kfac) ({_per_optimizer('fisher')})")
-        g.add_argument("--t_stats", type=int, default=None,
-                       help=f"steps between curvature-statistics updates ({_per_optimizer('t_stats')})")
-        g.add_argument("--t_inv", type=int, default=None,
-                       help=f"steps between curvature decompositions ({_per_optimizer('t_inv')})")
-        g.add_argument("--kfac_rank", type=int, default=None,
-                       help="noisy_kfac: keep the top-K eigenpairs of each Kronecker factor larger than K, plus the "
-                            "mean of the rest of its spectrum (default: exact factors)")
-        g.add_argument("--kfac_conv_stride", type=int, default=None,
-                       help="noisy_kfac: a convolution's input factor from every s-th output location in each "
-                            f"direction, the s^2 grids in turn ({_per_optimizer('kfac_conv_stride')})")
-        g.add_argument("--kfac_structure", choices=KFAC_STRUCTURES, default=None,
-                       help="noisy_kfac posterior: block_diagonal (layers independent) or block_tridiagonal "
-                            f"(adjacent Linear layers of a chain correlated; docs/MATH.md) "
-                            f"({_per_optimizer('kfac_structure')})")
-        g.add_argument("--norm_posterior", choices=("gaussian", "point"), default=None,
-                       help="affine parameters of BatchNorm/LayerNorm/GroupNorm layers (FFG/MVG): gaussian "
-                            "(sampled) or point (same preconditioned step, no noise) "
-                            f"({_per_optimizer('norm_posterior')})")
-        g.add_argument("--damping_mode", choices=("factored", "exact"), default=None,
-                       help=f"K-FAC damping ({_per_optimizer('damping_mode')})")
-        g.add_argument("--kl_clip", type=float, default=None,
-                       help=f"K-FAC trust region on the update ({_per_optimizer('kl_clip')}; 0 turns it off)")
-        g.add_argument("--eps", type=float, default=None, help=f"Adam's epsilon ({_per_optimizer('eps')})")
         g.add_argument("--train_samples", type=int, default=1, help="Monte Carlo samples per training step")
 
         g = parser.add_argument_group("training")
@@ -416,22 +353,7 @@ class TrainOptions(BaseOptions):
         super()._check_ranges(opt)
         need = _need
         need(opt.batch_size >= 1, f"--batch_size must be a positive integer, got {opt.batch_size}")
-        need(opt.eps is None or opt.eps > 0, f"--eps must be > 0, got {opt.eps}")
-        need(opt.kl_weight is None or opt.kl_weight >= 0, f"--kl_weight must be >= 0, got {opt.kl_weight}")
-        for flag in ("prior_var", "init_precision"):
-            v = getattr(opt, flag)
-            need(v is None or v == AUTO or v > 0, f"--{flag} must be > 0, got {v}")
-        need(opt.prior_every is None or opt.prior_every >= 1,
-             f"--prior_every must be a positive integer (steps between estimates of eta), got {opt.prior_every}")
-        need(opt.kl_clip is None or opt.kl_clip >= 0, f"--kl_clip must be >= 0 (0 turns it off), got {opt.kl_clip}")
-        need(opt.damping is None or opt.damping >= 0, f"--damping must be >= 0, got {opt.damping}")
-        need(opt.momentum is None or 0 <= opt.momentum < 1, f"--momentum must be in [0, 1), got {opt.momentum}")
-        need(opt.beta2 is None or 0 <= opt.beta2 < 1, f"--beta2 must be in [0, 1), got {opt.beta2}")
-        for flag in ("t_stats", "t_inv", "train_samples", "kfac_conv_stride"):
-            v = getattr(opt, flag)
-            need(v is None or v >= 1, f"--{flag} must be a positive integer, got {v}")
-        need(opt.kfac_rank is None or opt.kfac_rank >= 1,
-             f"--kfac_rank must be a positive integer (omit it for exact factors), got {opt.kfac_rank}")
+        need(opt.train_samples >= 1, f"--train_samples must be a positive integer, got {opt.train_samples}")
         need(1 <= opt.display_port <= 65535, f"--display_port must be in 1..65535, got {opt.display_port}")
         need(opt.n is None or opt.n >= 1, f"--n must be a positive integer, got {opt.n}")
         need(0 < opt.dist_timeout <= 1e8, f"--dist_timeout must be a positive number of seconds (at most 1e8), "
@@ -440,8 +362,6 @@ class TrainOptions(BaseOptions):
         need(opt.subset is None or 1 <= opt.subset <= train_size,
              f"--subset must be between 1 and {train_size} (the {opt.dataset} training-set size), "
              f"got {opt.subset}")
-        if opt.lr is not None and not opt.lr > 0:
-            raise UserError(f"--lr must be > 0, got {opt.lr}")
         if opt.epoch <= 0:
             raise UserError(f"--epoch (number of epochs to train) must be a positive integer, got {opt.epoch}")
         if not opt.lr_decay > 0:
@@ -452,6 +372,10 @@ class TrainOptions(BaseOptions):
             raise UserError(f"--log_interval must be a positive integer, got {opt.log_interval}")
         if opt.augment and opt.dataset != "CIFAR10":
             raise UserError(f"--augment is only supported for CIFAR10, not {opt.dataset}; drop --augment")
+
+    def _check_consistency(self, opt: argparse.Namespace) -> None:
+        super()._check_consistency(opt)
+        _check_optimizer_flags(opt)
 
     def resolve(self, opt: argparse.Namespace, explicit: set[str]) -> None:
         """Derived defaults plus ``name``/``run_dir``; checks ``--resume`` has something to resume."""
@@ -529,7 +453,7 @@ class TestOptions(BaseOptions):
         opt.run_dir = str(run_dir)
         saved = RunDir(run_dir).read_options()
         if saved is not None:
-            for key in RUN_KEYS + _INHERITED_AT_TEST:
+            for key in run_keys() + _INHERITED_AT_TEST:
                 if key not in saved:
                     continue
                 if key in explicit:
@@ -578,8 +502,8 @@ def format_options(opt: argparse.Namespace) -> str:
     cls = TrainOptions if getattr(opt, "is_train", True) else TestOptions
     parser = cls().build_parser()
     defaults = {a.dest: a.default for a in parser._actions}
-    if getattr(opt, "optimizer", None) in OPTIMIZER_CLASSES:
-        defaults.update({k: v for k, v in optimizer_defaults(opt.optimizer).items() if k in defaults})
+    if getattr(opt, "optimizer", None) in OPTIMIZERS:
+        defaults.update({k: v for k, v in OPTIMIZERS[opt.optimizer].defaults().items() if k in defaults})
     explicit = set(getattr(opt, "explicit", ()))
     lines = ["----------------- Options ---------------"]
     for k, v in sorted(vars(opt).items()):

@@ -65,6 +65,7 @@ from torch import Tensor, nn  # noqa: E402
 from experiment import make_optimizer, optimizer_defaults  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizers.noisy_kfac import DENSE_ROOT_MAX, T_INV, T_STATS  # noqa: E402
+from optimizers.registry import OPTIMIZERS  # noqa: E402
 
 METHODS = ["Adam", "NoisyAdam", "NoisyAdamBatch", "NoisyAdamHessian", "VOGN", "NoisyKFAC", "IVON"]
 #: the low-rank Noisy K-FAC variants are named ``NoisyKFACr<K>`` (added to METHODS by ``--kfac_rank``)
@@ -80,6 +81,11 @@ TARGETS = {"NoisyAdam": {"mlp": 1.7, "lenet5": 1.55, "resnet20": 1.6},
            "NoisyKFAC": {"mlp": 6.0, "lenet5": 1.35, "resnet20": 2.0},
            "NoisyKFACr64": {"mlp": 3.0, "lenet5": 1.35}}
 QUICK_BATCH = 8
+#: method -> (train.py --optimizer, flags beside its defaults); IVON (None) comes from its package
+OPTIMIZER_OF = {"Adam": ("adam", {}), "NoisyAdam": ("noisy_adam", {}),
+                "NoisyAdamBatch": ("noisy_adam", {"fisher": "batch"}),
+                "NoisyAdamHessian": ("noisy_adam", {"fisher": "hessian"}),
+                "VOGN": ("vogn", {}), "NoisyKFAC": ("noisy_kfac", {}), "IVON": (None, {})}
 
 
 def kfac_rank(method: str) -> int | None:
@@ -89,22 +95,17 @@ def kfac_rank(method: str) -> int | None:
 
 # -- what is timed --------------------------------------------------------------------------------
 def build(method: str, arch: str, t_inv: int = T_INV) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The model (same initial means for every method) and optimizer of ``method``."""
+    """The model (same initial means for every method) and optimizer of ``method``, as ``train.py`` builds them
+    (its ``--optimizer`` and flags: ``OPTIMIZER_OF``, ``--kfac_rank K`` for ``NoisyKFACr<K>``, ``--t_inv t_inv``)."""
     channels, size, _, n = ARCHS[arch]
     rank = kfac_rank(method)
-    if rank is not None:
-        method = "NoisyKFAC"
-    posterior = {"Adam": "MAP", "IVON": "MAP", "NoisyKFAC": "MVG"}.get(method, "FFG")
+    name, flags = OPTIMIZER_OF["NoisyKFAC" if rank is not None else method]
     torch.manual_seed(0)
-    model = build_model(arch, posterior, channels, size, 10)
+    model = build_model(arch, OPTIMIZERS[name].posterior if name else "MAP", channels, size, 10)
     if method == "IVON":
         return model, ivon.IVON(model.parameters(), lr=0.1, ess=n)
-    name = {"Adam": "adam", "NoisyKFAC": "noisy_kfac", "VOGN": "vogn"}.get(method, "noisy_adam")
-    fisher = {"NoisyAdamBatch": "batch", "NoisyAdamHessian": "hessian"}.get(method)
-    flags = Namespace(optimizer=name, lr=None, momentum=None, eps=1e-8, n=n, kl_weight=1.0, prior_var=None,
-                      damping=None, init_precision=None, fisher=fisher,
-                      t_stats=T_STATS, t_inv=t_inv, kfac_rank=rank, damping_mode=None, kl_clip=None, beta2=None)
-    return model, make_optimizer(flags, model)
+    opt = Namespace(optimizer=name, n=n, t_inv=t_inv, kfac_rank=rank, **flags)  # a flag it does not take is unused
+    return model, make_optimizer(opt, model)
 
 
 def block_of_steps(method: str, arch: str, batches: list[tuple[Tensor, Tensor]], steps: int = T_INV

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -47,12 +47,19 @@ PRIOR_VAR_START = 1.0
 #: pass over the parameters (FFG) or a layer's marginal variances (MVG, about one decomposition), and 100 is
 #: Noisy K-FAC's ``t_inv``: each new eta reaches its decompositions at the next refresh, with no extra one
 PRIOR_EVERY = 100
+#: the command-line flags every NGVI optimizer takes, each the constructor argument of its name (optimizers.registry)
+NGVI_FLAGS = {name: name for name in ("lr", "kl_weight", "prior_var", "prior_every", "damping", "init_precision",
+                                      "fisher", "norm_posterior")}
 
 
 class NGVIOptimizer(Optimizer):
     """Base class: owns a ``CurvatureCapture`` over ``model`` and the layers' posteriors."""
 
+    #: the posterior the model's layers must have (``FFG``, ``MVG``)
     posterior: str = ""
+    #: ``--optimizer`` name, and command-line flag -> constructor argument (optimizers.registry)
+    cli_name: ClassVar[str] = ""
+    cli_flags: ClassVar[dict[str, str]] = NGVI_FLAGS
 
     def __init__(self, model: nn.Module, defaults: dict, capture_kind: str, fisher: str = "example",
                  norm_posterior: str = "point") -> None:

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from models.bayesian_layers import FactorRoot
 from models.joint_posterior import attach_chains
-from optimizers.base import PRIOR_EVERY, NGVIOptimizer
+from optimizers.base import NGVI_FLAGS, PRIOR_EVERY, NGVIOptimizer
 from optimizers.block_tridiagonal import posterior_link, precondition_chain, preconditioner_link
 from optimizers.curvature import is_norm_layer
 
@@ -277,9 +277,8 @@ class NoisyKFAC(NGVIOptimizer):
         t_stats, t_inv: refresh the factors every ``t_stats`` steps, their decompositions (and
             the posterior's sampling scale) every ``t_inv`` steps.
         damping_mode: ``"factored"`` (paper) or ``"exact"`` (eigenbasis).
-        fisher: ``"example"`` (the empirical Fisher: the data's labels; ``"empirical"`` is an older name)
-            or ``"true"`` (labels sampled from the model; call ``true_fisher_backward(logits)`` before
-            ``loss.backward()``).
+        fisher: ``"example"`` (the empirical Fisher: the data's labels) or ``"true"`` (labels sampled
+            from the model; call ``true_fisher_backward(logits)`` before ``loss.backward()``).
         kl_clip: trust region on the update (``None`` = off), as in distributed K-FAC.
         init_precision: isotropic posterior precision before the first step.
         rank: ``None`` (exact factors) or K: a factor larger than K keeps its top-K eigenpairs and
@@ -299,6 +298,10 @@ class NoisyKFAC(NGVIOptimizer):
     """
 
     posterior = "MVG"
+    cli_name = "noisy_kfac"
+    cli_flags = {**NGVI_FLAGS, "momentum": "momentum", "t_stats": "t_stats", "t_inv": "t_inv", "kfac_rank": "rank",
+                 "kfac_conv_stride": "conv_stats_stride", "kfac_structure": "structure",
+                 "damping_mode": "damping_mode", "kl_clip": "kl_clip"}
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, momentum: float = 0.9, num_data: int = 60000,
                  kl_weight: float = 1.0, prior_var: float | str = 1.0, damping: float = 1e-3,

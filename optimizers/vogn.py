@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from optimizers.base import PRIOR_EVERY
+from optimizers.base import NGVI_FLAGS, PRIOR_EVERY
 from optimizers.diagonal import DiagonalNGVI
 
 
@@ -30,6 +30,8 @@ class VOGN(DiagonalNGVI):
     """VOGN (FFG posterior); the prior term is taken at the mean ``mu``."""
 
     prior_at_sample = False
+    cli_name = "vogn"
+    cli_flags = {**NGVI_FLAGS, "momentum": "momentum", "beta2": "beta2"}
 
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9, beta2: float = 0.99999,
                  num_data: int = 60000, kl_weight: float = 1.0, prior_var: float | str = 1.0, damping: float = 0.0,

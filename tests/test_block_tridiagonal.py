@@ -503,12 +503,14 @@ def test_train_resume_and_test_through_the_cli(tmp_path, datafiles):
 
 @pytest.mark.parametrize("argv, expected", [
     (("--model", "FFG", "--kfac_structure", "block_tridiagonal"),
-     "error: --kfac_structure block_tridiagonal is for --optimizer noisy_kfac (--model MVG), not noisy_adam; "
-     "drop --kfac_structure"),
+     "error: --kfac_structure is not an option of --optimizer noisy_adam; drop --kfac_structure, or use "
+     "--optimizer noisy_kfac (--model MVG)"),
     (("--model", "MVG", "--kfac_structure", "block_tridiagonal", "--damping_mode", "exact"),
-     "error: --kfac_structure block_tridiagonal needs exact factors with factored damping; drop --damping_mode exact"),
+     "error: --kfac_structure block_tridiagonal needs --damping_mode factored and no --kfac_rank "
+     "(--optimizer noisy_kfac)"),
     (("--model", "MVG", "--kfac_structure", "block_tridiagonal", "--kfac_rank", "5"),
-     "error: --kfac_structure block_tridiagonal needs exact factors with factored damping; drop --kfac_rank"),
+     "error: --kfac_structure block_tridiagonal needs --damping_mode factored and no --kfac_rank "
+     "(--optimizer noisy_kfac)"),
 ])
 def test_bad_structure_flags_are_one_error_line(argv, expected, capsys):
     from option_parser import TrainOptions

@@ -2,8 +2,8 @@
 
 Each case must end with exit status 2 and exactly one stderr line, ``error: <what to do>``, and
 no traceback (``test_options.py`` checks the same flags in-process; here the real scripts run).
-Covered: bad flag values (``--optimizer rmsprop``, ``--batch_size 0``, a negative ``--lr``),
-``--device cuda`` without CUDA, ``--model MVG --optimizer vogn``, missing data (the download fails),
+Covered: bad flag values (``--optimizer rmsprop``, ``--batch_size 0``, a negative ``--lr``), a flag of another
+optimizer, ``--device cuda`` without CUDA, ``--model MVG --optimizer vogn``, missing data (the download fails),
 a truncated IDX data file, a data file of the wrong image size, ``--resume`` with nothing to
 resume, and checkpoints that are truncated, random bytes, from another model or of an older
 format.
@@ -68,7 +68,12 @@ def _cases(root: Path) -> dict[str, Case]:
         "train_eval_batch_size_0": Case("train.py", ("--eval_batch_size", "0", *good),
                                         "error: --eval_batch_size must be a positive integer (omit it for the "
                                         "device's default), got 0"),
-        "train_negative_lr": Case("train.py", ("--lr", "-0.01", *good), "error: --lr must be > 0, got -0.01"),
+        "train_negative_lr": Case("train.py", ("--lr", "-0.01", *good),
+                                  "error: --lr must be positive, got -0.01 (--optimizer noisy_adam)"),
+        "train_flag_of_another_optimizer": Case(
+            "train.py", ("--model", "MVG", "--beta2", "0.9", *good),
+            "error: --beta2 is not an option of --optimizer noisy_kfac; drop --beta2, or use --optimizer noisy_adam or "
+            "vogn (--model FFG)"),
         "train_cuda_without_cuda": Case(
             "train.py", (*good, "--device", "cuda"),
             "error: --device cuda: CUDA is not available on this machine; use --device cpu or auto",

@@ -34,11 +34,11 @@ from torch import nn
 
 from data.datasets import DATASETS, expected_files, find_data
 from evaluation import default_eval_batch_size, evaluate
-from experiment import OPTIMIZER_CLASSES, OPTIMIZER_OPTIONS, optimizer_defaults
 from models import build_model
 from optimizers import NoisyAdam, NoisyKFAC
 from optimizers.noisy_kfac import DENSE_ROOT_MAX
-from option_parser import DEFAULT_ARCH, DEFAULT_OPTIMIZER, TrainOptions
+from optimizers.registry import OPTIMIZERS, default_optimizers, optimizer_defaults, option_names
+from option_parser import DEFAULT_ARCH, TrainOptions
 from option_parser import TestOptions as _TestOptions  # "Test*" names would be collected by pytest
 from util.metrics import ECE_BINS, reliability_bins
 
@@ -107,8 +107,8 @@ def code_defaults(flag: str) -> dict[str, object]:
     """``train.py``'s default of ``flag``: ``{"": value}``, or per optimizer for the optimizer's options."""
     key = flag.lstrip("-")
     default = TrainOptions().build_parser().get_default(key)
-    if key in OPTIMIZER_OPTIONS and default is None:
-        return {name: optimizer_defaults(name)[key] for name in OPTIMIZER_CLASSES if key in optimizer_defaults(name)}
+    if key in option_names() and default is None:
+        return {name: optimizer_defaults(name)[key] for name in OPTIMIZERS if key in optimizer_defaults(name)}
     return {"": default}
 
 
@@ -143,7 +143,7 @@ def test_flags_table_defaults_are_the_parsers() -> None:
 def test_flags_table_derived_defaults_and_examples() -> None:
     meanings = {flags[0]: meaning for flags, meaning, _ in flag_rows()}
     arrows = lambda text: dict(re.findall(r"(\w[\w-]*) ?(?:→|->) ?(\w+)", text))
-    assert arrows(meanings["--optimizer"]) == DEFAULT_OPTIMIZER
+    assert arrows(meanings["--optimizer"]) == default_optimizers()
     by_data = arrows(meanings["--arch"])
     assert {"MNIST": by_data["MNIST-like"], "FashionMNIST": by_data["MNIST-like"],
             "CIFAR10": by_data["CIFAR10"]} == DEFAULT_ARCH
@@ -215,7 +215,7 @@ def test_help_shows_every_fixed_default(options: type) -> None:
 def test_help_texts_state_what_the_parser_does() -> None:
     text = " ".join(TrainOptions().build_parser().format_help().split())
     optimizer = documented(r"default follows --model: ([^-][\w>, -]+?)(?: --|$)", text, "--help")
-    assert dict(re.findall(r"(\w+)->(\w+)", optimizer)) == DEFAULT_OPTIMIZER
+    assert dict(re.findall(r"(\w+)->(\w+)", optimizer)) == default_optimizers()
     arch = dict(re.findall(r"([\w/]+)->(\w+)", documented(r"default by data set: (\S+ \S+)", text, "--help")))
     assert {d: a for ds, a in arch.items() for d in ds.split("/")} == DEFAULT_ARCH
     assert TrainOptions().parse(["--device", "cpu"]).hidden == [int(documented(r"\(default (\d+); --arch mlp only",

@@ -368,10 +368,10 @@ def test_auto_prior_resumes_bit_exact_and_streams_eta(tmp_path: Path, datafiles,
 
 
 @pytest.mark.parametrize(("argv", "needle"), [
-    (["--model", "MAP", "--prior_var", "auto"], "error: --prior_var auto learns the prior of a Bayesian model"),
+    (["--model", "MAP", "--prior_var", "auto"], "error: --prior_var is not an option of --optimizer adam"),
     (["--prior_var", "auto", "--prior_every", "0"], "error: --prior_every must be a positive integer"),
     (["--prior_every", "5"], "error: --prior_every sets how often --prior_var auto re-estimates eta"),
-    (["--model", "MAP", "--prior_every", "5"], "error: --prior_every is for --prior_var auto of the Bayesian"),
+    (["--model", "MAP", "--prior_every", "5"], "error: --prior_every is not an option of --optimizer adam"),
     (["--prior_var", "often"], "invalid prior variance 'often'; use a positive number or auto"),
 ])
 def test_bad_prior_flags_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
@@ -387,5 +387,5 @@ def test_bad_prior_flag_through_the_script(tmp_path: Path) -> None:
     r = _script(str(REPO / "train.py"), "--model", "MAP", "--prior_var", "auto", "--ckpt_dir", str(tmp_path),
                 cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
-    assert r.stderr.splitlines() == ["error: --prior_var auto learns the prior of a Bayesian model; use --model FFG "
-                                     "or MVG, or drop --prior_var with --model MAP"]
+    assert r.stderr.splitlines() == ["error: --prior_var is not an option of --optimizer adam; drop --prior_var, or "
+                                     "use --optimizer noisy_adam or vogn (--model FFG) or noisy_kfac (--model MVG)"]
