@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: interleaved timing, layer shapes for FLOP counts, output.
+"""Helpers shared by the speed benchmarks: interleaved timing, the timed training step, peak memory, layer shapes
+for FLOP counts, output.
 
 Timing on a shared machine is noisy, so every benchmark measures all of its contenders in the
 same process, *interleaved*: each round runs every contender once, in a freshly shuffled order,
@@ -8,6 +9,7 @@ baseline measured the same way, which cancels most of the drift in machine load.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -35,6 +37,11 @@ from evaluation import default_eval_batch_size, sample_seed  # noqa: E402
 if TYPE_CHECKING:
     import ivon
 
+#: the architectures the speed benchmarks time, on the shapes of the data set each trains on (mlp: MNIST,
+#: lenet5: CIFAR-10, resnet20: FashionMNIST): arch -> (channels, image size, batch size, training-set size N)
+ARCHS = {"mlp": (1, 28, 100, 60000), "lenet5": (3, 32, 128, 50000), "resnet20": (1, 28, 128, 60000)}
+ARCH_DATASETS = {"mlp": "MNIST", "lenet5": "CIFAR10", "resnet20": "FashionMNIST"}
+
 
 # -- timing -------------------------------------------------------------------------------
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
@@ -57,6 +64,44 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int =
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def training_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[tuple[Tensor, Tensor]],
+                   steps: int, sampled: bool = False) -> Callable[[], float]:
+    """A function running ``steps`` training steps of ``train.py``'s form on ``batches`` in turn, the unit the
+    speed benchmarks time; it returns the last loss::
+
+        optimizer.zero_grad(); loss = F.cross_entropy(model(x), y); loss.backward(); optimizer.step()
+
+    ``sampled``: the forward and backward inside ``optimizer.sampled_params(train=True)`` (IVON's step).
+    """
+    data = itertools.cycle(batches)
+
+    def step() -> Tensor:
+        x, y = next(data)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def sampled_step() -> Tensor:
+        x, y = next(data)
+        optimizer.zero_grad()
+        with optimizer.sampled_params(train=True):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        optimizer.step()
+        return loss
+
+    one = sampled_step if sampled else step
+
+    def block() -> float:
+        for _ in range(steps):
+            loss = one()
+        return float(loss.detach())
+
+    return block
 
 
 # -- peak tensor memory ---------------------------------------------------------------------

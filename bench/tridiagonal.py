@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import REPO, RESULTS, environment, interleaved  # noqa: E402
+from common import REPO, RESULTS, environment, interleaved, training_steps  # noqa: E402
 
 from data import InMemoryLoader, load_split  # noqa: E402
 from evaluation import evaluate, ood_auroc, predict  # noqa: E402
@@ -106,15 +106,7 @@ def step_times(data: dict, rounds: int) -> dict:
             model = make_model(opt)
             optimizer = make_optimizer(opt, model)
             model.train()
-            cycle = itertools.cycle(batches)
-
-            def block(model=model, optimizer=optimizer, cycle=cycle) -> None:
-                for _ in range(20):
-                    x, y = next(cycle)
-                    optimizer.zero_grad()
-                    F.cross_entropy(model(x), y).backward()
-                    optimizer.step()
-            blocks[method] = block
+            blocks[method] = training_steps(model, optimizer, batches, 20)
         samples = interleaved(blocks, rounds)
         med = {m: statistics.median(s) / 20 for m, s in samples.items()}
         out[hidden] = {"ms_per_step": {m: 1e3 * v for m, v in med.items()},
