@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import platform
 import random
@@ -21,7 +20,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -31,11 +29,6 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
-
-from evaluation import default_eval_batch_size, sample_seed  # noqa: E402
-
-if TYPE_CHECKING:
-    import ivon
 
 #: the architectures the speed benchmarks time, on the shapes of the data set each trains on (mlp: MNIST,
 #: lenet5: CIFAR-10, resnet20: FashionMNIST): arch -> (channels, image size, batch size, training-set size N)
@@ -212,24 +205,3 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-# -- IVON, the peer every study runs ------------------------------------------------------------
-@torch.no_grad()
-def ivon_predict(model: nn.Module, optimizer: ivon.IVON, images: Tensor, samples: int, seed: int = 0,
-                 epoch: int = 0) -> Tensor:
-    """IVON's predictive: the mean of the softmax over ``samples`` weight draws (log-mean-exp).
-
-    Draw ``s`` is IVON's own sampler run from ``evaluation.sample_seed(seed, epoch, s)`` (the global RNG forked and
-    restored), so that, as for :func:`evaluation.predict`, the test and OOD sets see the same networks.
-    """
-    model.eval()
-    batch_size = default_eval_batch_size(images.device)
-    logps = []
-    for s in range(samples):
-        with torch.random.fork_rng(devices=[] if images.device.type == "cpu" else None):
-            torch.manual_seed(sample_seed(seed, epoch, s))
-            with optimizer.sampled_params():
-                logps.append(torch.cat([F.log_softmax(model(images[i:i + batch_size]), dim=-1)
-                                        for i in range(0, images.shape[0], batch_size)]))
-    return (torch.logsumexp(torch.stack(logps), dim=0) - math.log(samples)).exp()
