@@ -1,6 +1,6 @@
 """The MNIST runs named as acceptance, and the seeds' own commands verbatim.
 
-    python bench/acceptance.py --data_root ../shared/data            # every run (tens of minutes on a CPU)
+    python bench/acceptance.py --data_root ../shared/data            # every run (the 20-epoch ones are long)
     python bench/acceptance.py --data_root ../shared/data --only seed_ffg seed_mvg
     python bench/acceptance.py --report_only
 

@@ -6,9 +6,9 @@ Tasks (a task is skipped, with a note, when its data set is not found):
 * ``mnist_covnet``: MNIST, the seed's CovNet; OOD set FashionMNIST
 * ``fmnist_covnet``: FashionMNIST, CovNet; OOD set MNIST
 * ``fmnist_resnet20``: FashionMNIST, ResNet-20 (BatchNorm, residual blocks), batch 128; OOD set MNIST.
-  Not in the default ``--tasks``: an epoch costs minutes per method on a CPU, run it on its own
+  Not in the default ``--tasks``: it is slow on a CPU, run it on its own
   (``--tasks fmnist_resnet20 --conv_epochs 3 --seeds 1 --no_sweep``); its test set is scored after the last
-  epoch only (10 weight samples of 20,000 ResNet forward passes cost about an epoch of training)
+  epoch only (10 weight samples of 20,000 ResNet forward passes cost about as much as an epoch of training)
 * ``cifar_lenet5``: CIFAR-10, LeNet-5 (only when ``cifar-10-batches-py`` is under the data root); no OOD set
 
 Every run trains one (task, method, seed, learning rate) for E epochs through ``bench/runner.py``

@@ -11,8 +11,8 @@ trains on a CPU (docs/uncertainty.md describes it):
 * the gain from sampling: the same scores at the mean weights (``*_mean`` keys);
 * the posterior: percentiles of the first layer's posterior std (Bayesian methods and IVON).
 
-Methods: ours (``NoisyAdam``, ``VOGN``, ``NoisyKFAC``: ``train.py``'s options, model, optimizer and epoch, so
-a run is what ``train.py`` would do with those flags) and the peers from their packages: ``Adam``;
+Methods: ours (``NoisyAdam``, ``VOGN``, ``NoisyKFAC``: ``runner.Run``, what ``train.py`` would do with those
+flags) and the peers from their packages: ``Adam``;
 ``Laplace`` (laplace-torch on that Adam network: last-layer K-FAC Laplace, prior precision by marginal
 likelihood, probit predictive); ``IVON`` (``ivon.IVON(lr=0.1, ess=N)``, package defaults otherwise, on the
 deterministic network); ``Ensemble`` (5 Adam networks, seeds ``s, s+100, ...``, their softmax averaged).
