@@ -237,11 +237,11 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"smoke test: one round of 2-step blocks (NoisyKFAC t_inv=2), batch {QUICK_BATCH}, "
                         "one thread setting")
     p.add_argument("--repeats", type=int, default=30, help=f"timed blocks of {T_INV} steps per method")
-    p.add_argument("--kfac_rank", default="64",
-                   help="comma-separated ranks K of the NoisyKFACr<K> variants (empty: none)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
     p.add_argument("--repeats_other", type=int, default=5,
                    help="timed blocks per method for the thread settings after the first")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
+    p.add_argument("--kfac_rank", default="64",
+                   help="comma-separated ranks K of the NoisyKFACr<K> variants (empty: none)")
     p.add_argument("--threads", default="1,0",
                    help="comma-separated thread counts, the first one is the headline; 0 = torch's default")
     p.add_argument("--archs", default=",".join(DEFAULT_ARCHS), help=f"comma-separated, of {', '.join(ARCHS)}")
