@@ -6,19 +6,16 @@ Tasks (a task is skipped, with a note, when its data set is not found):
 * ``mnist_covnet``: MNIST, the seed's CovNet; OOD set FashionMNIST
 * ``fmnist_covnet``: FashionMNIST, CovNet; OOD set MNIST
 * ``fmnist_resnet20``: FashionMNIST, ResNet-20 (BatchNorm, residual blocks), batch 128; OOD set MNIST.
-  Not in the default ``--tasks``: an epoch costs minutes per method on a CPU, run it on its own
+  Not in the default ``--tasks``: it is slow on a CPU, run it on its own
   (``--tasks fmnist_resnet20 --conv_epochs 3 --seeds 1 --no_sweep``); its test set is scored after the last
-  epoch only (10 weight samples of 20,000 ResNet forward passes cost about an epoch of training)
+  epoch only (10 weight samples of 20,000 ResNet forward passes cost about as much as an epoch of training)
 * ``cifar_lenet5``: CIFAR-10, LeNet-5 (only when ``cifar-10-batches-py`` is under the data root); no OOD set
 
-Every run trains one (task, method, seed, learning rate) for E epochs with ``train.py``'s step
-(same in-memory loader, seeded the same way, batch 100, or the task's own): the options are built by
-``option_parser.TrainOptions().parse([...])`` and turned into model and optimizer by
-``experiment.make_model`` / ``make_optimizer``, so a run is what ``train.py`` would do
-with those flags (the optimizer classes' defaults for everything but ``--lr``). IVON is not a
-``train.py`` optimizer: it is ``ivon.IVON(params, lr, ess=N)`` (package defaults otherwise:
-``hess_init=1, weight_decay=1e-4, beta2=0.99999``) on the deterministic (MAP) model, each
-step inside ``optimizer.sampled_params(train=True)``.
+Every run trains one (task, method, seed, learning rate) for E epochs through ``bench/runner.py``
+(``runner.Run``: what ``train.py`` does with those flags, the optimizer classes' defaults for everything but
+``--lr``; batch 100, or the task's own). IVON is not a ``train.py`` optimizer: it is ``ivon.IVON(params, lr,
+ess=N)`` (package defaults otherwise: ``hess_init=1, weight_decay=1e-4, beta2=0.99999``) on the deterministic
+(MAP) model, each step inside ``optimizer.sampled_params(train=True)`` (``runner.IVONSteps``).
 
 After every epoch the predictive on the test set is scored (accuracy, log loss = NLL, ECE with
 15 bins): the mean of the softmax over 10 weight samples for the Bayesian methods and IVON,
@@ -42,73 +39,56 @@ published reference points, the commands) and ``bench/results/<task>_curves.png`
 
 Usage::
 
-    python bench/accuracy.py --data_root ../shared/data --quick      # ~20 s check: 1 epoch, 5000 examples, mlp
+    python bench/accuracy.py --data_root ../shared/data --quick      # a check: 1 epoch, 5000 examples, mlp
     python bench/accuracy.py --data_root ../shared/data --sweep_only # the tuning sweep
     python bench/accuracy.py --data_root ../shared/data --epochs 10 --conv_epochs 5 --seeds 3
     python bench/accuracy.py --report_only                           # tables and plots from the JSON
 
 ``--quick`` writes ``accuracy_quick.json`` and ``quick_*.png`` and prints the markdown instead of
 writing ``docs/results.md``, so it never mixes with the real results. Torch runs on 1 thread by
-default (``--threads``): on a small shared machine more threads oversubscribe the cores and were
-several times slower.
+default (``--threads``): on a small shared machine more threads oversubscribe the cores.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
-import json
-import math
 import os
-import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ivon  # noqa: E402
 import plots  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from common import REPO, RESULTS, environment, ivon_predict  # noqa: E402
+from common import REPO, RESULTS, environment  # noqa: E402
+from runner import (  # noqa: E402
+    METHODS,
+    TASKS,
+    Data,
+    Run,
+    Store,
+    Study,
+    Task,
+    command,
+    ivon_defaults,
+    md_table,
+    mean_sd,
+    options,
+    scores,
+)
 from torch import Tensor, nn  # noqa: E402
 
-from data import DATASETS, InMemoryLoader, find_data, load_split, take_subset  # noqa: E402
-from evaluation import ood_auroc, predict  # noqa: E402
-from experiment import finite, make_model, make_optimizer, optimizer_defaults  # noqa: E402
+from data import DATASETS, take_subset  # noqa: E402
+from evaluation import ood_auroc  # noqa: E402
+from experiment import optimizer_defaults  # noqa: E402
 from models import bayesian_layers  # noqa: E402
-from option_parser import TrainOptions  # noqa: E402
-from training import Diverged, StepRecords, train_epoch  # noqa: E402
-from util.metrics import accuracy, ece, nll, reliability_bins  # noqa: E402
+from util.metrics import reliability_bins  # noqa: E402
 
+DEFAULT_TASKS = ("mnist_mlp", "mnist_covnet", "fmnist_covnet", "cifar_lenet5")
+#: tasks whose test set is scored after the last epoch only (their epochs before it: None)
+SCORED_AT_END = ("fmnist_resnet20",)
 
-@dataclass(frozen=True)
-class Task:
-    dataset: str
-    arch: str
-    ood: str | None  # out-of-distribution data set (its test split), or None
-    batch_size: int = 100
-    default: bool = True  # part of the default --tasks
-    every_epoch: bool = True  # score the test set after every epoch (else after the last only: None before)
-
-
-TASKS = {
-    "mnist_mlp": Task("MNIST", "mlp", "FashionMNIST"),
-    "mnist_covnet": Task("MNIST", "covnet", "FashionMNIST"),
-    "fmnist_covnet": Task("FashionMNIST", "covnet", "MNIST"),
-    "cifar_lenet5": Task("CIFAR10", "lenet5", None),
-    "fmnist_resnet20": Task("FashionMNIST", "resnet20", "MNIST", batch_size=128, default=False, every_epoch=False),
-}
-#: method -> (posterior of the model, train.py --optimizer); IVON trains the MAP model itself
-METHODS = {
-    "Adam": ("MAP", "adam"),
-    "NoisyAdam": ("FFG", "noisy_adam"),
-    "NoisyKFAC": ("MVG", "noisy_kfac"),
-    "VOGN": ("FFG", "vogn"),
-    "IVON": ("MAP", None),
-}
 #: the learning rates the sweep tries: the default and factors of about 3 around it, extended
 #: downwards where a sweep chose the lowest value (Adam, with 10 epochs)
 GRID = {
@@ -118,7 +98,7 @@ GRID = {
     "VOGN": [3e-2, 1e-1, 3e-1],
     "IVON": [0.05, 0.1, 0.2, 0.5],
 }
-DEFAULT_LR = {"IVON": 0.1, **{m: optimizer_defaults(o)["lr"] for m, (_, o) in METHODS.items() if o}}
+DEFAULT_LR = {"IVON": 0.1, **{m: optimizer_defaults(x.optimizer)["lr"] for m, x in METHODS.items() if not x.ivon}}
 SWEEP_TASK = "mnist_mlp"
 NORM_ARCHS = ("resnet20",)  # archs with normalisation layers (where --norm_posterior matters)
 TEST_SAMPLES = 10
@@ -139,119 +119,67 @@ PUBLISHED = {
 
 
 # -- one run -------------------------------------------------------------------------------------
-def options(task: Task, method: str, lr: float, n: int, seed: int, data_root: str | None, device: str,
-            augment: bool, norm_posterior: str | None = None) -> argparse.Namespace:
-    """The options train.py would parse for this run."""
-    posterior, optimizer = METHODS[method]
-    argv = ["--model", posterior, "--optimizer", optimizer or "adam", "--dataset", task.dataset,
-            "--arch", task.arch, "--n", str(n), "--seed", str(seed), "--batch_size", str(task.batch_size),
-            "--test_samples", str(TEST_SAMPLES), "--device", device, "--no_visdom", "--no_progress"]
-    if optimizer:
-        argv += ["--lr", repr(lr)]
-    if data_root:
-        argv += ["--data_root", data_root]
-    if augment and task.dataset == "CIFAR10":
-        argv += ["--augment"]
-    if norm_posterior and posterior != "MAP":
-        argv += ["--norm_posterior", norm_posterior]
-    opt = TrainOptions().parse(argv)
-    opt.lr_ivon = lr if method == "IVON" else None
+def run_options(task: Task, method: str, lr: float, n: int, seed: int, args: argparse.Namespace) -> argparse.Namespace:
+    """The options train.py would parse for this run (``lr_ivon``: IVON's learning rate)."""
+    m = METHODS[method]
+    flags = ["--n", str(n), "--test_samples", str(TEST_SAMPLES)]
+    if not m.ivon:
+        flags += ["--lr", repr(lr)]
+    if args.augment and task.dataset == "CIFAR10":
+        flags += ["--augment"]
+    if args.norm_posterior and m.model != "MAP":
+        flags += ["--norm_posterior", args.norm_posterior]
+    opt = options(task, m, seed, *flags, device=args.device, data_root=args.data_root)
+    opt.lr_ivon = lr if m.ivon else None
     return opt
 
 
-def probabilities(method: str, model: nn.Module, optimizer, images: Tensor, seed: int, epoch: int) -> Tensor:
-    """The predictive of ``evaluation.predict`` (IVON: :func:`ivon_predict`) over the networks of ``(seed, epoch)``."""
-    if method == "IVON":
-        return ivon_predict(model, optimizer, images, TEST_SAMPLES, seed, epoch)
-    return predict(model, images, 0 if method == "Adam" else TEST_SAMPLES, seed, epoch)
-
-
-def scores(probs: Tensor, labels: Tensor) -> dict[str, float]:
-    return {"acc": accuracy(probs, labels), "nll": nll(probs, labels), "ece": ece(probs, labels)}
-
-
-def train_run(task: Task, method: str, lr: float, seed: int, epochs: int, train: tuple[Tensor, Tensor],
+def train_run(task_name: str, method: str, lr: float, seed: int, epochs: int, train: tuple[Tensor, Tensor],
               evaluation: tuple[Tensor, Tensor], ood: Tensor | None, args: argparse.Namespace,
               label: str) -> dict:
     """Train one run; the curves are scored on ``evaluation`` (test or validation split)."""
-    train_x, train_y = train
-    opt = options(task, method, lr, train_x.shape[0], seed, args.data_root, args.device, args.augment,
-                  args.norm_posterior)
-    device = torch.device(opt.device)
-    loader = InMemoryLoader(train_x, train_y, opt.batch_size, shuffle=True, seed=opt.seed, augment=opt.augment)
-    torch.manual_seed(opt.seed)
-    model = make_model(opt).to(device)
-    if method == "IVON":
-        optimizer = ivon.IVON(model.parameters(), lr=lr, ess=train_x.shape[0], **IVON_DEFAULTS)
-    else:
-        optimizer = make_optimizer(opt, model)
-    torch.manual_seed(opt.seed)
-    bayesian = method not in ("Adam", "IVON")
+    task = TASKS[task_name]
+    opt = run_options(task, method, lr, train[0].shape[0], seed, args)
+    run = Run(opt, METHODS[method], train, ivon_lr=lr)
     curves: dict[str, list[float]] = {k: [] for k in ("train_loss", "test_acc", "test_nll", "test_ece",
                                                       "sec_per_epoch")}
-    diverged = None
     probs = None
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        loss_sum, seen = 0.0, 0
-        if method == "IVON":
-            model.train()
-            loader.set_epoch(epoch)
-            for step, (x, y) in enumerate(loader, 1):
-                optimizer.zero_grad()
-                with optimizer.sampled_params(train=True):
-                    optimizer.zero_grad()
-                    loss = F.cross_entropy(model(x), y)
-                    loss.backward()
-                value = loss.item()
-                if not math.isfinite(value):
-                    diverged = f"loss {value} at epoch {epoch}, step {step}"
-                    break
-                optimizer.step()
-                loss_sum += value * len(y)
-                seen += len(y)
-        else:  # the epoch train.py runs (MC samples, true-Fisher pass, cross-rank averaging)
-            try:
-                result = train_epoch(model, optimizer, loader, epoch, None, StepRecords(opt.log_interval, device),
-                                     samples=opt.train_samples, log_interval=opt.log_interval)
-                loss_sum, seen = result["loss"], 1
-            except Diverged as e:
-                diverged = str(e)
-        seconds = time.perf_counter() - t0
-        if diverged is None and not finite(model):
-            diverged = f"non-finite weights after epoch {epoch}"
-        if diverged:
-            print(f"  {label}: DIVERGED ({diverged})", flush=True)
-            break
-        if epoch < epochs and not task.every_epoch:  # a CPU-heavy task: score after the last epoch only
+
+    def after_epoch(epoch: int, result: dict) -> None:
+        nonlocal probs
+        if epoch < epochs and task_name in SCORED_AT_END:  # a CPU-heavy task: score after the last epoch only
             s = {"acc": None, "nll": None, "ece": None}
         else:
-            probs = probabilities(method, model, optimizer, evaluation[0], seed, epoch)
+            probs = run.predict(evaluation[0], TEST_SAMPLES, epoch)
             s = scores(probs, evaluation[1])
-        for key, v in (("train_loss", loss_sum / seen), ("test_acc", s["acc"]), ("test_nll", s["nll"]),
-                       ("test_ece", s["ece"]), ("sec_per_epoch", seconds)):
+        for key, v in (("train_loss", result["loss"]), ("test_acc", s["acc"]), ("test_nll", s["nll"]),
+                       ("test_ece", s["ece"]), ("sec_per_epoch", result["seconds"])):
             curves[key].append(v)
         scored = "not scored" if s["acc"] is None else f"eval acc {s['acc']:.4f} nll {s['nll']:.4f} ece {s['ece']:.4f}"
-        print(f"  {label}  epoch {epoch}/{epochs}: train loss {loss_sum / seen:.4f} | {scored} | {seconds:.1f}s",
-              flush=True)
+        print(f"  {label}  epoch {epoch}/{epochs}: train loss {result['loss']:.4f} | {scored} | "
+              f"{result['seconds']:.1f}s", flush=True)
 
-    run = {"task_dataset": task.dataset, "arch": task.arch, "method": method, "seed": seed, "lr": lr,
-           "epochs": epochs, "n_train": train_x.shape[0], "diverged": diverged, "curves": curves,
-           "optimizer_settings": _settings(method, opt)}
+    diverged = run.train(epochs, after_epoch)
+    if diverged:
+        print(f"  {label}: DIVERGED ({diverged})", flush=True)
+    record = {"task_dataset": task.dataset, "arch": task.arch, "method": method, "seed": seed, "lr": lr,
+              "epochs": epochs, "n_train": train[0].shape[0], "diverged": diverged, "curves": curves,
+              "optimizer_settings": _settings(method, opt)}
     if diverged or probs is None:
-        run["final"] = None
-        return run
+        record["final"] = None
+        return record
     final = {"acc": curves["test_acc"][-1], "nll": curves["test_nll"][-1], "ece": curves["test_ece"][-1],
              "sec_per_epoch": statistics.mean(curves["sec_per_epoch"])}
-    run["reliability"] = reliability_bins(probs, evaluation[1])
+    record["reliability"] = reliability_bins(probs, evaluation[1])
     if ood is not None:
-        final["ood_auroc"] = ood_auroc(probs, probabilities(method, model, optimizer, ood, seed, epoch))
-    if bayesian:  # a diagnostic: the posterior means alone (no weight noise), and the noise-to-signal ratio
-        mean_scores = scores(predict(model, evaluation[0], 0), evaluation[1])
+        final["ood_auroc"] = ood_auroc(probs, run.predict(ood, TEST_SAMPLES, epochs))
+    if METHODS[method].model != "MAP":
+        # a diagnostic: the posterior means alone (no weight noise), and the noise-to-signal ratio
+        mean_scores = scores(run.predict(evaluation[0], 0, epochs), evaluation[1])
         final.update(acc_mean_weights=mean_scores["acc"], nll_mean_weights=mean_scores["nll"],
-                     std_over_abs_mean=_noise_to_signal(model))
-    run["final"] = final
-    return run
+                     std_over_abs_mean=_noise_to_signal(run.model))
+    record["final"] = final
+    return record
 
 
 @torch.no_grad()
@@ -261,21 +189,15 @@ def _noise_to_signal(model: nn.Module) -> float:
     return float(torch.cat(ratios).median())
 
 
-#: IVON's settings besides lr and ess: the ``ivon`` package's defaults
-IVON_DEFAULTS = {k: v.default for k, v in inspect.signature(ivon.IVON).parameters.items()
-                 if k in ("hess_init", "weight_decay", "beta1", "beta2", "mc_samples")}
-
-
 def optimizer_settings(task: Task, method: str, lr: float, n: int, args: argparse.Namespace) -> dict:
     """Everything the run's optimizer is built with (stored with the run; a stored run whose settings
     differ from today's, e.g. after a change of ``experiment.optimizer_defaults``, is run again)."""
-    return _settings(method, options(task, method, lr, n, 0, args.data_root, args.device, args.augment,
-                                     args.norm_posterior))
+    return _settings(method, run_options(task, method, lr, n, 0, args))
 
 
 def _settings(method: str, opt: argparse.Namespace) -> dict:
-    if method == "IVON":
-        return {"lr": float(opt.lr_ivon), "ess": opt.n, **IVON_DEFAULTS}
+    if METHODS[method].ivon:
+        return {"lr": float(opt.lr_ivon), "ess": opt.n, **ivon_defaults()}
     name = opt.optimizer
     # the same keys as stored runs hold (the baselines' kl_weight was recorded as 1, Adam's eps never)
     out = {"optimizer": name, "lr": opt.lr, "n": opt.n, "batch_size": opt.batch_size,
@@ -312,40 +234,8 @@ def run_key(kind: str, task: str, method: str, seed: int, lr: float, epochs: int
     return key + (f"|test_subset={test_subset}" if test_subset else "")
 
 
-def load_results(path: Path) -> dict:
-    if path.exists():
-        data = json.loads(path.read_text())
-        data.setdefault("runs", {})
-        data.setdefault("sweep", {})
-        data.setdefault("plans", {})
-        return data
-    return {"runs": {}, "sweep": {}, "plans": {}}
-
-
-def save_results(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-class Data:
-    """Each data set's splits, loaded once."""
-
-    def __init__(self, data_root: str | None, device: str) -> None:
-        self.root, self.device, self.cache = data_root, device, {}
-
-    def available(self, name: str) -> bool:
-        return find_data(name, self.root) is not None
-
-    def split(self, name: str, train: bool) -> tuple[Tensor, Tensor]:
-        if (name, train) not in self.cache:
-            self.cache[(name, train)] = load_split(name, train, self.root, self.device)
-        return self.cache[(name, train)]
-
-
 # -- the sweep and the main grid -------------------------------------------------------------------
-def sweep(args, data: Data, results: Path, store: dict) -> dict[str, float]:
+def sweep(args, data: Data, store: Store) -> dict[str, float]:
     task = TASKS[SWEEP_TASK]
     x, y = data.split(task.dataset, True)
     x, y = take_subset(x, y, args.subset, 0)
@@ -362,12 +252,12 @@ def sweep(args, data: Data, results: Path, store: dict) -> dict[str, float]:
             if _done(info["runs"].get(key), optimizer_settings(task, method, lr, fit[0].shape[0], args)):
                 continue
             print(f"sweep {method} lr={lr:g}", flush=True)
-            run = train_run(task, method, lr, 0, args.sweep_epochs, fit, held, None, args,
+            run = train_run(SWEEP_TASK, method, lr, 0, args.sweep_epochs, fit, held, None, args,
                             f"sweep {SWEEP_TASK} {method} lr={lr:g}")
             run.pop("reliability", None)
             info["runs"][key] = run
             store["sweep"][_sweep_id(args)] = info
-            save_results(results, store)
+            store.save()
         tried = [r for r in info["runs"].values() if r["method"] == method and r["final"] is not None
                  and r["lr"] in GRID[method]]
         if tried:
@@ -376,7 +266,7 @@ def sweep(args, data: Data, results: Path, store: dict) -> dict[str, float]:
     store["sweep"][_sweep_id(args)] = info
     store["chosen_lr"] = {**store.get("chosen_lr", {}), **info["chosen"]}
     store["chosen_sweep"] = _sweep_id(args)
-    save_results(results, store)
+    store.save()
     return info["chosen"]
 
 
@@ -388,53 +278,48 @@ def task_epochs(args, task: str) -> int:
     return args.conv_epochs if TASKS[task].arch != "mlp" and args.conv_epochs else args.epochs
 
 
-def main_grid(args, data: Data, results: Path, store: dict, lrs: dict[str, float], tasks: list[str]) -> None:
-    command = _command()
+def main_grid(args, data: Data, store: Store, lrs: dict[str, float], tasks: list[str]) -> None:
     for name in tasks:
-        task = TASKS[name]
         epochs = task_epochs(args, name)
         plan = {"epochs": epochs, "seeds": list(range(args.seeds)), "subset": args.subset,
                 "test_subset": args.test_subset,
-                "lrs": {m: lrs[m] for m in args.methods}, "command": command,
+                "lrs": {m: lrs[m] for m in args.methods}, "command": command("accuracy.py", args.argv),
                 "lr_source": args.lr_source, "sweep": args.sweep_id, "environment": store["environment"]}
         old = store["plans"].get(name, {})
         keep = {m: lr for m, lr in old.get("lrs", {}).items()
                 if m not in args.methods and old.get("epochs") == epochs and old.get("subset") == args.subset}
         plan["lrs"] = {m: lr for m, lr in {**keep, **plan["lrs"]}.items()}
         store["plans"][name] = plan
-        save_results(results, store)
-        train_x, train_y = data.split(task.dataset, True)
-        test = tuple(t[:args.test_subset] for t in data.split(task.dataset, False))  # first N (None: all)
-        ood = data.split(task.ood, False)[0][:args.test_subset] if task.ood else None
-        for seed in range(args.seeds):
-            fit = take_subset(train_x, train_y, args.subset, seed)
-            for method in args.methods:
-                key = run_key("test", name, method, seed, lrs[method], epochs, args.subset, args.test_subset)
-                if _done(store["runs"].get(key), optimizer_settings(task, method, lrs[method], fit[0].shape[0], args)):
-                    continue
-                label = f"{name} {method} seed={seed} lr={lrs[method]:g}"
-                print(label, flush=True)
-                run = train_run(task, method, lrs[method], seed, epochs, fit, test, ood, args, label)
-                run["task"] = name
-                store["runs"][key] = run
-                save_results(results, store)
+        store.save()
+        task_runs(args, data, store, name, lrs, epochs)
         report(args, store, echo=False)
 
 
-def _command() -> str:
-    return "python bench/accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def task_runs(args, data: Data, store: Store, name: str, lrs: dict[str, float], epochs: int) -> None:
+    """The runs of task ``name``: every seed of every method, at the learning rates ``lrs``."""
+    task = TASKS[name]
+    train_x, train_y = data.split(task.dataset, True)
+    test = tuple(t[:args.test_subset] for t in data.split(task.dataset, False))  # first N (None: all)
+    ood = data.split(task.ood, False)[0][:args.test_subset] if task.ood else None
+    n_train = args.subset or train_x.shape[0]
+
+    def key(task_name: str, method: str, seed: int) -> str:
+        return run_key("test", task_name, method, seed, lrs[method], epochs, args.subset, args.test_subset)
+
+    def one(task_name: str, method: str, seed: int) -> dict:
+        label = f"{task_name} {method} seed={seed} lr={lrs[method]:g}"
+        print(label, flush=True)
+        fit = take_subset(train_x, train_y, args.subset, seed)
+        return {**train_run(task_name, method, lrs[method], seed, epochs, fit, test, ood, args, label),
+                "task": task_name}
+
+    def done(run: dict, task_name: str, method: str, seed: int) -> bool:
+        return _done(run, optimizer_settings(task, method, lrs[method], n_train, args))
+
+    Study([name], args.methods, range(args.seeds)).run(store, key, one, done)
 
 
 # -- report ------------------------------------------------------------------------------------------
-def _ms(values: list[float], fmt: str, scale: float = 1.0) -> str:
-    values = [v * scale for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
-
-
 def plan_runs(store: dict, task: str, plan: dict) -> dict[str, list[dict]]:
     """The runs of ``plan`` that are done, per method (diverged ones included)."""
     out = {}
@@ -494,24 +379,23 @@ def report(args, store: dict, echo: bool = True) -> str:
                    f"`{e.get('device', 'cpu')}`, 1-minute load average {e.get('load_average_1min', 0):.1f} at the "
                    "start (a shared machine: s/epoch is rough).", ""]
         ood_col = f"OOD AUROC (→{task.ood})" if task.ood else "OOD AUROC"
-        md += [f"| method | posterior | lr | n | test acc % | NLL | ECE | {ood_col} | s/epoch |",
-               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        rows = []
         for method, rs in runs.items():
             done = [r for r in rs if r["final"] is not None]
             div = len(rs) - len(done)
             n = f"{len(done)}" + (f" (+{div} diverged)" if div else "")
             f = [r["final"] for r in done]
-            posterior = "IVON (diag. Gaussian)" if method == "IVON" else METHODS[method][0]
-            md.append(f"| {method} | {posterior} | {plan['lrs'][method]:g} | {n} | "
-                      f"{_ms([x['acc'] for x in f], '.2f', 100)} | {_ms([x['nll'] for x in f], '.4f')} | "
-                      f"{_ms([x['ece'] for x in f], '.4f')} | {_ms([x.get('ood_auroc') for x in f], '.3f')} | "
-                      f"{_ms([x['sec_per_epoch'] for x in f], '.1f')} |")
+            posterior = "IVON (diag. Gaussian)" if method == "IVON" else METHODS[method].model
+            rows.append([method, posterior, f"{plan['lrs'][method]:g}", n, mean_sd([x["acc"] for x in f], ".2f", 100),
+                         mean_sd([x["nll"] for x in f], ".4f"), mean_sd([x["ece"] for x in f], ".4f"),
+                         mean_sd([x.get("ood_auroc") for x in f], ".3f"),
+                         mean_sd([x["sec_per_epoch"] for x in f], ".1f")])
         ref = PUBLISHED["mnist"] if task.dataset == "MNIST" else PUBLISHED["cifar"] if task.dataset == "CIFAR10" \
             else []
         for what, acc, loss, cal, source in ref:
-            md.append(f"| *published, not ours: {what}* ({source}) | | | | *{acc:.1f}* | "
-                      f"{'*' + format(loss, '.3f') + '*' if loss else ''} | "
-                      f"{'*' + format(cal, '.3f') + '*' if cal else ''} | | |")
+            rows.append([f"*published, not ours: {what}* ({source})", "", "", "", f"*{acc:.1f}*",
+                         f"*{loss:.3f}*" if loss else "", f"*{cal:.3f}*" if cal else "", "", ""])
+        md += md_table(["method", "posterior", "lr", "n", "test acc %", "NLL", "ECE", ood_col, "s/epoch"], rows)
         stale = [f"{r['method']} seed {r['seed']}" for rs in runs.values() for r in rs
                  if r.get("optimizer_settings") != optimizer_settings(task, r["method"], r["lr"], r["n_train"], args)]
         if stale:
@@ -535,10 +419,9 @@ def report(args, store: dict, echo: bool = True) -> str:
            "784-100-100-10), 3 seeds: [results_tridiagonal.md](results_tridiagonal.md), written by "
            "`bench/tridiagonal.py`.", ""]
     md += ["## Published reference points (not produced by this benchmark)", "",
-           "| setting | test acc % | NLL | ECE | source |", "| --- | --- | --- | --- | --- |"]
-    for refs in PUBLISHED.values():
-        for what, acc, loss, cal, source in refs:
-            md.append(f"| {what} | {acc:.1f} | {loss if loss else ''} | {cal if cal else ''} | {source} |")
+           *md_table(["setting", "test acc %", "NLL", "ECE", "source"],
+                     [[what, f"{acc:.1f}", loss or "", cal or "", source]
+                      for refs in PUBLISHED.values() for what, acc, loss, cal, source in refs])]
     md += ["", "Those use a LeNet-5 (MNIST) and a LeNet-5 with batch norm trained for 100 epochs (CIFAR-10); "
            "our `covnet` is the smaller seed CovNet (conv-pool-conv-pool-fc) and our runs are much shorter, "
            "so they are context, not a like-for-like comparison.", ""]
@@ -565,16 +448,16 @@ def _other_lrs(store: dict, name: str, plan: dict, args) -> list[str]:
     rows = [(m, lr, rs) for (m, lr), rs in groups.items() if len(rs) == len(plan["seeds"])]
     if not rows:
         return []
-    md = ["Sensitivity to the learning rate: the same task and settings at the lr an earlier sweep chose "
-          "(complete runs kept in the JSON; not used above):", "",
-          "| method | lr | n | test acc % | NLL | ECE | OOD AUROC |", "| --- | --- | --- | --- | --- | --- | --- |"]
     order = list(METHODS)
+    cells = []
     for m, lr, rs in sorted(rows, key=lambda t: (order.index(t[0]), t[1])):
         f = [r["final"] for r in rs if r["final"] is not None]
-        md.append(f"| {m} | {lr:g} | {len(f)} | {_ms([x['acc'] for x in f], '.2f', 100)} | "
-                  f"{_ms([x['nll'] for x in f], '.4f')} | {_ms([x['ece'] for x in f], '.4f')} | "
-                  f"{_ms([x.get('ood_auroc') for x in f], '.3f')} |")
-    return md + [""]
+        cells.append([m, f"{lr:g}", len(f), mean_sd([x["acc"] for x in f], ".2f", 100),
+                      mean_sd([x["nll"] for x in f], ".4f"), mean_sd([x["ece"] for x in f], ".4f"),
+                      mean_sd([x.get("ood_auroc") for x in f], ".3f")])
+    return ["Sensitivity to the learning rate: the same task and settings at the lr an earlier sweep chose "
+            "(complete runs kept in the JSON; not used above):", "",
+            *md_table(["method", "lr", "n", "test acc %", "NLL", "ECE", "OOD AUROC"], cells), ""]
 
 
 def _mean_weights(runs: dict[str, list[dict]]) -> list[str]:
@@ -583,9 +466,9 @@ def _mean_weights(runs: dict[str, list[dict]]) -> list[str]:
     for method, rs in runs.items():
         f = [r["final"] for r in rs if r["final"] is not None and "acc_mean_weights" in r["final"]]
         if f:
-            parts.append(f"{method} {_ms([x['acc_mean_weights'] for x in f], '.2f', 100)}% / NLL "
-                         f"{_ms([x['nll_mean_weights'] for x in f], '.4f')} (median posterior std / |mean| "
-                         f"{_ms([x['std_over_abs_mean'] for x in f], '.2f')})")
+            parts.append(f"{method} {mean_sd([x['acc_mean_weights'] for x in f], '.2f', 100)}% / NLL "
+                         f"{mean_sd([x['nll_mean_weights'] for x in f], '.4f')} (median posterior std / |mean| "
+                         f"{mean_sd([x['std_over_abs_mean'] for x in f], '.2f')})")
     if not parts:
         return []
     return ["Diagnostic, the posterior means alone (no weight noise, test set): " + "; ".join(parts) + ".", ""]
@@ -621,14 +504,11 @@ def _settings_md(store: dict) -> list[str]:
         seen.setdefault(r["method"], set()).add(", ".join(f"{k}={v}" for k, v in sorted(shown.items())))
     if not seen:
         return []
-    md = ["## Optimizer settings", "",
-          "Besides the learning rate (tables above) and N = the training-set size (`--n` / IVON's `ess`), the runs "
-          "used these settings (the optimizer classes' defaults for the `train.py` optimizers, the `ivon` "
-          "package's defaults for IVON):", "", "| method | settings |", "| --- | --- |"]
-    for method in METHODS:
-        for text in sorted(seen.get(method, ())):
-            md.append(f"| {method} | {text} |")
-    return md + [""]
+    return ["## Optimizer settings", "",
+            "Besides the learning rate (tables above) and N = the training-set size (`--n` / IVON's `ess`), the runs "
+            "used these settings (the optimizer classes' defaults for the `train.py` optimizers, the `ivon` "
+            "package's defaults for IVON):", "",
+            *md_table(["method", "settings"], [[m, text] for m in METHODS for text in sorted(seen.get(m, ()))]), ""]
 
 
 def _sweep_md(store: dict) -> list[str]:
@@ -643,9 +523,8 @@ def _sweep_md(store: dict) -> list[str]:
                f"the next {info['n_validation']} (a validation split held out of the **training** set; the test "
                f"set is not used). Criterion: {info['criterion']}. Cells: validation NLL / accuracy %; "
                "**bold** = chosen. Everything else is each optimizer's default "
-               "(its class's; IVON: the `ivon` package's defaults with `ess` = training-set size).",
-               "", "| method | " + " | ".join(f"lr {i + 1}" for i in range(width)) + " | chosen |",
-               "| --- " * (width + 2) + "|"]
+               "(its class's; IVON: the `ivon` package's defaults with `ess` = training-set size).", ""]
+        rows = []
         for method, grid in info["grid"].items():
             cells = []
             for lr in grid:
@@ -661,8 +540,8 @@ def _sweep_md(store: dict) -> list[str]:
                         cell = f"**{cell}**"
                 cells.append(cell)
             cells += [""] * (width - len(cells))
-            md.append(f"| {method} | " + " | ".join(cells) + f" | {info['chosen'].get(method, 'n/a')} |")
-        md.append("")
+            rows.append([method, *cells, info["chosen"].get(method, "n/a")])
+        md += md_table(["method", *(f"lr {i + 1}" for i in range(width)), "chosen"], rows) + [""]
     return md
 
 
@@ -686,7 +565,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conv_epochs", type=int, default=None,
                    help="epochs for the covnet/lenet5 tasks (default: --epochs)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. S-1")
-    p.add_argument("--tasks", default=",".join(t for t, task in TASKS.items() if task.default),
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                    help=f"comma-separated, of {', '.join(TASKS)}")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--subset", type=int, default=None, help="use N training examples (a seeded subset)")
@@ -708,6 +587,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON and the PNGs")
     p.add_argument("--md", type=Path, default=REPO / "docs" / "results.md", help="markdown report")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.epochs, args.conv_epochs, args.seeds, args.sweep_epochs = 1, None, 1, 1
         args.subset = args.subset or 5000
@@ -734,7 +614,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    store = load_results(args.results)
+    store = Store(args.results, sweep={}, plans={}, skipped={})
     if args.report_only:
         report(args, store)
         print(f"wrote {args.md if not args.quick else 'stdout'} and plots under {args.out}")
@@ -742,7 +622,6 @@ def main(argv: list[str] | None = None) -> None:
     store["environment"] = environment(device=args.device)  # after set_num_threads: records the threads
     data = Data(args.data_root, args.device)
     tasks = []
-    store.setdefault("skipped", {})
     for name in args.tasks:
         task = TASKS[name]
         missing = [d for d in (task.dataset, task.ood) if d and not data.available(d)]
@@ -764,14 +643,14 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if not data.available(TASKS[SWEEP_TASK].dataset):
             raise SystemExit(f"the sweep needs {TASKS[SWEEP_TASK].dataset}; pass --data_root or --no_sweep")
-        chosen = sweep(args, data, args.results, store)
+        chosen = sweep(args, data, store)
         lrs = {m: chosen.get(m, DEFAULT_LR[m]) for m in METHODS}
         args.sweep_id = _sweep_id(args)
         args.lr_source = f"chosen by the {args.sweep_epochs}-epoch sweep on {SWEEP_TASK} (below)"
         print("chosen learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()), flush=True)
     if not args.sweep_only:
-        main_grid(args, data, args.results, store, lrs, tasks)
-    save_results(args.results, store)
+        main_grid(args, data, store, lrs, tasks)
+    store.save()
     report(args, store)
     print(f"done in {time.perf_counter() - t0:.0f}s: {_rel(args.results)}"
           + ("" if args.quick else f", {_rel(args.md)}") + f", plots under {_rel(args.out)}", flush=True)

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: interleaved timing, layer shapes for FLOP counts, output.
+"""Helpers shared by the speed benchmarks: interleaved timing, the timed training step, peak memory, layer shapes
+for FLOP counts, output.
 
 Timing on a shared machine is noisy, so every benchmark measures all of its contenders in the
 same process, *interleaved*: each round runs every contender once, in a freshly shuffled order,
@@ -8,8 +9,8 @@ baseline measured the same way, which cancels most of the drift in machine load.
 
 from __future__ import annotations
 
+import itertools
 import json
-import math
 import os
 import platform
 import random
@@ -19,7 +20,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -30,10 +30,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from evaluation import default_eval_batch_size, sample_seed  # noqa: E402
-
-if TYPE_CHECKING:
-    import ivon
+#: the architectures the speed benchmarks time, on the shapes of the data set each trains on (mlp: MNIST,
+#: lenet5: CIFAR-10, resnet20: FashionMNIST): arch -> (channels, image size, batch size, training-set size N)
+ARCHS = {"mlp": (1, 28, 100, 60000), "lenet5": (3, 32, 128, 50000), "resnet20": (1, 28, 128, 60000)}
+ARCH_DATASETS = {"mlp": "MNIST", "lenet5": "CIFAR10", "resnet20": "FashionMNIST"}
 
 
 # -- timing -------------------------------------------------------------------------------
@@ -57,6 +57,44 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int =
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def training_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[tuple[Tensor, Tensor]],
+                   steps: int, sampled: bool = False) -> Callable[[], float]:
+    """A function running ``steps`` training steps of ``train.py``'s form on ``batches`` in turn, the unit the
+    speed benchmarks time; it returns the last loss::
+
+        optimizer.zero_grad(); loss = F.cross_entropy(model(x), y); loss.backward(); optimizer.step()
+
+    ``sampled``: the forward and backward inside ``optimizer.sampled_params(train=True)`` (IVON's step).
+    """
+    data = itertools.cycle(batches)
+
+    def step() -> Tensor:
+        x, y = next(data)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def sampled_step() -> Tensor:
+        x, y = next(data)
+        optimizer.zero_grad()
+        with optimizer.sampled_params(train=True):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+        optimizer.step()
+        return loss
+
+    one = sampled_step if sampled else step
+
+    def block() -> float:
+        for _ in range(steps):
+            loss = one()
+        return float(loss.detach())
+
+    return block
 
 
 # -- peak tensor memory ---------------------------------------------------------------------
@@ -167,24 +205,3 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-# -- IVON, the peer every study runs ------------------------------------------------------------
-@torch.no_grad()
-def ivon_predict(model: nn.Module, optimizer: ivon.IVON, images: Tensor, samples: int, seed: int = 0,
-                 epoch: int = 0) -> Tensor:
-    """IVON's predictive: the mean of the softmax over ``samples`` weight draws (log-mean-exp).
-
-    Draw ``s`` is IVON's own sampler run from ``evaluation.sample_seed(seed, epoch, s)`` (the global RNG forked and
-    restored), so that, as for :func:`evaluation.predict`, the test and OOD sets see the same networks.
-    """
-    model.eval()
-    batch_size = default_eval_batch_size(images.device)
-    logps = []
-    for s in range(samples):
-        with torch.random.fork_rng(devices=[] if images.device.type == "cpu" else None):
-            torch.manual_seed(sample_seed(seed, epoch, s))
-            with optimizer.sampled_params():
-                logps.append(torch.cat([F.log_softmax(model(images[i:i + batch_size]), dim=-1)
-                                        for i in range(0, images.shape[0], batch_size)]))
-    return (torch.logsumexp(torch.stack(logps), dim=0) - math.log(samples)).exp()

@@ -19,7 +19,6 @@ Writes ``bench/results/data_loading.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,11 +27,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torchvision  # noqa: E402
+from common import REPO, RESULTS, write_json  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
 from data import DATASETS, InMemoryLoader, find_data, load_split  # noqa: E402
@@ -69,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--num_threads", type=int, default=1,
                    help="torch intra-op threads (1 keeps timings stable on a shared machine)")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "data_loading.json"))
+    p.add_argument("--out", default=str(RESULTS / "data_loading.json"))
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.num_threads)
@@ -124,8 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one-time in-memory load: {load_s:.3f} s")
     print(f"speed-up (DataLoader median / in-memory median): {ratio:.1f}x")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "data_loading",
         "dataset": "MNIST",
@@ -146,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "in_memory_load_s": load_s,
         "speedup": ratio,
     }
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, result)}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Benchmark: which of IVON's ingredients make it better calibrated than Noisy Adam (issue 15).
+"""Benchmark: which of IVON's ingredients make it better calibrated than Noisy Adam.
 
 IVON (Shen et al. 2024; the ``ivon`` package) and Noisy Adam (``optimizers/noisy_adam.py``) are
 both natural-gradient VI with a diagonal Gaussian posterior. Written in Noisy Adam's symbols
@@ -14,8 +14,8 @@ Each ingredient is switched on alone inside Noisy Adam ("+x"), all together ("iv
 switched off one at a time from "ivon-like" ("ivon-like -x"); IVON itself runs alongside. Every run
 is scored at its last epoch on the test split (accuracy, NLL, ECE with 15 bins) with the predictive
 averaged over ``--samples`` weight draws (0 = the mean weights), so the effect of the number of
-predictive samples comes from the same trained networks. Training follows ``bench/accuracy.py``
-(same loader, seeding, batch 100, 1 MC sample per step).
+predictive samples comes from the same trained networks. Each run is ``bench/runner.py``'s (a
+configuration is Noisy Adam's ``train.py`` flags; batch 100, 1 MC sample per step), as in ``bench/accuracy.py``.
 
     python bench/ivon_ablation.py --data_root ../shared/data --tasks mnist_mlp --epochs 10 --seeds 3
     python bench/ivon_ablation.py --data_root ../shared/data --tasks mnist_covnet,fmnist_covnet --epochs 5 \\
@@ -23,34 +23,23 @@ predictive samples comes from the same trained networks. Training follows ``benc
     python bench/ivon_ablation.py --report_only
 
 Results accumulate in ``bench/results/ivon_ablation.json`` (a run already there is skipped). The report
-adds, as reference rows, the accuracy study's runs of Noisy Adam (old defaults, lr 3e-3) and IVON (lr 0.1)
+adds, as reference rows, the accuracy study's runs of Noisy Adam (lr 3e-3) and IVON (lr 0.1)
 from ``bench/results/accuracy.json``: same protocol, other random streams (that study also scores every epoch).
-s/epoch was measured on a shared, heavily loaded machine: not comparable between rows.
+s/epoch is measured on whatever machine ran the row: not comparable between rows.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ivon  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from accuracy import TASKS, Data, options  # noqa: E402
-from common import RESULTS, environment, ivon_predict  # noqa: E402
-
-from data import InMemoryLoader  # noqa: E402
-from evaluation import predict  # noqa: E402
-from experiment import make_model  # noqa: E402
-from optimizers import NoisyAdam  # noqa: E402
-from util.metrics import accuracy, ece, nll  # noqa: E402
+from common import RESULTS, environment  # noqa: E402
+from runner import METHODS, TASKS, Data, Run, Store, Study, md_table, mean_sd, options, scores  # noqa: E402
 
 N_TRAIN = 60000
 IVON_WD = 1e-4
@@ -86,79 +75,38 @@ def configs() -> dict[str, dict | None]:
     out["+beta2=0.9999"] = {**base_settings(), "beta2": 0.9999}
     out["+beta2=0.9999 +fisher"] = {**base_settings(), "beta2": 0.9999, **IVON_LIKE["fisher"]}
     # IVON's optimisation (small sigma_0, step lr / f_0 = 0.1, f nearly frozen) with our curvature and prior:
-    # the candidate defaults, which also train ResNet-20 (issue 10)
+    # the candidate defaults, which also train ResNet-20
     out["+init +beta2 +lr"] = {**base_settings(), **IVON_LIKE["init"], **IVON_LIKE["beta2"], **IVON_LIKE["lr"]}
     out["+init +beta2=0.9999 +lr"] = {**out["+init +beta2 +lr"], "beta2": 0.9999}
     out["IVON"] = None
     return out
 
 
-def scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    return {"acc": accuracy(probs, labels), "nll": nll(probs, labels), "ece": ece(probs, labels)}
+def flags(settings: dict) -> list[str]:
+    """Noisy Adam's settings as ``train.py`` flags."""
+    return ["--lr", repr(settings["lr"]), "--momentum", repr(settings["beta1"]), "--beta2", repr(settings["beta2"]),
+            "--prior_var", repr(settings["prior_var"]), "--damping", repr(settings["damping"]),
+            "--init_precision", repr(settings["init_precision"]), "--fisher", settings["fisher"]]
 
 
 def train_run(task_name: str, settings: dict | None, seed: int, epochs: int, data: Data, args) -> dict:
+    """Train Noisy Adam with ``settings`` (None: IVON at lr 0.1) and score it with each of ``args.samples``."""
     task = TASKS[task_name]
-    train_x, train_y = data.split(task.dataset, True)
+    train = data.split(task.dataset, True)
     test_x, test_y = data.split(task.dataset, False)
-    is_ivon = settings is None
-    opt = options(task, "IVON" if is_ivon else "NoisyAdam", 0.1 if is_ivon else settings["lr"], train_x.shape[0],
-                  seed, args.data_root, "cpu", False)
-    loader = InMemoryLoader(train_x, train_y, opt.batch_size, shuffle=True, seed=opt.seed)
-    torch.manual_seed(opt.seed)
-    model = make_model(opt)
-    if is_ivon:
-        optimizer = ivon.IVON(model.parameters(), lr=0.1, ess=train_x.shape[0])
-    else:
-        s = settings
-        optimizer = NoisyAdam(model, lr=s["lr"], betas=(s["beta1"], s["beta2"]), num_data=train_x.shape[0],
-                              prior_var=s["prior_var"], damping=s["damping"], init_precision=s["init_precision"],
-                              fisher=s["fisher"])
-    torch.manual_seed(opt.seed)
-    seconds, diverged = 0.0, None
-    for epoch in range(1, epochs + 1):
-        model.train()
-        loader.set_epoch(epoch)
-        t0 = time.perf_counter()
-        for x, y in loader:
-            optimizer.zero_grad()
-            if is_ivon:
-                with optimizer.sampled_params(train=True):
-                    loss = F.cross_entropy(model(x), y)
-                    loss.backward()
-            else:
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
-            if not math.isfinite(loss.item()):
-                diverged = f"loss {loss.item()} in epoch {epoch}"
-                break
-            optimizer.step()
-        seconds += time.perf_counter() - t0
-        if diverged:
-            break
-    run = {"task": task_name, "settings": settings, "seed": seed, "epochs": epochs, "diverged": diverged,
-           "sec_per_epoch": seconds / epoch, "final": {}}
+    method = "IVON" if settings is None else "NoisyAdam"
+    opt = options(task, METHODS[method], seed, "--n", str(train[0].shape[0]), *(flags(settings) if settings else []),
+                  data_root=args.data_root)
+    run = Run(opt, METHODS[method], train, ivon_lr=0.1)
+    seconds = []
+    diverged = run.train(epochs, lambda epoch, result: seconds.append(result["seconds"]))
+    record = {"task": task_name, "settings": settings, "seed": seed, "epochs": epochs, "diverged": diverged,
+              "sec_per_epoch": statistics.mean(seconds) if seconds else None, "final": {}}
     if diverged:
-        return run
-    model.eval()
+        return record
     for k in args.samples:
-        if not is_ivon:
-            probs = predict(model, test_x, k, seed, epochs)
-        elif k > 0:
-            probs = ivon_predict(model, optimizer, test_x, k, seed, epochs)
-        else:
-            with torch.no_grad():
-                probs = torch.cat([F.softmax(model(test_x[i:i + 1000]), -1) for i in range(0, len(test_x), 1000)])
-        run["final"][str(k)] = scores(probs, test_y)
-    return run
-
-
-def _ms(xs: list[float], fmt: str, scale: float = 1.0) -> str:
-    if not xs:
-        return "-"
-    m = statistics.mean(xs) * scale
-    sd = statistics.stdev(xs) * scale if len(xs) > 1 else 0.0
-    return f"{m:{fmt}} ± {sd:{fmt}}"
+        record["final"][str(k)] = scores(run.predict(test_x, k, epochs), test_y)
+    return record
 
 
 def report(store: dict, samples: list[int]) -> str:
@@ -169,7 +117,7 @@ def report(store: dict, samples: list[int]) -> str:
         by_task.setdefault((r["task"], r["epochs"]), {}).setdefault(name, []).append(r)
     study = RESULTS / "accuracy.json"  # the accuracy study's runs of the same protocol, as reference rows
     if study.exists():
-        for key, r in json.loads(study.read_text())["runs"].items():
+        for key, r in Store(study).runs.items():
             ref = {("NoisyAdam", 0.003): "base (accuracy.py)", ("IVON", 0.1): "IVON (accuracy.py)"}.get(
                 (r["method"], r["lr"]))
             if ref and key.startswith("test|") and r["n_train"] == N_TRAIN and (r.get("task"), r["epochs"]) in by_task:
@@ -180,21 +128,21 @@ def report(store: dict, samples: list[int]) -> str:
     rank = {t: i for i, t in enumerate(TASKS)}
     for (task, epochs), groups in sorted(by_task.items(), key=lambda kv: (rank.get(kv[0][0], len(rank)), kv[0][1])):
         main = str(10 if 10 in samples else samples[0])
-        md += [f"### {task}, {epochs} epochs (predictive: {main} samples)", "",
-               "| config | n | test acc % | NLL | ECE | s/epoch |", "| --- | --- | --- | --- | --- | --- |"]
+        rows = []
         for name in sorted(groups, key=lambda n: order.index(n) if n in order else len(order)):
             rs = groups[name]
             ok = [r for r in rs if r["final"]]
             n = f"{len(ok)}" + (f" (+{len(rs) - len(ok)} diverged)" if len(ok) < len(rs) else "")
             f = [r["final"][main] for r in ok if main in r["final"]]
-            md.append(f"| {name} | {n} | {_ms([x['acc'] for x in f], '.2f', 100)} | {_ms([x['nll'] for x in f], '.4f')}"
-                      f" | {_ms([x['ece'] for x in f], '.4f')} | {_ms([r['sec_per_epoch'] for r in ok], '.1f')} |")
+            rows.append([name, n, *(mean_sd([x[m] for x in f], fmt, scale, "-", zero_sd=True)
+                                    for m, fmt, scale in (("acc", ".2f", 100), ("nll", ".4f", 1), ("ece", ".4f", 1))),
+                         mean_sd([r["sec_per_epoch"] for r in ok], ".1f", missing="-", zero_sd=True)])
+        md += [f"### {task}, {epochs} epochs (predictive: {main} samples)", "",
+               *md_table(["config", "n", "test acc %", "NLL", "ECE", "s/epoch"], rows)]
         other = [k for k in samples if str(k) != main
                  and any(str(k) in r["final"] for rs in groups.values() for r in rs)]
         if other:
-            md += ["", "Predictive samples (same networks): NLL / ECE", "",
-                   "| config | " + " | ".join(f"{k} samples" if k else "mean weights" for k in other) + " |",
-                   "| --- " * (len(other) + 1) + "|"]
+            rows = []
             for name in sorted(groups, key=lambda n: order.index(n) if n in order else len(order)):
                 cells = []
                 for k in other:
@@ -202,15 +150,11 @@ def report(store: dict, samples: list[int]) -> str:
                     nll_, ece_ = (statistics.mean(x[m] for x in f) for m in ("nll", "ece")) if f else (0, 0)
                     cells.append(f"{nll_:.4f} / {ece_:.4f}" if f else "-")
                 if any(c != "-" for c in cells):
-                    md.append(f"| {name} | " + " | ".join(cells) + " |")
+                    rows.append([name, *cells])
+            md += ["", "Predictive samples (same networks): NLL / ECE", "",
+                   *md_table(["config", *(f"{k} samples" if k else "mean weights" for k in other)], rows)]
         md.append("")
     return "\n".join(md)
-
-
-def save(path: Path, store: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(store, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -227,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     args.samples = [int(k) for k in args.samples.split(",")]
     torch.set_num_threads(args.threads)
-    store = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}}
+    store = Store(args.out)
     if not args.report_only:
         store["environment"] = environment(device="cpu")
         table, data = configs(), Data(args.data_root, "cpu")
@@ -235,20 +179,21 @@ def main(argv: list[str] | None = None) -> None:
         unknown = [c for c in names if c not in table]
         if unknown:
             p.error(f"unknown config(s) {unknown}; choose from {list(table)}")
-        for seed in range(args.seeds):  # seeds outer: a partial study has every task and config at seed 0
-            for task in args.tasks.split(","):
-                for name in names:
-                    key = f"{task}|{name}|seed={seed}|epochs={args.epochs}"
-                    if key in store["runs"] and store["runs"][key]["settings"] == table[name]:
-                        continue
-                    t0 = time.perf_counter()
-                    run = train_run(task, table[name], seed, args.epochs, data, args)
-                    store["runs"][key] = run
-                    save(args.out, store)
-                    f = run["final"].get(str(args.samples[0]))
-                    print(f"{key}: " + (f"acc {f['acc']:.4f} nll {f['nll']:.4f} ece {f['ece']:.4f}" if f
-                                        else f"DIVERGED {run['diverged']}") + f" ({time.perf_counter() - t0:.0f}s)",
-                          flush=True)
+
+        def key(task: str, name: str, seed: int) -> str:
+            return f"{task}|{name}|seed={seed}|epochs={args.epochs}"
+
+        def one(task: str, name: str, seed: int) -> dict:
+            t0 = time.perf_counter()
+            run = train_run(task, table[name], seed, args.epochs, data, args)
+            f = run["final"].get(str(args.samples[0]))
+            print(f"{key(task, name, seed)}: " + (f"acc {f['acc']:.4f} nll {f['nll']:.4f} ece {f['ece']:.4f}" if f
+                                                  else f"DIVERGED {run['diverged']}")
+                  + f" ({time.perf_counter() - t0:.0f}s)", flush=True)
+            return run
+
+        Study(args.tasks.split(","), names, range(args.seeds)).run(
+            store, key, one, done=lambda run, task, name, seed: run["settings"] == table[name])
     print(report(store, args.samples))
 
 

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from backpack import backpack, extend  # noqa: E402
@@ -48,8 +49,8 @@ from torch.func import functional_call, grad, vmap  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizers import curvature, sum_grad_squared  # noqa: E402
 
-#: arch -> (channels, image size, batch size)
-ARCHS = {"mlp": (1, 28, 100), "lenet5": (3, 32, 128)}
+#: arch -> (channels, image size, batch size): the step benchmark's shapes
+ARCHS = {arch: common.ARCHS[arch][:3] for arch in ("mlp", "lenet5")}
 METHODS = ("plain", "ours", "backpack", "torch.func", "naive loop")
 RTOL = 1e-5
 QUICK_BATCH = 16

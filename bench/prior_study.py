@@ -2,10 +2,11 @@
 
 For Noisy Adam (``--model FFG``) and Noisy K-FAC (``--model MVG``) on the MNIST MLP, each prior is trained with
 ``train.py --epoch 3`` (seeds 0 .. S-1, 1 thread) and scored by ``test.py`` (10 weight samples, OOD detection
-against FashionMNIST by predictive entropy). The final epoch's ELBO terms and learned eta per layer come from the
-run's ``metrics.jsonl``. With ``laplace-torch`` installed, the learned eta is compared with the prior precision
-that laplace-torch's marginal likelihood picks (layer-wise, diagonal and K-FAC GGN, ``optimize_prior_precision``
-with ``method="marglik"``) around the auto Noisy Adam run's means, as a sanity check of its scale.
+against FashionMNIST by predictive entropy), through ``runner.run_commands``. The final epoch's ELBO terms and
+learned eta per layer come from the run's ``metrics.jsonl``. With ``laplace-torch`` installed, the learned eta is
+compared with the prior precision that laplace-torch's marginal likelihood picks (layer-wise, diagonal and K-FAC
+GGN, ``optimize_prior_precision`` with ``method="marglik"``) around the auto Noisy Adam run's means, as a sanity
+check of its scale.
 
     python bench/prior_study.py --data_root ../shared/data --seeds 1
     python bench/prior_study.py --report_only
@@ -13,21 +14,16 @@ with ``method="marglik"``) around the auto Noisy Adam run's means, as a sanity c
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from util.run_dir import RunDir  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS  # noqa: E402
+from runner import Store, Study, command, commands_parser, md_table, run_commands  # noqa: E402
 
 EPOCHS = 3
-OUT = REPO / "bench" / "results" / "prior_study.json"
+OUT = RESULTS / "prior_study.json"
 #: name -> train.py flags
 CONFIGS = {
     "noisy_adam/fixed": ["--model=FFG"],
@@ -36,29 +32,23 @@ CONFIGS = {
     "noisy_kfac/auto": ["--model=MVG", "--prior_var=auto"],
 }
 COLUMNS = ("test_acc", "test_nll", "test_ece", "ood_auroc")
+TEST_FLAGS = ("--test_samples=10", "--ood_dataset=FashionMNIST")
 
 
-def run(name: str, flags: list[str], seed: int, ckpt_dir: Path, data_root: str | None, threads: int) -> dict:
-    run_name = name.replace("/", "_") + f"_s{seed}"
-    common = ["--ckpt_dir", str(ckpt_dir), "--name", run_name, "--num_threads", str(threads)]
-    if data_root:
-        common += ["--data_root", data_root]
-    train = [sys.executable, "train.py", *flags, f"--epoch={EPOCHS}", f"--seed={seed}", "--no_visdom",
-             "--no_progress", *common]
-    print("$", " ".join(train[1:]), flush=True)
-    subprocess.run(train, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    test = [sys.executable, "test.py", f"--epoch={EPOCHS}", "--test_samples=10", "--ood_dataset=FashionMNIST",
-            *common]
-    out = subprocess.run(test, cwd=REPO, check=True, capture_output=True, text=True).stdout
-    result = {k: v for k, v in json.loads(out.strip().splitlines()[-1]).items() if k in COLUMNS}
-    last = [r for r in RunDir(ckpt_dir / run_name).read_metrics() if r["kind"] == "epoch"][-1]
+def run(name: str, seed: int, ckpt_dir: Path, data_root: str | None, threads: int) -> tuple[dict, Path]:
+    """One configuration through train.py and test.py: test.py's scores, the last epoch's ELBO terms and learned
+    eta, the command; and the last checkpoint."""
+    flags = [*CONFIGS[name], f"--seed={seed}"]
+    done = run_commands(name.replace("/", "_") + f"_s{seed}", flags, EPOCHS, ckpt_dir, data_root, threads,
+                        TEST_FLAGS, quiet=True)
+    result = {k: v for k, v in done.test.items() if k in COLUMNS}
+    last = done.epochs[-1]
     result.update({k: last[k] for k in ("elbo", "expected_loglik", "kl") if k in last})
     if "prior_var" in last:
         result["prior_var"] = last["prior_var"]
-    result["command"] = " ".join(["python train.py", *flags, f"--epoch={EPOCHS}", f"--seed={seed}"]) + \
-        " && python test.py --test_samples=10 --ood_dataset=FashionMNIST"
-    result["checkpoint"] = str(ckpt_dir / run_name / f"epoch_{EPOCHS}.pt")
-    return result
+    result["command"] = " ".join(["python train.py", *CONFIGS[name], f"--epoch={EPOCHS}", f"--seed={seed}"]) + \
+        " && python test.py " + " ".join(TEST_FLAGS)
+    return result, done.checkpoint
 
 
 def laplace_prior(checkpoint: str, data_root: str | None, examples: int) -> dict:
@@ -91,18 +81,19 @@ def laplace_prior(checkpoint: str, data_root: str | None, examples: int) -> dict
     return out
 
 
-def report(results: dict) -> None:
-    print("\n| run | seed | test acc | NLL | ECE | OOD AUROC | ELBO | E log-lik | KL | learned eta (fc1, fc2) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for key, r in sorted(results.get("runs", {}).items()):
+def report(results: Store) -> None:
+    rows = []
+    for key, r in sorted(results.runs.items()):
         name, seed = key.rsplit("/s", 1)
         eta = ", ".join(f"{v:.3g}" for v in r.get("prior_var", {}).values()) or "1 (fixed)"
-        print(f"| {name} | {seed} | {100 * r['test_acc']:.2f}% | {r['test_nll']:.4f} | {r['test_ece']:.4f} | "
-              f"{r['ood_auroc']:.4f} | {r['elbo']:.4g} | {r['expected_loglik']:.4g} | {r['kl']:.4g} | {eta} |")
-    if "error" in results.get("laplace", {}):
-        print(f"\n{results['laplace']['error']}")
-    elif "laplace" in results:
-        la = results["laplace"]
+        rows.append([name, seed, f"{100 * r['test_acc']:.2f}%", f"{r['test_nll']:.4f}", f"{r['test_ece']:.4f}",
+                     f"{r['ood_auroc']:.4f}", f"{r['elbo']:.4g}", f"{r['expected_loglik']:.4g}", f"{r['kl']:.4g}", eta])
+    print("\n" + "\n".join(md_table(["run", "seed", "test acc", "NLL", "ECE", "OOD AUROC", "ELBO", "E log-lik", "KL",
+                                     "learned eta (fc1, fc2)"], rows)))
+    la = results.get("laplace")
+    if la and "error" in la:
+        print(f"\n{la['error']}")
+    elif la:
         print(f"\nlaplace-torch marginal-likelihood prior variance (1/precision) at the auto Noisy Adam means, "
               f"{la['examples']} training examples:")
         for structure in ("diag", "kron"):
@@ -110,29 +101,24 @@ def report(results: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_root", default=None)
-    parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--only", nargs="+", choices=tuple(CONFIGS), default=list(CONFIGS))
-    parser.add_argument("--num_threads", type=int, default=1)
+    parser = commands_parser(__doc__, CONFIGS, seeds=1)
     parser.add_argument("--laplace_examples", type=int, default=60000)
-    parser.add_argument("--report_only", action="store_true")
     args = parser.parse_args()
-    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    results = Store(OUT)
     if not args.report_only:
-        results["command"] = "python bench/prior_study.py " + " ".join(sys.argv[1:])
+        results["command"] = command("prior_study.py", sys.argv[1:])
         with tempfile.TemporaryDirectory() as tmp:
-            for seed in range(args.seeds):
-                for name in args.only:
-                    r = run(name, CONFIGS[name], seed, Path(tmp), args.data_root, args.num_threads)
-                    if name == "noisy_adam/auto" and seed == 0:
-                        try:
-                            results["laplace"] = laplace_prior(r["checkpoint"], args.data_root, args.laplace_examples)
-                        except ImportError as e:
-                            results["laplace"] = {"error": f"laplace-torch not available: {e}"}
-                    r.pop("checkpoint")
-                    results.setdefault("runs", {})[f"{name}/s{seed}"] = r
-                    OUT.write_text(json.dumps(results, indent=2) + "\n")
+            def one(task: None, name: str, seed: int) -> dict:
+                result, checkpoint = run(name, seed, Path(tmp), args.data_root, args.num_threads)
+                if name == "noisy_adam/auto" and seed == 0:
+                    try:
+                        results["laplace"] = laplace_prior(str(checkpoint), args.data_root, args.laplace_examples)
+                    except ImportError as e:
+                        results["laplace"] = {"error": f"laplace-torch not available: {e}"}
+                return result
+
+            Study([None], args.only, range(args.seeds)).run(
+                results, lambda task, name, seed: f"{name}/s{seed}", one, done=lambda *_: False)
     report(results)
 
 

@@ -1,7 +1,7 @@
 """Benchmark: time of one training step (forward + backward + update), relative to Adam.
 
 For ``mlp`` on MNIST shapes (batch 100 of 1x28x28), ``lenet5`` on CIFAR-10 shapes
-(batch 128 of 3x32x32) and ``resnet20`` (BatchNorm, residual blocks; issue #10) on FashionMNIST shapes
+(batch 128 of 3x32x32) and ``resnet20`` (BatchNorm, residual blocks) on FashionMNIST shapes
 (batch 128 of 1x28x28), random data, every method runs the step of ``train.py``::
 
     optimizer.zero_grad(); loss = F.cross_entropy(model(x), y); loss.backward(); optimizer.step()
@@ -14,13 +14,12 @@ The timed unit is a block of ``t_inv`` consecutive steps for every method, so No
 statistics and decompositions are amortised exactly (one refresh per block, after the untimed
 first block that holds the warm-up); a method's ms/step is the median over rounds of block
 time / t_inv, the rounds interleaving all methods in a shuffled order
-(``bench.common.interleaved``). Each ratio is to Adam's median.
+(``bench.common.interleaved``); the step is ``common.training_steps``. Each ratio is to Adam's median.
 
 Threads: measured with 1 thread first, then with torch's default thread count (what
 ``train.py`` uses unless ``--num_threads``; 2 on the 2-core benchmark machine). The headline
 (top-level JSON entries, PASS/MISS) is the 1-thread run: on a shared machine, multi-threaded
-OpenMP regions stall whenever another process holds one of the cores (on the benchmark machine,
-Adam's mlp step took 0.9 ms with 1 thread and 5-235 ms with 2), so the 2-thread numbers measure
+OpenMP regions stall whenever another process holds one of the cores, so the 2-thread numbers measure
 the machine's load more than the methods. Both runs are under ``by_threads``.
 
 The FLOP ratio beside each time ratio is an analytic count (``flop_model``): 2 FLOPs per MAC,
@@ -28,7 +27,7 @@ forward + backward = 3x forward (2x for the first layer), plus each method's ext
 
 Usage: ``python bench/step_time.py [--quick] [--archs mlp,lenet5] [--methods ...] [--repeats R] [--threads 1,0]
 [--kfac_rank 64] [--out PATH]``; writes ``bench/results/step_time.json``. The default ``--archs`` leave
-``resnet20`` out: a round of its blocks takes minutes on a CPU, so it is measured on its own, into its own
+``resnet20`` out: its blocks are slow on a CPU, so it is measured on its own, into its own
 file: ``--archs resnet20 --methods Adam,NoisyAdam,NoisyAdamBatch,VOGN,NoisyKFAC --kfac_rank "" --repeats 3
 --warmup 0 --threads 1 --out bench/results/step_time_resnet20.json``.
 """
@@ -36,7 +35,6 @@ file: ``--archs resnet20 --methods Adam,NoisyAdam,NoisyAdamBatch,VOGN,NoisyKFAC 
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import statistics
 import sys
@@ -46,9 +44,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 import ivon  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from common import (  # noqa: E402
     RESULTS,
     LayerShape,
@@ -58,6 +56,7 @@ from common import (  # noqa: E402
     layer_shapes,
     median,
     table,
+    training_steps,
     write_json,
 )
 from torch import Tensor, nn  # noqa: E402
@@ -70,10 +69,10 @@ from optimizers.registry import OPTIMIZERS  # noqa: E402
 METHODS = ["Adam", "NoisyAdam", "NoisyAdamBatch", "NoisyAdamHessian", "VOGN", "NoisyKFAC", "IVON"]
 #: the low-rank Noisy K-FAC variants are named ``NoisyKFACr<K>`` (added to METHODS by ``--kfac_rank``)
 RANK_PREFIX = "NoisyKFACr"
-#: arch -> (channels, image size, batch size, N)
-ARCHS = {"mlp": (1, 28, 100, 60000), "lenet5": (3, 32, 128, 50000), "resnet20": (1, 28, 128, 60000)}
+#: arch -> (channels, image size, batch size, N); ``main`` narrows it to ``--archs`` (and ``--quick``'s batch)
+ARCHS = dict(common.ARCHS)
 DEFAULT_ARCHS = ("mlp", "lenet5")
-#: time-ratio targets (<= target passes; issue #11 for the K-FAC and diagonal rows)
+#: time-ratio targets (<= target passes)
 TARGETS = {"NoisyAdam": {"mlp": 1.7, "lenet5": 1.55, "resnet20": 1.6},
            "NoisyAdamBatch": {"mlp": 1.35, "lenet5": 1.1, "resnet20": 1.15},
            "NoisyAdamHessian": {"mlp": 1.15, "lenet5": 1.15},
@@ -115,33 +114,7 @@ def block_of_steps(method: str, arch: str, batches: list[tuple[Tensor, Tensor]],
     Returns the last loss."""
     model, optimizer = build(method, arch, t_inv=steps)
     model.train()
-    data = itertools.cycle(batches)
-
-    def step() -> Tensor:
-        x, y = next(data)
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        return loss
-
-    def ivon_step() -> Tensor:
-        x, y = next(data)
-        optimizer.zero_grad()
-        with optimizer.sampled_params(train=True):
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-        optimizer.step()
-        return loss
-
-    one = ivon_step if method == "IVON" else step
-
-    def block() -> float:
-        for _ in range(steps):
-            loss = one()
-        return float(loss.detach())
-
-    return block
+    return training_steps(model, optimizer, batches, steps, sampled=method == "IVON")
 
 
 # -- analytic FLOPs ---------------------------------------------------------------------------------
@@ -265,11 +238,11 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"smoke test: one round of 2-step blocks (NoisyKFAC t_inv=2), batch {QUICK_BATCH}, "
                         "one thread setting")
     p.add_argument("--repeats", type=int, default=30, help=f"timed blocks of {T_INV} steps per method")
-    p.add_argument("--kfac_rank", default="64",
-                   help="comma-separated ranks K of the NoisyKFACr<K> variants (empty: none)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
     p.add_argument("--repeats_other", type=int, default=5,
                    help="timed blocks per method for the thread settings after the first")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
+    p.add_argument("--kfac_rank", default="64",
+                   help="comma-separated ranks K of the NoisyKFACr<K> variants (empty: none)")
     p.add_argument("--threads", default="1,0",
                    help="comma-separated thread counts, the first one is the headline; 0 = torch's default")
     p.add_argument("--archs", default=",".join(DEFAULT_ARCHS), help=f"comma-separated, of {', '.join(ARCHS)}")

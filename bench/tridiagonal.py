@@ -1,12 +1,11 @@
-"""Benchmark: block-tridiagonal vs block-diagonal Noisy K-FAC vs Noisy Adam on the MNIST MLP (issue 12).
+"""Benchmark: block-tridiagonal vs block-diagonal Noisy K-FAC vs Noisy Adam on the MNIST MLP.
 
 Two architectures, ``mlp`` 784-100-10 (``--hidden 100``) and 784-100-100-10 (``--hidden 100 100``); methods
 ``NoisyAdam`` (FFG), ``KFAC-diag`` (``--kfac_structure block_diagonal``) and ``KFAC-tri``
-(``--kfac_structure block_tridiagonal``). Each run is what ``train.py`` does with those flags (options from
-``TrainOptions().parse``, model and optimizer from ``experiment``; same in-memory loader and seed), at the
-learning rates ``bench/accuracy.py``'s 10-epoch sweep chose (Noisy Adam 3e-3, Noisy K-FAC 1e-3, the same for
-both structures), Noisy K-FAC with ``--t_stats 1 --t_inv 20`` (the defaults when this was measured) and every
-other setting at its default. After the last epoch: test accuracy, NLL, ECE (15
+(``--kfac_structure block_tridiagonal``). Each run is what ``train.py`` does with those flags
+(``runner.Run``), at the learning rates ``bench/accuracy.py``'s 10-epoch sweep chose (Noisy Adam 3e-3, Noisy K-FAC
+1e-3, the same for both structures), Noisy K-FAC with ``--t_stats 1 --t_inv 20`` and every other setting at its
+default. After the last epoch: test accuracy, NLL, ECE (15
 bins) of the predictive over 10 weight samples, and OOD AUROC of the predictive entropy (MNIST test vs
 FashionMNIST test).
 
@@ -14,8 +13,8 @@ Step time is measured separately, in one process, interleaved (``common.interlea
 steps (one ``t_inv`` period, so the refresh is included once per block) of Adam, Noisy Adam and the two
 Noisy K-FAC structures on the same batches; medians over the rounds, ratios to Adam and tri / diag.
 
-Results go to ``bench/results/tridiagonal.json`` (runs already there are skipped) and
-``docs/results_tridiagonal.md``.
+Results go to ``bench/results/tridiagonal.json`` (runs already there are skipped; ``--out``) and
+``docs/results_tridiagonal.md`` (``--md``).
 
     python bench/tridiagonal.py --data_root ../shared/data --epochs 3 --seeds 3
     python bench/tridiagonal.py --report_only
@@ -24,7 +23,6 @@ Results go to ``bench/results/tridiagonal.json`` (runs already there are skipped
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics
@@ -34,87 +32,56 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from common import REPO, RESULTS, environment, interleaved  # noqa: E402
+from common import REPO, RESULTS, environment, interleaved, training_steps  # noqa: E402
+from runner import Data, Method, Run, Store, Study, Task, build, md_table, mean_sd, options, scores  # noqa: E402
 
-from data import InMemoryLoader, load_split  # noqa: E402
-from evaluation import evaluate, ood_auroc, predict  # noqa: E402
-from experiment import finite, make_model, make_optimizer  # noqa: E402
-from option_parser import TrainOptions  # noqa: E402
+from evaluation import ood_auroc  # noqa: E402
 
-#: method -> train.py flags
 METHODS = {
-    "NoisyAdam": ("--model", "FFG", "--lr", "3e-3"),
-    "KFAC-diag": ("--model", "MVG", "--lr", "1e-3", "--t_stats", "1", "--t_inv", "20",
-                  "--kfac_structure", "block_diagonal"),
-    "KFAC-tri": ("--model", "MVG", "--lr", "1e-3", "--t_stats", "1", "--t_inv", "20",
-                 "--kfac_structure", "block_tridiagonal"),
+    "NoisyAdam": Method("FFG", flags=("--lr", "3e-3")),
+    "KFAC-diag": Method("MVG", flags=("--lr", "1e-3", "--t_stats", "1", "--t_inv", "20",
+                                      "--kfac_structure", "block_diagonal")),
+    "KFAC-tri": Method("MVG", flags=("--lr", "1e-3", "--t_stats", "1", "--t_inv", "20",
+                                     "--kfac_structure", "block_tridiagonal")),
 }
-HIDDEN = {"784-100-10": ("100",), "784-100-100-10": ("100", "100")}
+#: the two architectures, as tasks
+HIDDEN = {"784-100-10": Task("MNIST", "mlp", "FashionMNIST", flags=("--hidden", "100")),
+          "784-100-100-10": Task("MNIST", "mlp", "FashionMNIST", flags=("--hidden", "100", "100"))}
 TEST_SAMPLES = 10
 JSON = RESULTS / "tridiagonal.json"
 MD = REPO / "docs" / "results_tridiagonal.md"
 
 
-def options(method: str, hidden: str, seed: int, data_root: str | None, epochs: int) -> argparse.Namespace:
-    argv = [*METHODS[method], "--hidden", *HIDDEN[hidden], "--seed", str(seed), "--epoch", str(epochs),
-            "--test_samples", str(TEST_SAMPLES), "--device", "cpu", "--no_visdom", "--no_progress"]
-    if data_root:
-        argv += ["--data_root", data_root]
-    return TrainOptions().parse(argv)
-
-
-def run(method: str, hidden: str, seed: int, epochs: int, data: dict) -> dict:
-    opt = options(method, hidden, seed, data["root"], epochs)
-    train_x, train_y = data["train"]
-    loader = InMemoryLoader(train_x, train_y, opt.batch_size, shuffle=True, seed=opt.seed)
-    torch.manual_seed(opt.seed)
-    model = make_model(opt)
-    optimizer = make_optimizer(opt, model)
-    torch.manual_seed(opt.seed)
+def run(method: str, hidden: str, seed: int, epochs: int, data: Data) -> dict:
+    task = HIDDEN[hidden]
+    opt = options(task, METHODS[method], seed, "--epoch", str(epochs), "--test_samples", str(TEST_SAMPLES),
+                  data_root=data.root)
+    trained = Run(opt, METHODS[method], data.split(task.dataset, True))
     seconds = []
-    for epoch in range(1, epochs + 1):
-        model.train()
-        loader.set_epoch(epoch)
-        t0 = time.perf_counter()
-        for x, y in loader:
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-        seconds.append(time.perf_counter() - t0)
-        if not finite(model):
-            return {"diverged": f"epoch {epoch}"}
-    metrics, probs = evaluate(model, *data["test"], TEST_SAMPLES, seed, epochs)
-    metrics["ood_auroc"] = ood_auroc(probs, predict(model, data["ood"], TEST_SAMPLES, seed, epochs))
+    diverged = trained.train(epochs, lambda epoch, result: seconds.append(result["seconds"]))
+    if diverged:
+        return {"diverged": diverged}
+    test_x, test_y = data.split(task.dataset, False)
+    probs = trained.predict(test_x, TEST_SAMPLES, epochs)
+    metrics = scores(probs, test_y)
+    metrics["ood_auroc"] = ood_auroc(probs, trained.predict(data.split(task.ood, False)[0], TEST_SAMPLES, epochs))
     metrics["sec_per_epoch"] = statistics.mean(seconds)
-    if hasattr(optimizer, "guard_count"):
-        metrics["guard_count"] = optimizer.guard_count()
+    if hasattr(trained.optimizer, "guard_count"):
+        metrics["guard_count"] = trained.optimizer.guard_count()
     return metrics
 
 
-def step_times(data: dict, rounds: int) -> dict:
+def step_times(data: Data, rounds: int) -> dict:
     """Median seconds per step of 20-step blocks, interleaved; per architecture."""
-    train_x, train_y = data["train"]
+    train_x, train_y = data.split("MNIST", True)
     batches = [(train_x[i:i + 100], train_y[i:i + 100]) for i in range(0, 2000, 100)]
     out = {}
-    for hidden in HIDDEN:
+    for hidden, task in HIDDEN.items():
         blocks = {}
-        for method in ("Adam", *METHODS):
-            flags = ("--model", "MAP") if method == "Adam" else METHODS[method]
-            opt = TrainOptions().parse([*flags, "--hidden", *HIDDEN[hidden], "--device", "cpu", "--no_visdom"])
-            torch.manual_seed(0)
-            model = make_model(opt)
-            optimizer = make_optimizer(opt, model)
+        for name, method in {"Adam": Method("MAP"), **METHODS}.items():
+            model, optimizer = build(options(task, method, 0), method, train_x.shape[0])
             model.train()
-            cycle = itertools.cycle(batches)
-
-            def block(model=model, optimizer=optimizer, cycle=cycle) -> None:
-                for _ in range(20):
-                    x, y = next(cycle)
-                    optimizer.zero_grad()
-                    F.cross_entropy(model(x), y).backward()
-                    optimizer.step()
-            blocks[method] = block
+            blocks[name] = training_steps(model, optimizer, batches, 20)
         samples = interleaved(blocks, rounds)
         med = {m: statistics.median(s) / 20 for m, s in samples.items()}
         out[hidden] = {"ms_per_step": {m: 1e3 * v for m, v in med.items()},
@@ -123,15 +90,7 @@ def step_times(data: dict, rounds: int) -> dict:
     return out
 
 
-def mean_sd(xs: list[float], fmt: str = ".4f") -> str:
-    if not xs:
-        return "-"
-    m = statistics.mean(xs)
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{m:{fmt}} ± {sd:{fmt}}"
-
-
-def report(store: dict) -> str:
+def report(store: Store) -> str:
     env = store.get("environment", {})
     lines = ["# Block-tridiagonal Noisy K-FAC: results", "",
              "Generated by `bench/tridiagonal.py` from `bench/results/tridiagonal.json`; do not edit by hand. "
@@ -145,20 +104,19 @@ def report(store: dict) -> str:
              f"Machine: {env.get('summary', 'see JSON')}.", "",
              "```", "python bench/tridiagonal.py --data_root ../shared/data --epochs 3 --seeds 3", "```", ""]
     for hidden in HIDDEN:
-        lines += [f"## {hidden}", "",
-                  "| method | n | test acc % | NLL | ECE | OOD AUROC | s/epoch | guard acted (refreshes) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        finals = {}
+        finals, rows = {}, []
         for method in METHODS:
-            runs = [r for k, r in store["runs"].items() if k.startswith(f"{hidden}|{method}|")]
+            runs = [r for k, r in store.runs.items() if k.startswith(f"{hidden}|{method}|")]
             ok = [r for r in runs if "diverged" not in r]
             finals[method] = ok
             guards = [r["guard_count"] for r in ok if "guard_count" in r]
-            lines.append(
-                f"| {method} | {len(ok)}{' (' + str(len(runs) - len(ok)) + ' diverged)' if len(ok) < len(runs) else ''}"
-                f" | {mean_sd([100 * r['acc'] for r in ok], '.2f')} | {mean_sd([r['nll'] for r in ok])} | "
-                f"{mean_sd([r['ece'] for r in ok])} | {mean_sd([r['ood_auroc'] for r in ok])} | "
-                f"{mean_sd([r['sec_per_epoch'] for r in ok], '.1f')} | {', '.join(map(str, guards)) or '-'} |")
+            rows.append([method, f"{len(ok)}" + (f" ({len(runs) - len(ok)} diverged)" if len(ok) < len(runs) else ""),
+                         *(mean_sd([r[k] for r in ok], fmt, scale, "-", zero_sd=True)
+                           for k, fmt, scale in (("acc", ".2f", 100), ("nll", ".4f", 1), ("ece", ".4f", 1),
+                                                 ("ood_auroc", ".4f", 1), ("sec_per_epoch", ".1f", 1))),
+                         ", ".join(map(str, guards)) or "-"])
+        lines += [f"## {hidden}", "", *md_table(["method", "n", "test acc %", "NLL", "ECE", "OOD AUROC", "s/epoch",
+                                                  "guard acted (refreshes)"], rows)]
         tri, diag = finals.get("KFAC-tri"), finals.get("KFAC-diag")
         if tri and diag:
             d = {k: statistics.mean(r[k] for r in tri) - statistics.mean(r[k] for r in diag)
@@ -186,39 +144,32 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report_only", action="store_true")
     p.add_argument("--skip_runs", action="store_true", help="only the step-time measurement")
+    p.add_argument("--out", type=Path, default=JSON, help="the results (JSON)")
+    p.add_argument("--md", type=Path, default=MD, help="the report (markdown)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    store = json.loads(JSON.read_text()) if JSON.exists() else {"runs": {}}
+    store = Store(args.out)
     if not args.report_only:
-        data = {"root": args.data_root, "train": load_split("MNIST", True, args.data_root, "cpu"),
-                "test": load_split("MNIST", False, args.data_root, "cpu"),
-                "ood": load_split("FashionMNIST", False, args.data_root, "cpu")[0]}
-        store.update(epochs=args.epochs, seeds=list(range(args.seeds)), environment=environment())
+        data = Data(args.data_root)
+        store.data.update(epochs=args.epochs, seeds=list(range(args.seeds)), environment=environment())
         store["environment"]["summary"] = (f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} "
                                            f"thread(s), load average {os.getloadavg()[0]:.1f} at the start; the "
                                            "machine was shared with other jobs, so times are noisy")
         if not args.skip_runs:
-            for seed, hidden, method in itertools.product(range(args.seeds), HIDDEN, METHODS):
-                key = f"{hidden}|{method}|seed={seed}|epochs={args.epochs}"
-                if key in store["runs"]:
-                    continue
+            def one(hidden: str, method: str, seed: int) -> dict:
                 t0 = time.perf_counter()
-                store["runs"][key] = run(method, hidden, seed, args.epochs, data)
-                print(f"{key}: {store['runs'][key]} ({time.perf_counter() - t0:.0f}s)", flush=True)
-                _save(store)
+                result = run(method, hidden, seed, args.epochs, data)
+                print(f"{hidden}|{method}|seed={seed}: {result} ({time.perf_counter() - t0:.0f}s)", flush=True)
+                return result
+
+            Study(list(HIDDEN), list(METHODS), range(args.seeds)).run(
+                store, lambda hidden, method, seed: f"{hidden}|{method}|seed={seed}|epochs={args.epochs}", one)
         store["step_time"] = step_times(data, args.rounds)
         print(json.dumps(store["step_time"], indent=1), flush=True)
-        _save(store)
+        store.save()
     text = report(store)
-    MD.write_text(text + "\n")
+    args.md.write_text(text + "\n")
     print(text)
-
-
-def _save(store: dict) -> None:
-    JSON.parent.mkdir(parents=True, exist_ok=True)
-    tmp = JSON.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(store, indent=1) + "\n")
-    os.replace(tmp, JSON)
 
 
 if __name__ == "__main__":

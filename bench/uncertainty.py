@@ -11,8 +11,8 @@ trains on a CPU (docs/uncertainty.md describes it):
 * the gain from sampling: the same scores at the mean weights (``*_mean`` keys);
 * the posterior: percentiles of the first layer's posterior std (Bayesian methods and IVON).
 
-Methods: ours (``NoisyAdam``, ``VOGN``, ``NoisyKFAC``: ``train.py``'s options, model, optimizer and epoch, so
-a run is what ``train.py`` would do with those flags) and the peers from their packages: ``Adam``;
+Methods: ours (``NoisyAdam``, ``VOGN``, ``NoisyKFAC``: ``runner.Run``, what ``train.py`` would do with those
+flags) and the peers from their packages: ``Adam``;
 ``Laplace`` (laplace-torch on that Adam network: last-layer K-FAC Laplace, prior precision by marginal
 likelihood, probit predictive); ``IVON`` (``ivon.IVON(lr=0.1, ess=N)``, package defaults otherwise, on the
 deterministic network); ``Ensemble`` (5 Adam networks, seeds ``s, s+100, ...``, their softmax averaged).
@@ -34,52 +34,31 @@ goes to ``docs/results_uncertainty.md``, the plots ``uncertainty_<task>.png`` (s
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ivon  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from common import REPO, RESULTS, environment, ivon_predict, table  # noqa: E402
+from common import REPO, RESULTS, environment, table  # noqa: E402
+from runner import METHODS, TASKS, Run, Store, Study, command, mean_sd, options  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from data import InMemoryLoader, load_split, take_subset  # noqa: E402
+from data import load_split, take_subset  # noqa: E402
 from evaluation import predict  # noqa: E402
-from experiment import finite, make_model, make_optimizer  # noqa: E402
 from models import bayesian_layers  # noqa: E402
-from option_parser import TrainOptions  # noqa: E402
-from training import StepRecords, train_epoch  # noqa: E402
 from util.metrics import accuracy, auroc, ece, nll, predictive_entropy  # noqa: E402
 
 ANGLES = (0, 15, 30, 45, 60, 75, 90, 120, 150, 180)
 TEST_SAMPLES = 32  # weight samples of the MC predictive (--test_samples)
 ENSEMBLE_SIZE = 5
 IVON_LR = 0.1
-
-
-@dataclass(frozen=True)
-class Task:
-    dataset: str
-    arch: str
-    ood: str
-    epochs: int
-    batch_size: int = 100
-
-
-TASKS = {
-    "mnist_mlp": Task("MNIST", "mlp", "FashionMNIST", 10),
-    "mnist_covnet": Task("MNIST", "covnet", "FashionMNIST", 5),
-    "fmnist_covnet": Task("FashionMNIST", "covnet", "MNIST", 5),
-    "fmnist_resnet20": Task("FashionMNIST", "resnet20", "MNIST", 3, batch_size=128),
-}
-#: our methods: (train.py --model, --optimizer)
-OURS = {"NoisyAdam": ("FFG", "noisy_adam"), "VOGN": ("FFG", "vogn"), "NoisyKFAC": ("MVG", "noisy_kfac")}
+#: the tasks (each with an OOD set) and their epochs
+EPOCHS = {"mnist_mlp": 10, "mnist_covnet": 5, "fmnist_covnet": 5, "fmnist_resnet20": 3}
+#: our methods
+OURS = ("NoisyAdam", "VOGN", "NoisyKFAC")
 PEERS = ("Adam", "Laplace", "IVON", "Ensemble")
 DEFAULT_METHODS = ("Adam", "Laplace", "IVON", "Ensemble", "NoisyAdam", "NoisyKFAC")
 
@@ -88,64 +67,29 @@ DEFAULT_METHODS = ("Adam", "Laplace", "IVON", "Ensemble", "NoisyAdam", "NoisyKFA
 class Data:
     """A task's splits on the device: train, test, each rotated test set, and the OOD set."""
 
-    def __init__(self, task: Task, data_root: str | None, device: torch.device, subset: int | None,
+    def __init__(self, task: str, data_root: str | None, device: torch.device, subset: int | None,
                  test_subset: int | None = None) -> None:
-        self.train = take_subset(*load_split(task.dataset, True, data_root, device), subset, 0)
+        dataset, ood = TASKS[task].dataset, TASKS[task].ood
+        self.train = take_subset(*load_split(dataset, True, data_root, device), subset, 0)
         n = test_subset  # the first n images of every scored set (a quick check), else all
-        self.shifted = {a: tuple(t[:n] for t in load_split(task.dataset, False, data_root, device, rotate_degrees=a))
+        self.shifted = {a: tuple(t[:n] for t in load_split(dataset, False, data_root, device, rotate_degrees=a))
                         for a in ANGLES}
         self.test = self.shifted[0]
-        self.ood = load_split(task.ood, False, data_root, device, normalize_as=task.dataset)[0][:n]
+        self.ood = load_split(ood, False, data_root, device, normalize_as=dataset)[0][:n]
 
 
 # -- training ----------------------------------------------------------------------------------
-def train_options(task: Task, method: str, flags: list[str], seed: int, args: argparse.Namespace) -> argparse.Namespace:
-    model, optimizer = OURS.get(method, ("MAP", "adam"))
-    argv = ["--model", model, "--optimizer", optimizer, "--dataset", task.dataset, "--arch", task.arch,
-            "--seed", str(seed), "--batch_size", str(task.batch_size), "--device", args.device,
-            "--no_visdom", "--no_progress", *flags]
-    if args.subset:
-        argv += ["--subset", str(args.subset)]
-    if args.data_root:
-        argv += ["--data_root", args.data_root]
-    return TrainOptions().parse(argv)
-
-
-def train(task: Task, method: str, flags: list[str], seed: int, data: Data, args: argparse.Namespace,
-          epochs: int) -> tuple[nn.Module, torch.optim.Optimizer, argparse.Namespace]:
-    """Train one network as ``train.py`` would (IVON: its own sampled step on the deterministic net)."""
-    opt = train_options(task, method, flags, seed, args)
-    device = torch.device(opt.device)
-    loader = InMemoryLoader(*data.train, opt.batch_size, shuffle=True, seed=seed)
-    torch.manual_seed(seed)
-    model = make_model(opt).to(device)
-    if method == "IVON":
-        optimizer = ivon.IVON(model.parameters(), lr=IVON_LR, ess=data.train[0].shape[0])
-    else:
-        optimizer = make_optimizer(opt, model)
-    torch.manual_seed(seed)
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        if method == "IVON":
-            ivon_epoch(model, optimizer, loader, epoch)
-        else:
-            train_epoch(model, optimizer, loader, epoch, None, StepRecords(opt.log_interval, device),
-                        samples=opt.train_samples, log_interval=opt.log_interval)
-        if not finite(model):
-            raise RuntimeError(f"{method} seed {seed}: non-finite weights after epoch {epoch}")
-        print(f"    {method} seed {seed} epoch {epoch}/{epochs}: {time.perf_counter() - t0:.1f}s", flush=True)
-    return model, optimizer, opt
-
-
-def ivon_epoch(model: nn.Module, optimizer: ivon.IVON, loader: InMemoryLoader, epoch: int) -> None:
-    """One epoch of IVON's own loop: each step's forward/backward inside ``sampled_params(train=True)``."""
-    model.train()
-    loader.set_epoch(epoch)
-    for x, y in loader:
-        with optimizer.sampled_params(train=True):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-        optimizer.step()
+def train(task: str, method: str, flags: list[str], seed: int, data: Data, args: argparse.Namespace,
+          epochs: int) -> Run:
+    """Train one network as ``train.py`` would (``runner.Run``; IVON on the deterministic net)."""
+    extra = [*flags, *(["--subset", str(args.subset)] if args.subset else [])]
+    opt = options(TASKS[task], METHODS[method], seed, *extra, device=args.device, data_root=args.data_root)
+    run = Run(opt, METHODS[method], data.train, ivon_lr=IVON_LR)
+    diverged = run.train(epochs, lambda epoch, result: print(
+        f"    {method} seed {seed} epoch {epoch}/{epochs}: {result['seconds']:.1f}s", flush=True))
+    if diverged:
+        raise RuntimeError(f"{method} seed {seed}: {diverged}")
+    return run
 
 
 # -- predictives -------------------------------------------------------------------------------
@@ -159,33 +103,18 @@ class Predictor:
         return self.fn(images, samples)
 
 
-def ngvi_predictor(model: nn.Module, seed: int, epoch: int) -> Predictor:
-    first = next(iter(bayesian_layers(model)))[1]
-    return Predictor(lambda x, s: predict(model, x, s, seed, epoch), True, first.weight_std().flatten().detach().cpu())
+def ngvi_predictor(run: Run, epoch: int) -> Predictor:
+    first = next(iter(bayesian_layers(run.model)))[1]
+    return Predictor(lambda x, s: run.predict(x, s, epoch), True, first.weight_std().flatten().detach().cpu())
 
 
 def adam_predictor(model: nn.Module) -> Predictor:
     return Predictor(lambda x, s: predict(model, x, 0), False)
 
 
-@torch.no_grad()
-def ivon_predictor(model: nn.Module, optimizer: ivon.IVON, seed: int, epoch: int) -> Predictor:
-    def probs(images: Tensor, samples: int) -> Tensor:
-        if samples == 0:
-            model.eval()
-            return _batched(model, images).softmax(-1)
-        return ivon_predict(model, optimizer, images, samples, seed, epoch)
-
-    group = optimizer.param_groups[0]
-    first = next(p for p in model.parameters() if p.dim() > 1)
-    offset = 0  # IVON keeps one flat hessian per group, in parameter order
-    for p in group["params"]:
-        if p is first:
-            break
-        offset += p.numel()
-    hess = group["hess"][offset:offset + first.numel()]
-    stds = 1.0 / torch.sqrt(group["ess"] * (hess + group["weight_decay"]))
-    return Predictor(probs, True, stds.detach().cpu())
+def ivon_predictor(run: Run, epoch: int) -> Predictor:
+    first = next(p for p in run.model.parameters() if p.dim() > 1)
+    return Predictor(lambda x, s: run.predict(x, s, epoch), True, run.optimizer.weight_std(first).detach().cpu())
 
 
 def ensemble_predictor(models: list[nn.Module]) -> Predictor:
@@ -204,16 +133,12 @@ def laplace_predictor(model: nn.Module, data: Data, batch_size: int) -> tuple[Pr
     @torch.no_grad()
     def probs(images: Tensor, samples: int) -> Tensor:
         if samples == 0:
-            return _batched(model, images).softmax(-1)
+            return torch.cat([model(images[i:i + 1000]) for i in range(0, images.shape[0], 1000)]).softmax(-1)
         return torch.cat([la(images[i:i + 1000], pred_type="glm", link_approx="probit")
                           for i in range(0, images.shape[0], 1000)])
 
     prior = la.prior_precision
     return Predictor(probs, True, None), float(prior.mean() if torch.is_tensor(prior) else prior)
-
-
-def _batched(model: nn.Module, images: Tensor, batch: int = 1000) -> Tensor:
-    return torch.cat([model(images[i:i + batch]) for i in range(0, images.shape[0], batch)])
 
 
 # -- scores ------------------------------------------------------------------------------------
@@ -245,67 +170,59 @@ def run_key(task: str, name: str, seed: int, epochs: int, subset: int | None) ->
     return f"{task}|{name}|{seed}|{epochs}" + (f"|subset{subset}" if subset else "")  # --test_subset: quick only
 
 
-def run_task(task_name: str, methods: dict[str, tuple[str, list[str]]], seeds: list[int], args, store: dict,
-             path: Path) -> None:
+def run_task(task_name: str, methods: dict[str, tuple[str, list[str]]], seeds: list[int], args,
+             store: Store) -> None:
+    """Every run of ``task_name`` the store lacks (``--force``: every run): each seed of each named method."""
     task = TASKS[task_name]
-    epochs = args.epochs or task.epochs
-    device = torch.device(args.device)
+    epochs = args.epochs or EPOCHS[task_name]
     data = None
-    for seed in seeds:
-        adam_models: dict[int, nn.Module] = {}
-        for name, (method, flags) in methods.items():
-            key = run_key(task_name, name, seed, epochs, args.subset)
-            if key in store["runs"] and not args.force:
-                continue
-            data = data or Data(task, args.data_root, device, args.subset, args.test_subset)
-            t0 = time.perf_counter()
-            print(f"{task_name} {name} seed {seed} ({epochs} epochs)", flush=True)
-            record = {"task": task_name, "name": name, "method": method, "flags": flags, "seed": seed,
-                      "epochs": epochs}
-            if method in ("Adam", "Laplace", "Ensemble"):
-                members = [seed + 100 * k for k in range(ENSEMBLE_SIZE if method == "Ensemble" else 1)]
-                for s in members:
-                    if s not in adam_models:
-                        adam_models[s] = train(task, "Adam", [], s, data, args, epochs)[0]
-                if method == "Adam":
-                    pred = adam_predictor(adam_models[seed])
-                elif method == "Ensemble":
-                    pred = ensemble_predictor([adam_models[s] for s in members])
-                else:
-                    pred, record["laplace_prior_precision"] = laplace_predictor(adam_models[seed], data,
-                                                                                task.batch_size)
+    adam = {"seed": None, "models": {}}  # the current seed's Adam networks, shared by Adam, Laplace and Ensemble
+
+    def adam_models(seed: int, members: list[int]) -> dict[int, nn.Module]:
+        if adam["seed"] != seed:
+            adam["seed"], adam["models"] = seed, {}
+        for s in members:
+            if s not in adam["models"]:
+                adam["models"][s] = train(task_name, "Adam", [], s, data, args, epochs).model
+        return adam["models"]
+
+    def one(task_name: str, name: str, seed: int) -> dict:
+        nonlocal data
+        data = data or Data(task_name, args.data_root, torch.device(args.device), args.subset, args.test_subset)
+        method, flags = methods[name]
+        t0 = time.perf_counter()
+        print(f"{task_name} {name} seed {seed} ({epochs} epochs)", flush=True)
+        record = {"task": task_name, "name": name, "method": method, "flags": flags, "seed": seed,
+                  "epochs": epochs}
+        if method in ("Adam", "Laplace", "Ensemble"):
+            members = [seed + 100 * k for k in range(ENSEMBLE_SIZE if method == "Ensemble" else 1)]
+            models = adam_models(seed, members)
+            if method == "Adam":
+                pred = adam_predictor(models[seed])
+            elif method == "Ensemble":
+                pred = ensemble_predictor([models[s] for s in members])
             else:
-                model, optimizer, opt = train(task, method, flags, seed, data, args, epochs)
-                pred = (ivon_predictor(model, optimizer, seed, epochs) if method == "IVON"
-                        else ngvi_predictor(model, seed, epochs))
-                if method != "IVON":
-                    record["options"] = {k: getattr(opt, k) for k in ("lr", "momentum", "beta2", "kl_weight",
+                pred, record["laplace_prior_precision"] = laplace_predictor(models[seed], data, task.batch_size)
+        else:
+            run = train(task_name, method, flags, seed, data, args, epochs)
+            pred = ivon_predictor(run, epochs) if method == "IVON" else ngvi_predictor(run, epochs)
+            if method != "IVON":
+                record["options"] = {k: getattr(run.opt, k) for k in ("lr", "momentum", "beta2", "kl_weight",
                                                                       "prior_var", "damping", "init_precision",
                                                                       "fisher", "kfac_rank")}
-            record["scores"] = score(pred, data, args.test_samples)
-            record["test_samples"] = args.test_samples
-            record["seconds"] = time.perf_counter() - t0
-            store["runs"][key] = record
-            _save(path, store)
-            s = record["scores"]
-            print(f"  -> acc {s['acc@0']:.4f} nll {s['nll@0']:.4f} ece {s['ece@0']:.4f} | 30deg nll "
-                  f"{s['nll@30']:.3f} ece {s['ece@30']:.3f} | 60deg nll {s['nll@60']:.3f} | ood "
-                  f"{s['ood_auroc']:.3f} (mean w {s.get('ood_auroc_mean', float('nan')):.3f}) | std p90/p10 "
-                  f"{s.get('std_p90_over_p10', float('nan')):.2f} | {record['seconds']:.0f}s", flush=True)
+        record["scores"] = score(pred, data, args.test_samples)
+        record["test_samples"] = args.test_samples
+        record["seconds"] = time.perf_counter() - t0
+        s = record["scores"]
+        print(f"  -> acc {s['acc@0']:.4f} nll {s['nll@0']:.4f} ece {s['ece@0']:.4f} | 30deg nll "
+              f"{s['nll@30']:.3f} ece {s['ece@30']:.3f} | 60deg nll {s['nll@60']:.3f} | ood "
+              f"{s['ood_auroc']:.3f} (mean w {s.get('ood_auroc_mean', float('nan')):.3f}) | std p90/p10 "
+              f"{s.get('std_p90_over_p10', float('nan')):.2f} | {record['seconds']:.0f}s", flush=True)
+        return record
 
-
-def _save(path: Path, store: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(store, indent=1, sort_keys=True))
-    tmp.replace(path)
-
-
-def _mean_sd(values: list[float], fmt: str) -> str:
-    if not values:
-        return ""
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+    Study([task_name], list(methods), seeds).run(
+        store, lambda task, name, seed: run_key(task, name, seed, epochs, args.subset), one,
+        done=lambda *_: not args.force)
 
 
 COLUMNS = [("acc %", "acc@0", ".2f", 100), ("NLL", "nll@0", ".4f", 1), ("ECE", "ece@0", ".4f", 1),
@@ -320,7 +237,7 @@ def report(store: dict, path_md: Path, plot_dir: Path) -> str:
              "Generated by `bench/uncertainty.py` from `bench/results/uncertainty.json`;",
              "the protocol is in `docs/uncertainty.md`. Mean ± sd over the seeds (n = seeds).", ""]
     by_task: dict[str, dict[str, list[dict]]] = {}
-    for run in store["runs"].values():
+    for _, run in sorted(store["runs"].items()):
         by_task.setdefault(f"{run['task']} ({run['epochs']} epochs)", {}).setdefault(run["name"], []).append(run)
     for task, names in by_task.items():
         lines += [f"## {task}", ""]
@@ -328,7 +245,7 @@ def report(store: dict, path_md: Path, plot_dir: Path) -> str:
         for name, runs in names.items():
             row = [name, str(len(runs))]
             for _, key, fmt, scale in COLUMNS:
-                row.append(_mean_sd([r["scores"][key] * scale for r in runs if key in r["scores"]], fmt))
+                row.append(mean_sd([r["scores"].get(key) for r in runs], fmt, scale, missing=""))
             rows.append(row)
         lines += [table(["method", "n", *[c[0] for c in COLUMNS]], rows), ""]
         flags = {name: " ".join(runs[0]["flags"]) for name, runs in names.items() if runs[0]["flags"]}
@@ -396,9 +313,9 @@ def _plot(task: str, names: dict[str, list[dict]], plot_dir: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_root", default=None)
-    parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=["mnist_mlp"])
+    parser.add_argument("--tasks", nargs="+", choices=tuple(EPOCHS), default=["mnist_mlp"])
     parser.add_argument("--methods", nargs="*", default=list(DEFAULT_METHODS),
-                        help=f"of {', '.join(PEERS + tuple(OURS))}")
+                        help=f"of {', '.join(PEERS + OURS)}")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD:FLAGS",
                         help="one of our methods with extra train.py flags")
     parser.add_argument("--seeds", type=int, default=1)
@@ -421,12 +338,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     path = Path(args.out)
-    store = json.loads(path.read_text()) if path.exists() else {"runs": {}, "commands": []}
+    store = Store(path, commands=[])
     if not args.report_only:
         methods: dict[str, tuple[str, list[str]]] = {}
         for m in args.methods:
-            if m not in PEERS + tuple(OURS):
-                raise SystemExit(f"error: unknown method {m!r}; choose from {', '.join(PEERS + tuple(OURS))}")
+            if m not in PEERS + OURS:
+                raise SystemExit(f"error: unknown method {m!r}; choose from {', '.join(PEERS + OURS)}")
             methods[m] = (m, [])
         for v in args.variant:
             name, _, rest = v.partition("=")
@@ -434,15 +351,12 @@ def main(argv: list[str] | None = None) -> None:
             if method not in OURS:
                 raise SystemExit(f"error: --variant {v!r}: the method must be one of {', '.join(OURS)}")
             methods[name] = (method, shlex.split(flags))
-        words = list(argv if argv is not None else sys.argv[1:])
-        if "--data_root" in words:  # a machine's path, not part of the study
-            del words[words.index("--data_root"):words.index("--data_root") + 2]
-        command = "python bench/uncertainty.py " + " ".join(shlex.quote(w) for w in words)
-        if command not in store["commands"]:
-            store["commands"].append(command)
+        line = command("uncertainty.py", sys.argv[1:] if argv is None else argv)
+        if line not in store["commands"]:
+            store["commands"].append(line)
         store["environment"] = environment(threads=args.threads)
         for task in args.tasks:
-            run_task(task, methods, list(range(args.first_seed, args.first_seed + args.seeds)), args, store, path)
+            run_task(task, methods, list(range(args.first_seed, args.first_seed + args.seeds)), args, store)
     print(report(store, Path(args.md), path.parent))  # the plots beside the JSON they come from
 
 
