@@ -30,71 +30,15 @@ pass's gradient w.r.t. the sample: the numerator of the reparameterisation Hessi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.kronecker import ROOT_KINDS, FactorRoot
+
 #: the posteriors a Bayesian layer holds (``models.POSTERIORS`` adds the point estimate MAP)
 BAYESIAN_POSTERIORS = ("FFG", "MVG")
-
-#: how one side of the MVG noise is stored (``FactorRoot.kind``; the layers' ``*_kind`` buffers)
-ROOT_KINDS = ("dense", "cholesky", "low_rank")
-
-
-@dataclass
-class FactorRoot:
-    """One side ``U`` (left) or ``V`` (right) of the MVG noise ``U (E * R) V``, applied without forming it.
-
-    * ``"dense"``: ``mat`` is the matrix itself.
-    * ``"cholesky"``: ``mat`` is a lower-triangular ``L``; the side is ``L^-T`` on the left and
-      ``L^-1`` on the right (two triangular solves), so that ``U U^T`` or ``V^T V`` is ``(L L^T)^-1``.
-    * ``"low_rank"``: the symmetric ``iso I + mat diag(coef) mat^T`` (``mat``: n x K, orthonormal
-      columns), applied in O(n K) per row.
-    """
-
-    kind: str
-    mat: Tensor
-    coef: Tensor | None = None
-    iso: float | Tensor = 0.0
-
-    def left(self, x: Tensor) -> Tensor:
-        """``U x``."""
-        if self.kind == "dense":
-            return self.mat @ x
-        if self.kind == "cholesky":  # as (x^T L^-1)^T: MKL's right-side solve is 2x faster for a wide x
-            return torch.linalg.solve_triangular(self.mat, x.mT, upper=False, left=False).mT
-        return torch.addmm(self.iso * x, self.mat, (self.mat.mT @ x).mul_(self.coef[:, None]))
-
-    def right(self, x: Tensor) -> Tensor:
-        """``x V``."""
-        if self.kind == "dense":
-            return x @ self.mat
-        if self.kind == "cholesky":
-            return torch.linalg.solve_triangular(self.mat, x, upper=False, left=False)
-        return torch.addmm(self.iso * x, (x @ self.mat).mul_(self.coef), self.mat.mT)
-
-    def dense(self, left: bool) -> Tensor:
-        """The side as an explicit n x n matrix, ``U`` (``left``) or ``V`` (O(n^3) for ``cholesky``)."""
-        eye = torch.eye(self.mat.shape[0], dtype=self.mat.dtype, device=self.mat.device)
-        return self.left(eye) if left else self.right(eye)
-
-    def logabsdet(self) -> Tensor:
-        """``log |det|`` of the side (float64): ``-sum log |diag L|`` for ``cholesky`` (the side is ``L^-1``)."""
-        mat = self.mat.double()
-        if self.kind == "dense":
-            return torch.linalg.slogdet(mat).logabsdet
-        if self.kind == "cholesky":
-            return -mat.diagonal().abs().log().sum()
-        iso = torch.as_tensor(self.iso, dtype=torch.float64, device=mat.device).abs()
-        return (mat.shape[0] - mat.shape[1]) * iso.log() + (iso + self.coef.double()).abs().log().sum()
-
-    def explicit(self, max_n: int, left: bool = False) -> FactorRoot:
-        """A ``cholesky`` side of size at most ``max_n`` as the same side in ``dense`` form; else itself."""
-        if self.kind != "cholesky" or self.mat.shape[0] > max_n:
-            return self
-        return FactorRoot("dense", self.dense(left))
 
 
 def standard_normal(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -12,8 +12,8 @@ from torch import nn
 
 import models
 from models import BayesianConv2d, BayesianLayer, BayesianLinear
+from models.kronecker import factored_decomposition
 from optimizers import NoisyAdam, NoisyKFAC
-from optimizers.noisy_kfac import factored_decomposition
 
 
 def draw(layer: BayesianLayer, n: int, batch: int = 10_000) -> tuple[torch.Tensor, torch.Tensor | None]:
