@@ -48,6 +48,7 @@ time), ``D = V / (f + gamma)``, the same trust region and momentum, and, with
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -101,6 +102,18 @@ def refreshes(k: int, t_inv: int) -> bool:
     """
     j = k - 1
     return j % t_inv == 0 or (j < t_inv and j & (j - 1) == 0)
+
+
+@dataclass(slots=True)
+class LayerUpdate:
+    """One layer's step: ``V = G + gamma_in W`` and its preconditioned direction ``D`` (``None`` until a
+    chain's joint preconditioner fills it in, ``NoisyKFAC._chain_updates``)."""
+
+    layer: nn.Module
+    group: dict
+    state: dict
+    V: Tensor
+    D: Tensor | None
 
 
 def _running_average(state: dict, keys: tuple[str, str], new: tuple[Tensor, Tensor], beta: float) -> None:
@@ -307,7 +320,8 @@ class NoisyKFAC(NGVIOptimizer):
             if is_norm_layer(layer):
                 noise = self._as_vector(layer, *noise) if noise is not None else None
                 G = self._as_vector(layer, grads[0], grads[1] if len(grads) > 1 else None)
-                updates.append((layer, group, state, *self._diagonal_direction(layer, state, group, G, stats, noise)))
+                updates.append(LayerUpdate(layer, group, state,
+                                           *self._diagonal_direction(layer, state, group, G, stats, noise)))
                 self._schedule_stats(k + 1, group)
                 continue
             if stats is None and "A" not in state and self.capture.fisher == "true":
@@ -323,14 +337,15 @@ class NoisyKFAC(NGVIOptimizer):
                 D = None  # the chain's joint preconditioner, below
             else:
                 D = self._precondition(layer, state, group, V) if self._has_decomposition(state) else V
-            updates.append((layer, group, state, V, D))
+            updates.append(LayerUpdate(layer, group, state, V, D))
             self._schedule_stats(k + 1, group)
         if self.chains:
-            updates = self._chain_updates(updates, crosses)
+            self._chain_updates(updates, crosses)
 
         nu = self._kl_clip_scale(updates)
-        for layer, group, state, _, D in updates:
-            buf = state["momentum_buffer"].mul_(group["momentum"])
+        for update in updates:
+            layer, group, D = update.layer, update.group, update.D
+            buf = update.state["momentum_buffer"].mul_(group["momentum"])
             if nu is None:
                 buf.add_(D)
             else:
@@ -370,20 +385,19 @@ class NoisyKFAC(NGVIOptimizer):
             layer.set_ffg_posterior(std[:n_w].view_as(layer.weight),
                                     std[n_w:].view_as(layer.bias) if layer.bias is not None else None)
         return V, V / (f + gamma_in + group["damping"])
+
     # -- block-tridiagonal chains (docs/MATH.md, "Block-tridiagonal Noisy K-FAC") ------------
-    def _chain_updates(self, updates: list, crosses: dict) -> list:
+    def _chain_updates(self, updates: list[LayerUpdate], crosses: dict) -> None:
         """Update the cross factors, refresh the links, and fill in the chains' joint preconditioned ``D``."""
-        index = {layer: j for j, (layer, *_) in enumerate(updates)}
-        updates = list(updates)
+        index = {update.layer: update for update in updates}
         for chain in self.chains:
             states = [self.state[layer.weight] for layer in chain.layers]
             group = self.group_of(chain.layers[0].weight)
             if any(layer not in index for layer in chain.layers):  # a layer took no gradient: no joint step
                 for layer, st in zip(chain.layers, states):
                     if layer in index:
-                        V = updates[index[layer]][3]
-                        D = self._precondition(layer, st, group, V) if self._has_decomposition(st) else V
-                        updates[index[layer]] = (*updates[index[layer]][:4], D)
+                        V = index[layer].V
+                        index[layer].D = self._precondition(layer, st, group, V) if self._has_decomposition(st) else V
                 continue
             for layer, state in zip(chain.layers, states):
                 cross = crosses.get(layer)
@@ -394,16 +408,14 @@ class NoisyKFAC(NGVIOptimizer):
             ready = all(self._has_decomposition(st) for st in states) and "A_cross" in states[0]
             if ready and (refreshes(k, group["t_inv"]) or "gain" not in states[0]):
                 self._refresh_links(chain, states, group)
-            Vs = [updates[index[layer]][3] for layer in chain.layers]
+            Vs = [index[layer].V for layer in chain.layers]
             if "gain" in states[0]:
                 Ds = precondition_chain(Vs, [(st["S_inv"], st["A_inv"]) for st in states], states[:-1])
             else:
                 Ds = [self._precondition(layer, st, group, V) if self._has_decomposition(st) else V
                       for layer, st, V in zip(chain.layers, states, Vs)]
             for layer, D in zip(chain.layers, Ds):
-                j = index[layer]
-                updates[j] = (*updates[j][:4], D)
-        return updates
+                index[layer].D = D
 
     def _refresh_links(self, chain, states: list[dict], group: dict) -> None:
         """Links of the gamma_in-damped factors (posterior, in the model) and gamma-damped ones (update, in state).
@@ -461,17 +473,17 @@ class NoisyKFAC(NGVIOptimizer):
         return out
 
     @staticmethod
-    def _kl_clip_scale(updates: list[tuple]) -> Tensor | None:
+    def _kl_clip_scale(updates: list[LayerUpdate]) -> Tensor | None:
         """``nu = min(1, sqrt(kl_clip / sum_layers lr^2 <D, V>))`` as a device scalar (no host sync);
         ``None`` when no group clips.
 
         The learning rates enter as Python scalars: a tensor built from them would be a host-to-device
         copy, which waits for the stream, in every step."""
-        clips = [g["kl_clip"] for _, g, *_ in updates if g["kl_clip"] is not None]
+        clips = [u.group["kl_clip"] for u in updates if u.group["kl_clip"] is not None]
         if not clips:
             return None
-        vg = torch.stack([torch.dot(D.reshape(-1), V.reshape(-1)).double() * (g["lr"] * g["lr"])
-                          for _, g, _, V, D in updates]).sum()
+        vg = torch.stack([torch.dot(u.D.reshape(-1), u.V.reshape(-1)).double() * (u.group["lr"] * u.group["lr"])
+                          for u in updates]).sum()
         return torch.where(vg > 0, (min(clips) / vg).sqrt().clamp(max=1.0), 1.0)
 
     @staticmethod
