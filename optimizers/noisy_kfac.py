@@ -63,7 +63,7 @@ from models.kronecker import (
 )
 from optimizers.base import PRIOR_EVERY, NGVIOptimizer
 from optimizers.block_tridiagonal import posterior_link, precondition_chain, preconditioner_link
-from optimizers.curvature import is_norm_layer
+from optimizers.curvature_rules import is_norm_layer
 
 STRUCTURES = ("block_diagonal", "block_tridiagonal")
 
