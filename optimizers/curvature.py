@@ -47,7 +47,6 @@ class CurvatureCapture:
     def __init__(self, model: nn.Module, kind: str, fisher: str = "example") -> None:
         if kind not in ("diag", "kfac", "none"):
             raise ValueError(f"kind must be 'diag', 'kfac' or 'none', got {kind!r}")
-        fisher = "example" if fisher == "empirical" else fisher  # the older name of "example"
         if fisher not in ("example", "true"):
             raise ValueError(f"fisher must be 'example' (the data's labels) or 'true' (sampled labels), got {fisher!r}")
         self.kind = kind

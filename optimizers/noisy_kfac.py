@@ -137,9 +137,8 @@ class NoisyKFAC(NGVIOptimizer):
         t_stats, t_inv: refresh the factors every ``t_stats`` steps, their decompositions (and
             the posterior's sampling scale) every ``t_inv`` steps.
         damping_mode: ``"factored"`` (paper) or ``"exact"`` (eigenbasis).
-        fisher: ``"example"`` (the empirical Fisher: the data's labels; ``"empirical"`` is an older name)
-            or ``"true"`` (labels sampled from the model; call ``true_fisher_backward(logits)`` before
-            ``loss.backward()``).
+        fisher: ``"example"`` (the empirical Fisher: the data's labels) or ``"true"`` (labels sampled from
+            the model; call ``true_fisher_backward(logits)`` before ``loss.backward()``).
         kl_clip: trust region on the update (``None`` = off), as in distributed K-FAC.
         init_precision: isotropic posterior precision before the first step.
         rank: ``None`` (exact factors) or K: a factor larger than K keeps its top-K eigenpairs and

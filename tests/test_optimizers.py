@@ -332,7 +332,7 @@ def test_noisy_kfac_true_fisher(float64):
     x, y = tiny_data()
     model_t, model_e = tiny_net("MVG"), tiny_net("MVG")
     opt_t = NoisyKFAC(model_t, fisher="true", **kw)
-    opt_e = NoisyKFAC(model_e, fisher="empirical", **kw)
+    opt_e = NoisyKFAC(model_e, fisher="example", **kw)
     opt_t.zero_grad()
     opt_e.zero_grad()
     torch.manual_seed(7)
