@@ -17,7 +17,7 @@ correction. All these *link* buffers live on the upstream layer of each link, st
 block-diagonal posterior) and are written by ``NoisyKFAC(structure="block_tridiagonal")``.
 
 In sampling mode (``train()`` or ``sampling(model)``) a forward pre-hook on the chain's first layer
-draws the joint noise and hands each layer its part (``BayesianLayer.joint_noise``); the ``E_i``
+draws the joint noise and hands each layer its part (``StepNoise.joint``); the ``E_i``
 are drawn in layer order with the layers' own shapes, so with zero links the draw is the
 block-diagonal one, number for number.
 """
@@ -119,7 +119,6 @@ class LayerChain:
         return w
 
     @torch.no_grad()
-    @torch.no_grad()
     def draw(self, batch_shape: tuple[int, ...] = (),
              generator: torch.Generator | None = None) -> list[tuple[Tensor, Tensor | None]]:
         """One joint draw (or ``batch_shape`` of them): ``(weight_noise, bias_noise)`` per layer (the global RNG or
@@ -132,7 +131,7 @@ class LayerChain:
         if module.fixed_noise is not None or not (module.training or module.sample_in_eval):
             return
         for layer, noise in zip(self.layers, self.draw()):
-            layer.joint_noise = noise
+            layer.step_noise.joint = noise
 
     @torch.no_grad()
     def marginal_variance(self, i: int) -> Tensor:
