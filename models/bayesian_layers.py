@@ -466,20 +466,3 @@ def bayesian_layers(model: nn.Module) -> list[tuple[str, BayesianLayer]]:
     """The model's Bayesian layers, in ``named_modules()`` order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BayesianLayer)]
 
-
-class sampling:
-    """Context manager: Bayesian layers of ``model`` sample weights even in eval mode."""
-
-    def __init__(self, model: nn.Module, enabled: bool = True) -> None:
-        self.layers = [m for _, m in bayesian_layers(model)]
-        self.enabled = enabled
-
-    def __enter__(self) -> sampling:
-        self.saved = [m.sample_in_eval for m in self.layers]
-        for m in self.layers:
-            m.sample_in_eval = self.enabled
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for m, s in zip(self.layers, self.saved):
-            m.sample_in_eval = s

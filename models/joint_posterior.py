@@ -16,8 +16,8 @@ factors and ``g_i = cond_gain = 1/sqrt(1 - s2 s1^T) - 1``; the last layer of a c
 correction. All these *link* buffers live on the upstream layer of each link, start at zero (the
 block-diagonal posterior) and are written by ``NoisyKFAC(structure="block_tridiagonal")``.
 
-In sampling mode (``train()`` or ``sampling(model)``) a forward pre-hook on the chain's first layer
-draws the joint noise and hands each layer its part (``StepNoise.joint``); the ``E_i``
+In sampling mode (``train()`` or ``models.weight_samples.sampling(model)``) a forward pre-hook on the
+chain's first layer draws the joint noise and hands each layer its part (``StepNoise.joint``); the ``E_i``
 are drawn in layer order with the layers' own shapes, so with zero links the draw is the
 block-diagonal one, number for number.
 """
