@@ -88,7 +88,7 @@ class LayerChain:
                 layer.register_buffer(key, torch.zeros(shapes[key], dtype=w.dtype, device=w.device))
         for i, layer in enumerate(layers):
             layer.joint_variance = (lambda i=i: self.marginal_variance(i))
-        self._handle = layers[0].register_forward_pre_hook(self._pre_forward)
+        layers[0].register_forward_pre_hook(self._pre_forward)
 
     @torch.no_grad()
     def set_link(self, i: int, link_out: Tensor, link_in: Tensor, cond_out: Tensor, cond_in: Tensor,
@@ -157,9 +157,6 @@ class LayerChain:
             extra = layer.mid_scale.square().mean() * ((1 + g).square() - 1)
             var = var + (left @ layer.cond_out).square() @ extra @ (right.T @ layer.cond_in).square().T
         return var
-
-    def remove(self) -> None:
-        self._handle.remove()
 
 
 def _split(layer: BayesianLinear, m: Tensor) -> tuple[Tensor, Tensor | None]:
