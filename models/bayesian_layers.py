@@ -321,6 +321,9 @@ class BayesianLayer:
         var = out_root.dense(left=True).square() @ self.mid_scale.square() @ in_root.dense(left=False).square()
         return self._split_matrix(var.sqrt())
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, posterior={self.posterior}"
+
     def _weights_for_forward(self) -> tuple[Tensor, Tensor | None]:
         if self.fixed_noise is not None:
             wn, bn = self.fixed_noise
@@ -342,9 +345,6 @@ class BayesianLinear(BayesianLayer, nn.Linear):
         w, b = self._weights_for_forward()
         return F.linear(input, w, b)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, posterior={self.posterior}"
-
 
 class BayesianConv2d(BayesianLayer, nn.Conv2d):
     """``nn.Conv2d`` whose kernels are drawn from a Gaussian posterior in training mode."""
@@ -360,9 +360,6 @@ class BayesianConv2d(BayesianLayer, nn.Conv2d):
         w, b = self._weights_for_forward()
         return self._conv_forward(input, w, b)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, posterior={self.posterior}"
-
 
 class BayesianNorm(BayesianLayer):
     """A normalisation layer whose affine ``weight`` / ``bias`` have a diagonal Gaussian posterior.
@@ -376,9 +373,6 @@ class BayesianNorm(BayesianLayer):
         if self.weight is None:
             raise ValueError(f"{type(self).__name__} needs affine parameters (affine / elementwise_affine=True)")
         self._init_posterior("FFG", init_std)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, posterior={self.posterior}"
 
 
 class _BayesianBatchNorm(BayesianNorm):
