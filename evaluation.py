@@ -23,9 +23,7 @@ from util import distributed
 from util.metrics import accuracy, auroc, ece, nll, predictive_entropy
 
 #: examples per evaluation forward and CPU thread: small enough that each core's share of a batch's activations
-#: stays in its cache (one thread, FFG, 28x28, time relative to batch 1000, medians of interleaved rounds on a
-#: loaded 2-core machine: ResNet-20 0.34 at 64, 0.33 at 32, 0.39 at 100; CovNet 0.63 at 64, 0.54 at 128; the MLP
-#: 1.30 at 64, 1.00 at 512, where its whole pass takes milliseconds; two threads, ResNet-20: 0.73 at 128, 0.90 at 64)
+#: stays in its cache (a speed setting only: the predictive does not depend on it)
 CPU_EVAL_BATCH_SIZE_PER_THREAD = 64
 #: examples per evaluation forward on a GPU: large, so that a forward fills the device
 GPU_EVAL_BATCH_SIZE = 4096

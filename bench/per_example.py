@@ -47,7 +47,7 @@ from torch import Tensor, nn  # noqa: E402
 from torch.func import functional_call, grad, vmap  # noqa: E402
 
 from models import build_model  # noqa: E402
-from optimizers import curvature, sum_grad_squared  # noqa: E402
+from optimizers import chunking, sum_grad_squared  # noqa: E402
 
 #: arch -> (channels, image size, batch size): the step benchmark's shapes
 ARCHS = {arch: common.ARCHS[arch][:3] for arch in ("mlp", "lenet5")}
@@ -126,7 +126,7 @@ def bench_arch(arch: str, rounds: int, warmup: int) -> dict:
     reference = calls["naive loop"]()
     result: dict[str, dict] = {}
     for m in METHODS:
-        curvature.release_scratch()  # so that "ours" is charged for the buffers its rules keep between calls
+        chunking.release_scratch()  # so that "ours" is charged for the buffers its rules keep between calls
         entry: dict[str, float | bool] = {"peak_mb": peak_tensor_bytes(calls[m]) / 2**20}
         if m != "plain":
             entry["max_abs_diff"], entry["max_rel_diff"] = deviation(calls[m](), reference)

@@ -127,7 +127,7 @@ def side_kind(n: int, rank: int | None, sampler: bool = False) -> str:
 
 
 def decomposition_flops(n: int, extra_damping: bool, rank: int | None = None, iters: int = 2) -> float:
-    """FLOPs to refresh one damped n x n factor as ``noisy_kfac.damped_roots`` does (steady state).
+    """FLOPs to refresh one damped n x n factor as ``models.kronecker.damped_roots`` does (steady state).
 
     Exact: Cholesky n^3/3, with extrinsic damping a second one, then ``cholesky_inverse`` 2 n^3/3 (and the
     sampler's explicit ``L^-1``, n^3/3, up to ``DENSE_ROOT_MAX``).

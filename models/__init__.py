@@ -14,8 +14,8 @@ from models.bayesian_layers import (
     BayesianNorm,
     bayesian_layers,
     bayesian_norm,
-    sampling,
 )
+from models.weight_samples import sampling
 
 __all__ = [
     "ARCHS", "BAYESIAN_POSTERIORS", "POSTERIORS", "BayesianBatchNorm1d", "BayesianBatchNorm2d", "BayesianBatchNorm3d",

@@ -19,7 +19,8 @@ written by the optimizer after every step (the "two-step update" of the first se
   in O(n K).
 
 In ``train()`` mode every forward pass draws a fresh weight sample ``w = mu + noise`` with the
-noise detached, so the gradient w.r.t. the sample lands on the mean's ``.grad``. In ``eval()``
+noise detached, so the gradient w.r.t. the sample lands on the mean's ``.grad``; the noise is recorded in
+the layer's ``step_noise`` (``StepNoise``) for the optimizer's prior term. In ``eval()``
 mode the layer uses the mean, unless ``sample_in_eval`` is set (a fresh sample per forward). While
 ``fixed_noise`` is set, every forward uses that one sample (an evaluation's networks). With
 ``track_noise_grad`` set (the diagonal optimizers' ``fisher="hessian"``), a hook on each sample
@@ -30,71 +31,18 @@ pass's gradient w.r.t. the sample: the numerator of the reparameterisation Hessi
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.kronecker import ROOT_KINDS, FactorRoot
+
 #: the posteriors a Bayesian layer holds (``models.POSTERIORS`` adds the point estimate MAP)
 BAYESIAN_POSTERIORS = ("FFG", "MVG")
 
-#: how one side of the MVG noise is stored (``FactorRoot.kind``; the layers' ``*_kind`` buffers)
-ROOT_KINDS = ("dense", "cholesky", "low_rank")
-
-
-@dataclass
-class FactorRoot:
-    """One side ``U`` (left) or ``V`` (right) of the MVG noise ``U (E * R) V``, applied without forming it.
-
-    * ``"dense"``: ``mat`` is the matrix itself.
-    * ``"cholesky"``: ``mat`` is a lower-triangular ``L``; the side is ``L^-T`` on the left and
-      ``L^-1`` on the right (two triangular solves), so that ``U U^T`` or ``V^T V`` is ``(L L^T)^-1``.
-    * ``"low_rank"``: the symmetric ``iso I + mat diag(coef) mat^T`` (``mat``: n x K, orthonormal
-      columns), applied in O(n K) per row.
-    """
-
-    kind: str
-    mat: Tensor
-    coef: Tensor | None = None
-    iso: float | Tensor = 0.0
-
-    def left(self, x: Tensor) -> Tensor:
-        """``U x``."""
-        if self.kind == "dense":
-            return self.mat @ x
-        if self.kind == "cholesky":  # as (x^T L^-1)^T: MKL's right-side solve is 2x faster for a wide x
-            return torch.linalg.solve_triangular(self.mat, x.mT, upper=False, left=False).mT
-        return torch.addmm(self.iso * x, self.mat, (self.mat.mT @ x).mul_(self.coef[:, None]))
-
-    def right(self, x: Tensor) -> Tensor:
-        """``x V``."""
-        if self.kind == "dense":
-            return x @ self.mat
-        if self.kind == "cholesky":
-            return torch.linalg.solve_triangular(self.mat, x, upper=False, left=False)
-        return torch.addmm(self.iso * x, (x @ self.mat).mul_(self.coef), self.mat.mT)
-
-    def dense(self, left: bool) -> Tensor:
-        """The side as an explicit n x n matrix, ``U`` (``left``) or ``V`` (O(n^3) for ``cholesky``)."""
-        eye = torch.eye(self.mat.shape[0], dtype=self.mat.dtype, device=self.mat.device)
-        return self.left(eye) if left else self.right(eye)
-
-    def logabsdet(self) -> Tensor:
-        """``log |det|`` of the side (float64): ``-sum log |diag L|`` for ``cholesky`` (the side is ``L^-1``)."""
-        mat = self.mat.double()
-        if self.kind == "dense":
-            return torch.linalg.slogdet(mat).logabsdet
-        if self.kind == "cholesky":
-            return -mat.diagonal().abs().log().sum()
-        iso = torch.as_tensor(self.iso, dtype=torch.float64, device=mat.device).abs()
-        return (mat.shape[0] - mat.shape[1]) * iso.log() + (iso + self.coef.double()).abs().log().sum()
-
-    def explicit(self, max_n: int, left: bool = False) -> FactorRoot:
-        """A ``cholesky`` side of size at most ``max_n`` as the same side in ``dense`` form; else itself."""
-        if self.kind != "cholesky" or self.mat.shape[0] > max_n:
-            return self
-        return FactorRoot("dense", self.dense(left))
+#: one sample's ``(weight_noise, bias_noise)``
+LayerNoise = tuple[Tensor, Tensor | None]
 
 
 def standard_normal(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -108,6 +56,61 @@ def standard_normal(shape: tuple[int, ...], like: Tensor, generator: torch.Gener
     return torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
 
 
+class StepNoise:
+    """A layer's weight noise between two optimizer steps, in one plain object (``BayesianLayer.step_noise``).
+
+    Written at every sampled forward, so its fields are slots of a plain object: a layer attribute would go
+    through ``nn.Module.__setattr__``, whose checks cost more than the rest of the bookkeeping.
+
+    * ``last``: the last sample's noise; ``mean``, ``count``: the mean noise of the samples since the optimizer
+      last took it (``pop_mean``; its prior term ``gamma_in w`` at the sampled weights, docs/MATH.md) and their
+      number.
+    * ``joint``: noise handed over by a joint draw over several layers (``models.joint_posterior``), used by
+      the next sample.
+    * ``grad``, ``grad_count``: the mean of ``g * noise`` per parameter (weight, bias) over the backward passes
+      (``fisher="hessian"``), where ``g`` is the pass's gradient w.r.t. the sample.
+    """
+
+    __slots__ = ("last", "mean", "count", "joint", "grad", "grad_count")
+
+    def __init__(self) -> None:
+        self.last: LayerNoise | None = None
+        self.mean: LayerNoise | None = None
+        self.count = 0
+        self.joint: LayerNoise | None = None
+        self.grad: list[Tensor | None] = [None, None]
+        self.grad_count = [0, 0]
+
+    def record(self, wn: Tensor, bn: Tensor | None) -> None:
+        """Keep a new sample's noise as ``last`` and average it into ``mean``."""
+        self.last = (wn, bn)
+        if self.mean is None:
+            self.mean, self.count = (wn, bn), 1
+        else:
+            self.count = n = self.count + 1
+            self.mean = tuple(old + (new - old) / n if new is not None else None
+                              for old, new in zip(self.mean, (wn, bn)))
+
+    def pop_mean(self) -> LayerNoise | None:
+        """``mean`` (None: no sample since the last call), then cleared."""
+        out, self.mean = self.mean, None
+        return out
+
+    @torch.no_grad()
+    def add_grad(self, i: int, g: Tensor, noise: Tensor) -> None:
+        """Average ``g * noise`` of parameter ``i`` (0 weight, 1 bias) into ``grad``."""
+        self.grad_count[i] += 1
+        old, new = self.grad[i], g * noise
+        self.grad[i] = new if old is None else old.add_(new.sub_(old), alpha=1 / self.grad_count[i])
+
+    def pop_grad(self) -> tuple[Tensor | None, Tensor | None]:
+        """``grad`` (weight, bias), then cleared."""
+        out = tuple(self.grad)
+        if any(self.grad_count):
+            self.grad, self.grad_count = [None, None], [0, 0]
+        return out
+
+
 class BayesianLayer:
     """Mixin holding the posterior scale and the sampling logic shared by both layer types."""
 
@@ -115,25 +118,20 @@ class BayesianLayer:
     bias: nn.Parameter | None
     posterior: str
     sample_in_eval: bool
-    last_noise: tuple[Tensor, Tensor | None] | None
-    mean_noise: tuple[Tensor, Tensor | None] | None
-    #: noise handed over by a joint draw over several layers (``models.joint_posterior``), used once
-    joint_noise: tuple[Tensor, Tensor | None] | None = None
+    #: the noise of the samples since the last optimizer step
+    step_noise: StepNoise
     #: the entrywise marginal variance (out x in') when the layer's noise is part of a joint draw
     joint_variance: Callable[[], Tensor] | None = None
     #: noise every forward uses while set, in any mode (one network of an evaluation, ``models.weight_samples``)
-    fixed_noise: tuple[Tensor, Tensor | None] | None = None
+    fixed_noise: LayerNoise | None = None
 
     def _init_posterior(self, posterior: str, init_std: float) -> None:
         if posterior not in BAYESIAN_POSTERIORS:
             raise ValueError(f"posterior must be one of {BAYESIAN_POSTERIORS}, got {posterior!r}")
         self.posterior = posterior
         self.sample_in_eval = False
-        self.last_noise = self.mean_noise = None
-        self.noise_count = 0
+        self.step_noise = StepNoise()
         self.track_noise_grad = False
-        self.noise_grad: list[Tensor | None] = [None, None]
-        self.noise_grad_count = [0, 0]
         w = self.weight
         out = w.shape[0]
         if posterior == "FFG":
@@ -231,51 +229,49 @@ class BayesianLayer:
     def sample_weight(self) -> tuple[Tensor, Tensor | None]:
         """One fresh ``(weight, bias)`` sample; differentiable w.r.t. the means.
 
-        With autograd on, the noise is kept in ``last_noise`` and averaged into ``mean_noise``
-        (over the samples since the optimizer last consumed it, for the prior term ``gamma_in * w``).
+        With autograd on, the noise is recorded in ``step_noise`` (``last``, ``mean``).
         """
-        if self.joint_noise is not None:
-            (wn, bn), self.joint_noise = self.joint_noise, None
+        noise = self.step_noise
+        if noise.joint is not None:
+            (wn, bn), noise.joint = noise.joint, None
         else:
             wn, bn = self.sample_noise()
         if torch.is_grad_enabled():
-            # plain attributes written every step, straight into __dict__: nn.Module.__setattr__
-            # costs about 4 us a call, a tenth of an MLP's Adam step over the layers' bookkeeping
-            d = self.__dict__
-            d["last_noise"] = (wn, bn)
-            if self.mean_noise is None:
-                d["mean_noise"], d["noise_count"] = (wn, bn), 1
-            else:
-                d["noise_count"] = n = self.noise_count + 1
-                d["mean_noise"] = tuple(old + (new - old) / n if new is not None else None
-                                        for old, new in zip(self.mean_noise, (wn, bn)))
+            noise.record(wn, bn)
         w = self.weight + wn
         b = self.bias + bn if self.bias is not None else None
         if self.track_noise_grad and torch.is_grad_enabled():
             for i, (t, n) in enumerate(((w, wn), (b, bn))):
                 if t is not None and t.requires_grad:
-                    t.register_hook(lambda g, i=i, n=n: self._add_noise_grad(i, g, n))
+                    t.register_hook(lambda g, i=i, n=n: noise.add_grad(i, g, n))
         return w, b
 
-    @torch.no_grad()
-    def _add_noise_grad(self, i: int, g: Tensor, noise: Tensor) -> None:
-        self.noise_grad_count[i] += 1
-        old, new = self.noise_grad[i], g * noise
-        self.noise_grad[i] = new if old is None else old.add_(new.sub_(old), alpha=1 / self.noise_grad_count[i])
+    @property
+    def last_noise(self) -> LayerNoise | None:
+        """The noise of the last sample taken with autograd on (``step_noise.last``)."""
+        return self.step_noise.last
+
+    @last_noise.setter
+    def last_noise(self, value: LayerNoise | None) -> None:
+        self.step_noise.last = value
+
+    @property
+    def mean_noise(self) -> LayerNoise | None:
+        """The mean noise of the samples since the optimizer last took it (``step_noise.mean``)."""
+        return self.step_noise.mean
+
+    @property
+    def joint_noise(self) -> LayerNoise | None:
+        """Noise handed over by a joint draw, not yet used (``step_noise.joint``)."""
+        return self.step_noise.joint
 
     def pop_noise_grad(self) -> tuple[Tensor | None, Tensor | None]:
         """The mean of ``g * noise`` (weight, bias) over the backward passes since the last call."""
-        out = tuple(self.noise_grad)
-        if any(self.noise_grad_count):
-            self.noise_grad, self.noise_grad_count = [None, None], [0, 0]
-        return out
+        return self.step_noise.pop_grad()
 
-    def pop_mean_noise(self) -> tuple[Tensor, Tensor | None] | None:
-        """``mean_noise`` (the mean noise of the samples since the last call, or None), then cleared."""
-        out = self.mean_noise
-        if out is not None:
-            self.__dict__["mean_noise"] = None  # see sample_weight
-        return out
+    def pop_mean_noise(self) -> LayerNoise | None:
+        """The mean noise of the samples since the last call (None: no sample), then cleared."""
+        return self.step_noise.pop_mean()
 
     def weight_std(self) -> Tensor:
         """Marginal posterior std of every weight entry (same shape as ``weight``)."""
@@ -325,6 +321,9 @@ class BayesianLayer:
         var = out_root.dense(left=True).square() @ self.mid_scale.square() @ in_root.dense(left=False).square()
         return self._split_matrix(var.sqrt())
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, posterior={self.posterior}"
+
     def _weights_for_forward(self) -> tuple[Tensor, Tensor | None]:
         if self.fixed_noise is not None:
             wn, bn = self.fixed_noise
@@ -346,9 +345,6 @@ class BayesianLinear(BayesianLayer, nn.Linear):
         w, b = self._weights_for_forward()
         return F.linear(input, w, b)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, posterior={self.posterior}"
-
 
 class BayesianConv2d(BayesianLayer, nn.Conv2d):
     """``nn.Conv2d`` whose kernels are drawn from a Gaussian posterior in training mode."""
@@ -364,9 +360,6 @@ class BayesianConv2d(BayesianLayer, nn.Conv2d):
         w, b = self._weights_for_forward()
         return self._conv_forward(input, w, b)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, posterior={self.posterior}"
-
 
 class BayesianNorm(BayesianLayer):
     """A normalisation layer whose affine ``weight`` / ``bias`` have a diagonal Gaussian posterior.
@@ -380,9 +373,6 @@ class BayesianNorm(BayesianLayer):
         if self.weight is None:
             raise ValueError(f"{type(self).__name__} needs affine parameters (affine / elementwise_affine=True)")
         self._init_posterior("FFG", init_std)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, posterior={self.posterior}"
 
 
 class _BayesianBatchNorm(BayesianNorm):
@@ -470,20 +460,3 @@ def bayesian_layers(model: nn.Module) -> list[tuple[str, BayesianLayer]]:
     """The model's Bayesian layers, in ``named_modules()`` order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, BayesianLayer)]
 
-
-class sampling:
-    """Context manager: Bayesian layers of ``model`` sample weights even in eval mode."""
-
-    def __init__(self, model: nn.Module, enabled: bool = True) -> None:
-        self.layers = [m for _, m in bayesian_layers(model)]
-        self.enabled = enabled
-
-    def __enter__(self) -> sampling:
-        self.saved = [m.sample_in_eval for m in self.layers]
-        for m in self.layers:
-            m.sample_in_eval = self.enabled
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for m, s in zip(self.layers, self.saved):
-            m.sample_in_eval = s

@@ -16,8 +16,8 @@ factors and ``g_i = cond_gain = 1/sqrt(1 - s2 s1^T) - 1``; the last layer of a c
 correction. All these *link* buffers live on the upstream layer of each link, start at zero (the
 block-diagonal posterior) and are written by ``NoisyKFAC(structure="block_tridiagonal")``.
 
-In sampling mode (``train()`` or ``sampling(model)``) a forward pre-hook on the chain's first layer
-draws the joint noise and hands each layer its part (``BayesianLayer.joint_noise``); the ``E_i``
+In sampling mode (``train()`` or ``models.weight_samples.sampling(model)``) a forward pre-hook on the
+chain's first layer draws the joint noise and hands each layer its part (``StepNoise.joint``); the ``E_i``
 are drawn in layer order with the layers' own shapes, so with zero links the draw is the
 block-diagonal one, number for number.
 """
@@ -88,7 +88,7 @@ class LayerChain:
                 layer.register_buffer(key, torch.zeros(shapes[key], dtype=w.dtype, device=w.device))
         for i, layer in enumerate(layers):
             layer.joint_variance = (lambda i=i: self.marginal_variance(i))
-        self._handle = layers[0].register_forward_pre_hook(self._pre_forward)
+        layers[0].register_forward_pre_hook(self._pre_forward)
 
     @torch.no_grad()
     def set_link(self, i: int, link_out: Tensor, link_in: Tensor, cond_out: Tensor, cond_in: Tensor,
@@ -119,7 +119,6 @@ class LayerChain:
         return w
 
     @torch.no_grad()
-    @torch.no_grad()
     def draw(self, batch_shape: tuple[int, ...] = (),
              generator: torch.Generator | None = None) -> list[tuple[Tensor, Tensor | None]]:
         """One joint draw (or ``batch_shape`` of them): ``(weight_noise, bias_noise)`` per layer (the global RNG or
@@ -132,7 +131,7 @@ class LayerChain:
         if module.fixed_noise is not None or not (module.training or module.sample_in_eval):
             return
         for layer, noise in zip(self.layers, self.draw()):
-            layer.joint_noise = noise
+            layer.step_noise.joint = noise
 
     @torch.no_grad()
     def marginal_variance(self, i: int) -> Tensor:
@@ -158,9 +157,6 @@ class LayerChain:
             extra = layer.mid_scale.square().mean() * ((1 + g).square() - 1)
             var = var + (left @ layer.cond_out).square() @ extra @ (right.T @ layer.cond_in).square().T
         return var
-
-    def remove(self) -> None:
-        self._handle.remove()
 
 
 def _split(layer: BayesianLinear, m: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -1,4 +1,4 @@
-"""Whole-network weight samples drawn from a seed: the S networks of an evaluation.
+"""Weight samples outside training: the S seeded networks of an evaluation, and sampling in eval mode.
 
 :func:`draw_noise` draws the zero-mean posterior noise of every Bayesian layer of a model from one
 ``torch.Generator``, in a fixed order: the layers in ``named_modules()`` order, weight before bias, a
@@ -9,17 +9,19 @@ With a CPU generator the network is the same on any device.
 
 :class:`fixed_sample` makes every forward use ``mean + noise`` of one such draw, whatever the layers' mode;
 an evaluation runs the model in eval mode under it, so BatchNorm uses its running statistics.
+
+:class:`sampling` makes the layers draw a fresh sample at every forward in eval mode too (from the global RNG).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from models.bayesian_layers import BayesianLayer, bayesian_layers
+from models.bayesian_layers import BayesianLayer, LayerNoise, bayesian_layers
 from models.joint_posterior import chains_of
 
-Noise = dict[BayesianLayer, tuple[Tensor, Tensor | None]]
+Noise = dict[BayesianLayer, LayerNoise]
 
 
 @torch.no_grad()
@@ -52,3 +54,21 @@ class fixed_sample:
     def __exit__(self, *exc) -> None:
         for layer in self.noise:
             layer.fixed_noise = None
+
+
+class sampling:
+    """Context manager: Bayesian layers of ``model`` sample weights even in eval mode."""
+
+    def __init__(self, model: nn.Module, enabled: bool = True) -> None:
+        self.layers = [m for _, m in bayesian_layers(model)]
+        self.enabled = enabled
+
+    def __enter__(self) -> sampling:
+        self.saved = [m.sample_in_eval for m in self.layers]
+        for m in self.layers:
+            m.sample_in_eval = self.enabled
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m, s in zip(self.layers, self.saved):
+            m.sample_in_eval = s

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from models.bayesian_layers import BayesianLayer, BayesianNorm
-from optimizers.curvature import CurvatureCapture, is_norm_layer, supported_layers
+from optimizers.curvature import CurvatureCapture
+from optimizers.curvature_rules import is_norm_layer, supported_layers
 from util.distributed import all_reduce_mean, is_distributed
 
 #: how the affine parameters of normalisation layers are treated (MATH.md, "Normalisation layers")

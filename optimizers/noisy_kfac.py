@@ -20,18 +20,17 @@ Damping (``damping_mode``):
 
 * ``"factored"`` (the paper): ``A^g = A + pi sqrt(g) I``, ``S^g = S + sqrt(g)/pi I`` with
   ``pi = sqrt((tr A / dim A) / (tr S / dim S))``. Computed with Cholesky factors
-  ``A^g = L_A L_A^T`` (about 6x cheaper than an eigendecomposition here): the preconditioner
+  ``A^g = L_A L_A^T`` (cheaper than an eigendecomposition): the preconditioner
   keeps the explicit inverses, and the sampler ``W = M + sqrt(lambda/N) L_S^-T E L_A^-1``
   applies the triangular factors of the ``gamma_in``-damped pair by triangular solves (the
   inverses are never formed). With ``rank=K`` a factor larger than K is replaced by its top-K
-  eigenpairs plus the mean of the rest of its spectrum (``damped_roots``), so that every
+  eigenpairs plus the mean of the rest of its spectrum (``models.kronecker.damped_roots``), so that every
   per-step product costs O(out in K).
 * ``"exact"``: one eigendecomposition per factor, ``A = Q_A diag(d_A) Q_A^T``, gives the exact
   ``(A (x) S + g I)^-1``: ``D = Q_S [(Q_S^T V Q_A) / (d_S d_A^T + g)] Q_A^T`` and samples
   ``sqrt(lambda/N) Q_S [E / sqrt(d_S d_A^T + gamma_in)] Q_A^T``.
 
-Decompositions run in float64 (the damped input factor of an MLP is badly conditioned) and
-are stored in the parameters' dtype.
+The decompositions (``models.kronecker``) run in float64 and are stored in the parameters' dtype.
 
 Normalisation layers (BatchNorm, LayerNorm, GroupNorm) take a diagonal curvature instead, as in
 torchsso (MATH.md, "Normalisation layers"): with ``w`` their affine parameters as one vector and
@@ -49,32 +48,33 @@ time), ``D = V / (f + gamma)``, the same trust region and momentum, and, with
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from models.bayesian_layers import FactorRoot
 from models.joint_posterior import attach_chains
+from models.kronecker import (
+    SUBSPACE_MAX_ITERS,
+    FactorRoot,
+    eigen_decomposition,
+    factored_damped,
+    factored_decomposition,
+)
 from optimizers.base import NGVI_FLAGS, PRIOR_EVERY, NGVIOptimizer
 from optimizers.block_tridiagonal import posterior_link, precondition_chain, preconditioner_link
-from optimizers.curvature import is_norm_layer
+from optimizers.curvature_rules import is_norm_layer
 
 STRUCTURES = ("block_diagonal", "block_tridiagonal")
 
-#: default steps between factor updates and between decompositions (the CLI's ``--t_stats`` / ``--t_inv``);
-#: with the warm-up as accurate as 1 / 20 on MNIST (README, "Speed") at a fraction of the cost
+#: default steps between factor updates and between decompositions (the CLI's ``--t_stats`` / ``--t_inv``):
+#: after the warm-up (``takes_stats``, ``refreshes``) the factors move slowly, and these steps are the costly ones
 T_STATS, T_INV = 10, 100
 
 #: a sampler side of at most this size is kept as the explicit triangular matrix ``L^-1`` (one GEMM per step)
-#: instead of ``L`` (a triangular solve): MKL's solve runs at a fraction of its GEMM speed on small factors
-#: (1 thread, n = 100 applied to 785 columns: 0.31 ms against 0.18 ms; n = 785 to 100 rows: 0.93 against 1.33)
+#: instead of ``L`` (a triangular solve): on small factors a triangular solve runs well below GEMM speed, and
+#: forming ``L^-1`` costs n^3/3 once per refresh
 DENSE_ROOT_MAX = 256
-
-#: low-rank factors (``top_eigenpairs``): the relative residual at which the warm-started subspace iteration
-#: stops, its most products before an exact ``eigh`` takes over, and its least number of extra columns
-SUBSPACE_TOL = 1e-6
-SUBSPACE_MAX_ITERS = 30
-SUBSPACE_OVERSAMPLE = 8
 
 
 def takes_stats(k: int, t_stats: int, t_inv: int) -> bool:
@@ -104,156 +104,16 @@ def refreshes(k: int, t_inv: int) -> bool:
     return j % t_inv == 0 or (j < t_inv and j & (j - 1) == 0)
 
 
-def factored_pi(A: Tensor, S: Tensor, eps: float = 1e-12) -> Tensor:
-    """``pi = sqrt((tr A / dim A) / (tr S / dim S))``, the factored-damping split (Martens & Grosse 2015)."""
-    ta = A.diagonal().mean().clamp_min(eps)
-    ts = S.diagonal().mean().clamp_min(eps)
-    return (ta / ts).sqrt()
+@dataclass(slots=True)
+class LayerUpdate:
+    """One layer's step: ``V = G + gamma_in W`` and its preconditioned direction ``D`` (``None`` until a
+    chain's joint preconditioner fills it in, ``NoisyKFAC._chain_updates``)."""
 
-
-def factored_damped(A: Tensor, S: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
-    """The factored-Tikhonov damped pair ``(A + pi sqrt(g) I, S + sqrt(g)/pi I)`` in float64."""
-    A, S = A.double(), S.double()
-    pi = factored_pi(A, S)
-    eye_a = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    eye_s = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
-    return A + pi * gamma ** 0.5 * eye_a, S + gamma ** 0.5 / pi * eye_s
-
-
-def _cholesky_all(F: Tensor, shifts: list[Tensor]) -> list[Tensor]:
-    """Lower Cholesky factors of ``F + shift I`` for every shift, with one device sync for all of them.
-
-    A factor that lost positive definiteness to rounding is symmetrised and retried with a jitter;
-    a non-finite ``F`` (a diverged run) gives NaN factors, which the training loop reports.
-    """
-    out, infos = [], []
-    for shift in shifts:
-        shifted = F.clone()  # F + shift I without an n x n identity: two large temporaries fewer
-        shifted.diagonal().add_(shift)
-        L, info = torch.linalg.cholesky_ex(shifted)
-        out.append(L)
-        infos.append(info)
-    if not bool(torch.stack(infos).any()):
-        return out
-    eye = torch.eye(F.shape[0], dtype=F.dtype, device=F.device)
-    finite = bool(torch.isfinite(F).all())
-    sym = 0.5 * (F + F.T)
-    for i, (info, shift) in enumerate(zip(infos, shifts)):
-        if int(info) == 0:
-            continue
-        if not finite:
-            out[i] = torch.full_like(F, float("nan"))
-            continue
-        out[i] = torch.linalg.cholesky(sym + (shift + 1e-6 * sym.diagonal().mean().abs() + 1e-10) * eye)
-    return out
-
-
-def top_eigenpairs(F: Tensor, k: int, basis: Tensor | None = None,
-                   max_iters: int = SUBSPACE_MAX_ITERS) -> tuple[Tensor, Tensor]:
-    """``(Q, d)``: the top k eigenvectors (orthonormal columns) of the symmetric PSD ``F`` and their eigenvalues.
-
-    Without ``basis``, an exact ``eigh``. With the previous refresh's ``basis`` (n x k): subspace iteration
-    ``Q <- qr(F Q)`` on a block of ``basis`` and ``m - k`` fixed-seed Gaussian columns (``subspace_block``),
-    with Rayleigh-Ritz (``eigh`` of the m x m ``Q^T F Q``) after every product, until each of the top k + 1
-    Ritz pairs has the residual ``|F x - d x| <= SUBSPACE_TOL max(d)``: O(n^2 m) per product instead of
-    ``eigh``'s O(n^3). Why the extra columns and the extra pair: an eigenvector that rose into the top k
-    orthogonally to the old basis (which then spans an invariant subspace, with zero residual) is never found
-    by iterating the basis alone; the random columns hold it, and the (k+1)-th pair converges only once it
-    has risen above the rest of them and into the top k. The extra columns also speed up convergence to the
-    rate ``lambda_{m+1} / lambda_k``. Not converged after ``max_iters`` products, or a block not much smaller
-    than ``F``: an exact ``eigh``.
-    """
-    F = 0.5 * (F + F.mT)
-    n, m = F.shape[0], subspace_block(k, F.shape[0])
-    if basis is None or m is None:
-        return _eigh_top(F, k)
-    gen = torch.Generator(F.device).manual_seed(0)
-    extra = torch.randn(n, m - k, generator=gen, dtype=F.dtype, device=F.device)
-    Q = torch.linalg.qr(torch.cat([basis.to(F.dtype), extra], 1))[0]
-    for it in range(max_iters):
-        Y = F @ Q
-        if it > 0:  # (the start's random columns are far from converged)
-            d, U = torch.linalg.eigh(Q.mT @ Y)
-            top, dk = U[:, -k - 1:], d[-k - 1:]
-            X = Q @ top
-            res = (Y @ top - X * dk).norm(dim=0).max()
-            if not bool(res > SUBSPACE_TOL * d[-1].abs()):  # converged (or not finite: the loop reports those)
-                return X[:, 1:], dk[1:].clamp_min(0)
-        Q = torch.linalg.qr(Y)[0]
-    return _eigh_top(F, k)
-
-
-def subspace_block(k: int, n: int) -> int | None:
-    """The columns ``m`` of ``top_eigenpairs``' block for the top k of an n x n factor,
-    ``k + max(k, SUBSPACE_OVERSAMPLE)``; ``None`` (an exact ``eigh``) where ``8 m > n``, where the iterations
-    cost about as much as the ``eigh``: on the MNIST MLP's 785 x 785 factor (one thread, float64, a loaded
-    machine) 11-13 products at k = 16 took 50-80 ms against the ``eigh``'s 150-230 ms, 5-8 at k = 64 as long as it.
-    """
-    m = k + max(k, SUBSPACE_OVERSAMPLE)
-    return None if 8 * m > n else m
-
-
-def _eigh_top(F: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    d, Q = torch.linalg.eigh(F)
-    return Q[:, -k:], d[-k:].clamp_min(0)
-
-
-def damped_roots(F: Tensor, shift_in: Tensor, shift: Tensor | None, rank: int | None = None,
-                 basis: Tensor | None = None, iters: int = SUBSPACE_MAX_ITERS) -> tuple[FactorRoot, FactorRoot]:
-    """One factor's sampler root ``R`` (``R^T R = (F + shift_in I)^-1``) and preconditioner ``P = (F + shift I)^-1``.
-
-    ``shift=None``: the same as ``shift_in``.
-
-    Exact (``rank`` None or >= n): ``R = L^-1`` from the Cholesky factor ``L`` (kept as ``L``,
-    applied by triangular solves) and the dense ``P``. Low rank (docs/MATH.md, "Noisy K-FAC", low-rank factors):
-    ``F ~ F_K = Q diag(d) Q^T + r (I - Q Q^T)`` with the top-K eigenpairs ``(Q, d)`` and ``r`` the
-    mean of the remaining eigenvalues, ``(tr F - sum d) / (n - K)`` (so ``tr F_K = tr F``); then
-    ``(F_K + s I)^p = (r + s)^p I + Q diag((d + s)^p - (r + s)^p) Q^T`` for ``p = -1/2`` (the root)
-    and ``p = -1`` (``P``): the sampled covariance is exactly the one ``P`` implies at ``shift_in``.
-    When ``2 K >= n`` the two (symmetric) matrices are formed densely, which is cheaper to apply.
-    """
-    n = F.shape[0]
-    if rank is None or rank >= n:
-        Ls = _cholesky_all(F, [shift_in] if shift is None else [shift_in, shift])
-        L_in, L = Ls[0], Ls[-1]
-        return FactorRoot("cholesky", L_in), FactorRoot("dense", torch.cholesky_inverse(L))
-    Q, d = top_eigenpairs(F, rank, basis, iters)
-    r = ((F.diagonal().sum() - d.sum()) / (n - rank)).clamp_min(0)
-    shift = shift_in if shift is None else shift
-    root_iso = (r + shift_in).rsqrt()
-    pre_iso = (r + shift).reciprocal()
-    root = FactorRoot("low_rank", Q, (d + shift_in).rsqrt() - root_iso, root_iso)
-    pre = FactorRoot("low_rank", Q, (d + shift).reciprocal() - pre_iso, pre_iso)
-    if 2 * rank >= n:  # the same matrices, applied densely: n^2 per row is cheaper than 2 n K
-        return FactorRoot("dense", root.dense(left=False)), FactorRoot("dense", pre.dense(left=False))
-    return root, pre
-
-
-def factored_decomposition(A: Tensor, S: Tensor, gamma_in: float, gamma: float, rank: int | None = None,
-                           bases: tuple[Tensor | None, Tensor | None] = (None, None),
-                           iters: int = SUBSPACE_MAX_ITERS) -> dict[str, FactorRoot]:
-    """Factored Tikhonov damping of both factors (float64).
-
-    Returns the sampler's roots ``in_root`` (``V``, ``V^T V = [A^gamma_in]^-1``) and ``out_root``
-    (``U``, ``U U^T = [S^gamma_in]^-1``), so that ``U E V`` has covariance
-    ``[A^gamma_in]^-1 (x) [S^gamma_in]^-1``, and the preconditioner's ``A_inv``, ``S_inv``
-    (``[A^gamma]^-1``, ``[S^gamma]^-1``). ``rank``: low-rank factors (``damped_roots``),
-    warm-started from ``bases`` (the previous ``(A, S)`` eigenbases).
-    """
-    A, S = A.double(), S.double()
-    pi = factored_pi(A, S)
-    a_in, s_in = pi * gamma_in ** 0.5, gamma_in ** 0.5 / pi
-    a_pre, s_pre = (None, None) if gamma == gamma_in else (pi * gamma ** 0.5, gamma ** 0.5 / pi)
-    in_root, A_inv = damped_roots(A, a_in, a_pre, rank, bases[0], iters)
-    out_root, S_inv = damped_roots(S, s_in, s_pre, rank, bases[1], iters)
-    return {"in_root": in_root, "out_root": out_root, "A_inv": A_inv, "S_inv": S_inv}
-
-
-def eigen_decomposition(A: Tensor, S: Tensor) -> dict[str, Tensor]:
-    """Eigenbases of the (undamped) factors for the exact damping ``(A (x) S + g I)``."""
-    dA, QA = torch.linalg.eigh(0.5 * (A + A.T).double())
-    dS, QS = torch.linalg.eigh(0.5 * (S + S.T).double())
-    return {"QA": QA, "dA": dA.clamp_min(0), "QS": QS, "dS": dS.clamp_min(0)}
+    layer: nn.Module
+    group: dict
+    state: dict
+    V: Tensor
+    D: Tensor | None
 
 
 def _running_average(state: dict, keys: tuple[str, str], new: tuple[Tensor, Tensor], beta: float) -> None:
@@ -277,15 +137,15 @@ class NoisyKFAC(NGVIOptimizer):
         t_stats, t_inv: refresh the factors every ``t_stats`` steps, their decompositions (and
             the posterior's sampling scale) every ``t_inv`` steps.
         damping_mode: ``"factored"`` (paper) or ``"exact"`` (eigenbasis).
-        fisher: ``"example"`` (the empirical Fisher: the data's labels) or ``"true"`` (labels sampled
-            from the model; call ``true_fisher_backward(logits)`` before ``loss.backward()``).
+        fisher: ``"example"`` (the empirical Fisher: the data's labels) or ``"true"`` (labels sampled from
+            the model; call ``true_fisher_backward(logits)`` before ``loss.backward()``).
         kl_clip: trust region on the update (``None`` = off), as in distributed K-FAC.
         init_precision: isotropic posterior precision before the first step.
         rank: ``None`` (exact factors) or K: a factor larger than K keeps its top-K eigenpairs and
-            the mean of the rest of its spectrum (``damped_roots``), so that sampling and
+            the mean of the rest of its spectrum (``models.kronecker.damped_roots``), so that sampling and
             preconditioning cost O(out in K); factored damping only. The eigenpairs come from
             at most ``subspace_iters`` products of a subspace iteration warm-started at the previous refresh's,
-            until their residual is small (``top_eigenpairs``), else from an exact ``eigh``.
+            until their residual is small (``models.kronecker.top_eigenpairs``), else from an exact ``eigh``.
         conv_stats_stride: s > 1 takes a convolution's factor ``A`` from every s-th output location in each
             direction (one of the s^2 grids, in turn, weighted s^2: ``stats_grid``), at 1/s^2 of its cost.
         norm_posterior: affine parameters of normalisation layers (diagonal curvature): ``"point"``
@@ -463,7 +323,8 @@ class NoisyKFAC(NGVIOptimizer):
             if is_norm_layer(layer):
                 noise = self._as_vector(layer, *noise) if noise is not None else None
                 G = self._as_vector(layer, grads[0], grads[1] if len(grads) > 1 else None)
-                updates.append((layer, group, state, *self._diagonal_direction(layer, state, group, G, stats, noise)))
+                updates.append(LayerUpdate(layer, group, state,
+                                           *self._diagonal_direction(layer, state, group, G, stats, noise)))
                 self._schedule_stats(k + 1, group)
                 continue
             if stats is None and "A" not in state and self.capture.fisher == "true":
@@ -479,14 +340,15 @@ class NoisyKFAC(NGVIOptimizer):
                 D = None  # the chain's joint preconditioner, below
             else:
                 D = self._precondition(layer, state, group, V) if self._has_decomposition(state) else V
-            updates.append((layer, group, state, V, D))
+            updates.append(LayerUpdate(layer, group, state, V, D))
             self._schedule_stats(k + 1, group)
         if self.chains:
-            updates = self._chain_updates(updates, crosses)
+            self._chain_updates(updates, crosses)
 
         nu = self._kl_clip_scale(updates)
-        for layer, group, state, _, D in updates:
-            buf = state["momentum_buffer"].mul_(group["momentum"])
+        for update in updates:
+            layer, group, D = update.layer, update.group, update.D
+            buf = update.state["momentum_buffer"].mul_(group["momentum"])
             if nu is None:
                 buf.add_(D)
             else:
@@ -526,20 +388,19 @@ class NoisyKFAC(NGVIOptimizer):
             layer.set_ffg_posterior(std[:n_w].view_as(layer.weight),
                                     std[n_w:].view_as(layer.bias) if layer.bias is not None else None)
         return V, V / (f + gamma_in + group["damping"])
+
     # -- block-tridiagonal chains (docs/MATH.md, "Block-tridiagonal Noisy K-FAC") ------------
-    def _chain_updates(self, updates: list, crosses: dict) -> list:
+    def _chain_updates(self, updates: list[LayerUpdate], crosses: dict) -> None:
         """Update the cross factors, refresh the links, and fill in the chains' joint preconditioned ``D``."""
-        index = {layer: j for j, (layer, *_) in enumerate(updates)}
-        updates = list(updates)
+        index = {update.layer: update for update in updates}
         for chain in self.chains:
             states = [self.state[layer.weight] for layer in chain.layers]
             group = self.group_of(chain.layers[0].weight)
             if any(layer not in index for layer in chain.layers):  # a layer took no gradient: no joint step
                 for layer, st in zip(chain.layers, states):
                     if layer in index:
-                        V = updates[index[layer]][3]
-                        D = self._precondition(layer, st, group, V) if self._has_decomposition(st) else V
-                        updates[index[layer]] = (*updates[index[layer]][:4], D)
+                        V = index[layer].V
+                        index[layer].D = self._precondition(layer, st, group, V) if self._has_decomposition(st) else V
                 continue
             for layer, state in zip(chain.layers, states):
                 cross = crosses.get(layer)
@@ -550,16 +411,14 @@ class NoisyKFAC(NGVIOptimizer):
             ready = all(self._has_decomposition(st) for st in states) and "A_cross" in states[0]
             if ready and (refreshes(k, group["t_inv"]) or "gain" not in states[0]):
                 self._refresh_links(chain, states, group)
-            Vs = [updates[index[layer]][3] for layer in chain.layers]
+            Vs = [index[layer].V for layer in chain.layers]
             if "gain" in states[0]:
                 Ds = precondition_chain(Vs, [(st["S_inv"], st["A_inv"]) for st in states], states[:-1])
             else:
                 Ds = [self._precondition(layer, st, group, V) if self._has_decomposition(st) else V
                       for layer, st, V in zip(chain.layers, states, Vs)]
             for layer, D in zip(chain.layers, Ds):
-                j = index[layer]
-                updates[j] = (*updates[j][:4], D)
-        return updates
+                index[layer].D = D
 
     def _refresh_links(self, chain, states: list[dict], group: dict) -> None:
         """Links of the gamma_in-damped factors (posterior, in the model) and gamma-damped ones (update, in state).
@@ -617,17 +476,17 @@ class NoisyKFAC(NGVIOptimizer):
         return out
 
     @staticmethod
-    def _kl_clip_scale(updates: list[tuple]) -> Tensor | None:
+    def _kl_clip_scale(updates: list[LayerUpdate]) -> Tensor | None:
         """``nu = min(1, sqrt(kl_clip / sum_layers lr^2 <D, V>))`` as a device scalar (no host sync);
         ``None`` when no group clips.
 
         The learning rates enter as Python scalars: a tensor built from them would be a host-to-device
         copy, which waits for the stream, in every step."""
-        clips = [g["kl_clip"] for _, g, *_ in updates if g["kl_clip"] is not None]
+        clips = [u.group["kl_clip"] for u in updates if u.group["kl_clip"] is not None]
         if not clips:
             return None
-        vg = torch.stack([torch.dot(D.reshape(-1), V.reshape(-1)).double() * (g["lr"] * g["lr"])
-                          for _, g, _, V, D in updates]).sum()
+        vg = torch.stack([torch.dot(u.D.reshape(-1), u.V.reshape(-1)).double() * (u.group["lr"] * u.group["lr"])
+                          for u in updates]).sum()
         return torch.where(vg > 0, (min(clips) / vg).sqrt().clamp(max=1.0), 1.0)
 
     @staticmethod

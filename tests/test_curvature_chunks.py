@@ -1,7 +1,7 @@
 """The per-example statistics when the batch is split into several chunks, and convolutions whose
 stride differs from their dilation, on fixed inputs against the naive float64 loops of ``reference``.
 
-The chunk bounds of ``optimizers.curvature`` are made small (one example per chunk, and chunks of
+The chunk bounds of ``optimizers.chunking`` are made small (one example per chunk, and chunks of
 2-3 with a shorter last one), so the accumulation over chunks is exercised without a large batch,
 for the per-example squares and for the Kronecker factor A.
 """
@@ -14,7 +14,7 @@ from reference import naive_kronecker_factors, naive_sum_grad_squared
 from torch import nn
 
 import optimizers
-from optimizers import curvature
+from optimizers import chunking, curvature, curvature_rules
 
 RTOL, ATOL = 1e-6, 1e-14
 
@@ -79,9 +79,9 @@ def set_chunks(monkeypatch, model: nn.Module, per_chunk: int | None, t: int = 1)
         return
     first = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     n_in = first.weight[0].numel()
-    monkeypatch.setattr(curvature, "_CHUNK_ELEMENTS", per_chunk * first.weight.shape[0] * n_in)
-    monkeypatch.setattr(curvature, "_GRAD_CHUNK_ELEMENTS", per_chunk * first.weight.shape[0] * n_in)
-    monkeypatch.setattr(curvature, "_PATCH_CHUNK_ELEMENTS", per_chunk * n_in * t)
+    monkeypatch.setattr(chunking, "_CHUNK_ELEMENTS", per_chunk * first.weight.shape[0] * n_in)
+    monkeypatch.setattr(chunking, "_GRAD_CHUNK_ELEMENTS", per_chunk * first.weight.shape[0] * n_in)
+    monkeypatch.setattr(chunking, "_PATCH_CHUNK_ELEMENTS", per_chunk * n_in * t)
 
 
 @pytest.mark.parametrize("chunks", list(CHUNKS))
@@ -185,33 +185,33 @@ RESNET_STAGE1 = (128, 16, 16 * 9, 32 * 32)
 
 def test_chunk_limits_per_device():
     """Cache-sized chunks on the CPU; on CUDA bounded by a share of the device's memory, so the whole batch."""
-    cpu = curvature.chunk_limits(torch.device("cpu"))
-    assert cpu == (curvature._CHUNK_ELEMENTS, curvature._PATCH_CHUNK_ELEMENTS, curvature._GRAD_CHUNK_ELEMENTS,
-                   curvature._NORM_CHUNK_ELEMENTS)
+    cpu = chunking.chunk_limits(torch.device("cpu"))
+    assert cpu == (chunking._CHUNK_ELEMENTS, chunking._PATCH_CHUNK_ELEMENTS, chunking._GRAD_CHUNK_ELEMENTS,
+                   chunking._NORM_CHUNK_ELEMENTS)
     b, out, n_in, t = RESNET_STAGE1
-    assert curvature.conv_grad_chunk(cpu, *RESNET_STAGE1) == 7  # 19 chunks of the batch
+    assert curvature_rules.conv_grad_chunk(cpu, *RESNET_STAGE1) == 7  # 19 chunks of the batch
     for gigabytes, element_size, chunk in ((80, 4, b), (16, 4, b), (16, 8, 105)):
         total = gigabytes * 10**9
-        cuda = curvature.chunk_limits(torch.device("cuda", 0), element_size, total_memory=total)
+        cuda = chunking.chunk_limits(torch.device("cuda", 0), element_size, total_memory=total)
         assert all(v * element_size <= total / 100 for v in cuda)  # memory-bounded: 1/128 of it per buffer
         # float32: one chunk; float64 on a 16 GB card: 125 MB of patches, 105 examples of 144 x 1024 x 8 bytes
-        assert curvature.conv_grad_chunk(cuda, *RESNET_STAGE1) == chunk
-    tiny = curvature.chunk_limits(torch.device("cuda"), 4, total_memory=2**20)  # 8 KB per buffer
-    assert curvature.conv_grad_chunk(tiny, *RESNET_STAGE1) == 1
-    assert curvature.conv_grad_chunk(tiny._replace(grads=3 * out * n_in, patches=10**9), *RESNET_STAGE1) == 3
+        assert curvature_rules.conv_grad_chunk(cuda, *RESNET_STAGE1) == chunk
+    tiny = chunking.chunk_limits(torch.device("cuda"), 4, total_memory=2**20)  # 8 KB per buffer
+    assert curvature_rules.conv_grad_chunk(tiny, *RESNET_STAGE1) == 1
+    assert curvature_rules.conv_grad_chunk(tiny._replace(grads=3 * out * n_in, patches=10**9), *RESNET_STAGE1) == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_resnet_stage1_conv_is_one_chunk_on_cuda(monkeypatch):
     """On the GPU the first-stage convolution's batch is one chunk, with the CPU's float64 statistics."""
     chunks = []
-    padded_chunks = curvature._padded_chunks
+    padded_chunks = curvature_rules._padded_chunks
 
     def spy(module, a, chunk, *args, **kwargs):
         chunks.append(chunk)
         return padded_chunks(module, a, chunk, *args, **kwargs)
 
-    monkeypatch.setattr(curvature, "_padded_chunks", spy)
+    monkeypatch.setattr(curvature_rules, "_padded_chunks", spy)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(16, 10)).float()

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import BayesianLinear
+from models.kronecker import SUBSPACE_TOL, factored_decomposition, subspace_block, top_eigenpairs
 from optimizers import NoisyKFAC
-from optimizers.noisy_kfac import SUBSPACE_TOL, factored_decomposition, subspace_block, top_eigenpairs
 
 
 def random_spd(n: int, gen: torch.Generator, decay: float = 0.7) -> torch.Tensor:

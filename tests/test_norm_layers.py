@@ -17,7 +17,7 @@ from torch import nn
 import models
 import optimizers
 from models import BayesianGroupNorm, BayesianLayerNorm, BayesianLinear
-from optimizers import VOGN, NoisyAdam, NoisyKFAC, curvature
+from optimizers import VOGN, NoisyAdam, NoisyKFAC, curvature_rules
 
 RTOL, ATOL = 1e-6, 1e-14
 
@@ -137,7 +137,7 @@ def test_batchnorm_statistics_from_the_cuda_node(monkeypatch, cudnn):
         h = model[0](xc)
         out = model[1](h)
         node = out.grad_fn
-        _, mean, invstd = curvature.batch_norm_input(model[1], h, out)
+        _, mean, invstd = curvature_rules.batch_norm_input(model[1], h, out)
         saved = (node._saved_result1.data_ptr(), node._saved_result2.data_ptr())
         assert (mean.data_ptr(), invstd.data_ptr()) == saved, type(node).__name__
         h64 = h.detach().double()
