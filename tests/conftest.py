@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -214,3 +215,58 @@ def run_ranks(worker: Callable[..., None], *args: object, nprocs: int = 2, timeo
             for p in procs.processes:
                 p.kill()
             pytest.fail(f"the {nprocs} ranks did not finish within {timeout:.0f} s (a collective deadlocked?)")
+
+
+def assert_noisy_kfac_follows_reference(net: torch.nn.Module, layers: list[torch.nn.Module],
+                                        opt: torch.optim.Optimizer, ref, x: torch.Tensor, y: torch.Tensor,
+                                        samples: tuple[int, ...], seed: int, rtol: float = 1e-8,
+                                        atol: float = 1e-12) -> None:
+    """Step the library's Noisy K-FAC ``opt`` on ``net`` beside ``ref`` (``reference.NoisyKFACReference`` of the
+    same ``layers``), ``samples[k]`` forward/backward passes before step k + 1, each reseeded (``seed + 1``, ...).
+
+    Checked: each pass's noise against the reference's sampler for the same ``eps`` (the layers draw
+    ``E ~ N(0, I)`` of their matrix shape, in forward order), and after every step the means, the factors ``A``
+    and ``S``, the momentum, the step count and the posterior std; that the KL clip engaged when it is on, and
+    that the steps moved every layer by more than the tolerance (the comparisons mean something)."""
+    from reference import weight_matrix
+
+    def close(got: torch.Tensor, expected: torch.Tensor, msg: str) -> None:
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, msg=msg)
+
+    def mean(layer):
+        return weight_matrix(layer, layer.weight.detach(), layer.bias.detach() if layer.bias is not None else None)
+
+    def std(layer):
+        return weight_matrix(layer, layer.weight_std(), layer.bias_std())
+
+    start = [mean(layer).clone() for layer in layers]
+    for ell, layer in enumerate(layers):
+        close(std(layer), ref.std(ell), f"initial std {ell}")
+    for k, n_samples in enumerate(samples, 1):
+        opt.zero_grad()
+        noises = []
+        for _ in range(n_samples):
+            seed += 1
+            torch.manual_seed(seed)
+            F.cross_entropy(net(x), y).backward()
+            noise = [weight_matrix(m, *m.last_noise) for m in layers]
+            torch.manual_seed(seed)
+            eps = [torch.randn(m.shape) for m in ref.M]
+            for ell, layer in enumerate(layers):
+                st = opt.state[layer.weight]
+                eigen = (st["QA"], st["dA"], st["QS"], st["dS"]) if "QA" in st else None  # exact damping's basis
+                close(noise[ell], ref.noise(ell, eps[ell], eigen), f"noise {ell} step {k}")
+            noises.append(noise)
+        opt.step()
+        ref.step(x, y, noises)
+        for ell, layer in enumerate(layers):
+            st = opt.state[layer.weight]
+            close(mean(layer), ref.M[ell], f"mean {ell} step {k}")
+            close(st["A"], ref.A[ell], f"A {ell} step {k}")
+            close(st["S"], ref.S[ell], f"S {ell} step {k}")
+            close(st["momentum_buffer"], ref.buf[ell], f"momentum {ell} step {k}")
+            close(std(layer), ref.std(ell), f"std {ell} step {k}")
+            assert st["step"].item() == k
+    if ref.kl_clip is not None:
+        assert min(ref.nus) < 1.0, "the KL clip never engaged: the test would not see it"
+    assert all((m - m0).abs().max() > 1e-4 for m, m0 in zip(ref.M, start))

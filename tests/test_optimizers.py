@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import inspect
 import io
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_training_state
-from reference import KFACPosteriorReference
+from conftest import assert_noisy_kfac_follows_reference, assert_same_training_state
+from reference import NoisyKFACReference, weight_matrix
 from torch import nn
 
 import models
@@ -206,57 +205,6 @@ def test_diagonal_multiple_mc_samples(float64, config):
 
 
 # ============================================================================ MVG: Noisy K-FAC
-class RefKFAC(KFACPosteriorReference):
-    """MATH.md's Noisy K-FAC step with momentum and KL clip, written directly."""
-
-    def __init__(self, layers, lr, momentum, num_data, kl_weight, prior_var, damping, stat_decay, t_stats, t_inv,
-                 damping_mode, kl_clip, init_precision):
-        self.M = [torch.cat([m.weight.detach(), m.bias.detach()[:, None]], 1).clone() for m in layers]
-        self.lr, self.mom, self.damping, self.beta = lr, momentum, damping, stat_decay
-        self.t_stats, self.t_inv, self.mode, self.kl_clip = t_stats, t_inv, damping_mode, kl_clip
-        self.c2 = kl_weight / num_data
-        self.gin = kl_weight / (num_data * prior_var)
-        self.init_std = init_precision ** -0.5
-        self.A = [None] * len(layers)
-        self.S = [None] * len(layers)
-        self.dec = None  # the factors at the last refresh
-        self.buf = [torch.zeros_like(m) for m in self.M]
-        self.k = 0
-        self.nus = []
-
-    def step(self, x, y, noise):
-        self.k += 1
-        k = self.k
-        W = [m + n for m, n in zip(self.M, noise)]
-        per = per_example([(w[:, :-1], w[:, -1]) for w in W], x, y)
-        # warm-up: statistics every step while k <= t_inv, decompositions at k - 1 = 0, 1, 2, 4, ... < t_inv
-        use_stats = k <= self.t_inv or (k - 1) % self.t_stats == 0
-        Ds, Vs = [], []
-        for ell in range(len(W)):
-            G = mean([torch.outer(p[2][ell], p[1][ell]) for p in per])
-            Ab = mean([torch.outer(p[1][ell], p[1][ell]) for p in per])
-            Sb = mean([torch.outer(p[2][ell], p[2][ell]) for p in per])
-            if use_stats:
-                if self.A[ell] is None:
-                    self.A[ell], self.S[ell] = Ab, Sb
-                else:
-                    self.A[ell] = self.beta * self.A[ell] + (1 - self.beta) * Ab
-                    self.S[ell] = self.beta * self.S[ell] + (1 - self.beta) * Sb
-            Vs.append(G + self.gin * W[ell])
-        warm = {2**j for j in range(30) if 2**j < self.t_inv}
-        if self.dec is None or (k - 1) % self.t_inv == 0 or (k - 1) in warm:
-            self.dec = [(A.clone(), S.clone()) for A, S in zip(self.A, self.S)]
-        Ds = [self.precondition(ell, V) for ell, V in enumerate(Vs)]
-        nu = 1.0
-        if self.kl_clip is not None:
-            vg = sum(self.lr**2 * (D * V).sum().item() for D, V in zip(Ds, Vs))
-            nu = min(1.0, math.sqrt(self.kl_clip / vg))
-        self.nus.append(nu)
-        for ell, D in enumerate(Ds):
-            self.buf[ell] = self.mom * self.buf[ell] + nu * D
-            self.M[ell] = self.M[ell] - self.lr * self.buf[ell]
-
-
 KFAC_COMMON = dict(lr=0.1, num_data=20, kl_weight=0.5, prior_var=2.0, stat_decay=0.8, init_precision=10.0)
 KFAC_CONFIGS = {
     "factored": dict(damping_mode="factored", damping=0.01, momentum=0.9, kl_clip=None, t_stats=1, t_inv=1),
@@ -271,12 +219,6 @@ KFAC_CONFIGS = {
                                      t_inv=3),
     "exact_nodamp": dict(damping_mode="exact", damping=0.0, momentum=0.9, kl_clip=None, t_stats=1, t_inv=1),
 }
-
-
-def as_matrix(w, b):
-    return torch.cat([w.reshape(w.shape[0], -1), b[:, None]], 1)
-
-
 #: factored damping samples through the Cholesky factors (a solve, DENSE_ROOT_MAX = 0) or their explicit inverses
 KFAC_CASES = [(c, n) for c, kw in KFAC_CONFIGS.items()
               for n in ((0,) if kw["damping_mode"] == "factored" else ()) + (noisy_kfac.DENSE_ROOT_MAX,)]
@@ -287,43 +229,10 @@ def test_noisy_kfac_first_steps_match_reference(float64, config, dense_root_max,
     monkeypatch.setattr(noisy_kfac, "DENSE_ROOT_MAX", dense_root_max)
     kw = {**KFAC_COMMON, **KFAC_CONFIGS[config]}
     model = tiny_net("MVG")
-    x, y = tiny_data()
     layers = [model[0], model[2]]
     opt = NoisyKFAC(model, **kw)
-    ref = RefKFAC(layers, **kw)
-    for ell, layer in enumerate(layers):
-        close(as_matrix(layer.weight_std(), layer.bias_std()), ref.std(ell))
-    for k in range(1, 6):  # covers the warm-up (t_inv = 3: k <= 3) and the steps after it
-        seed = 200 + k
-        opt.zero_grad()
-        torch.manual_seed(seed)
-        F.cross_entropy(model(x), y).backward()
-        noise = [as_matrix(*layer.last_noise) for layer in layers]
-        torch.manual_seed(seed)
-        eps = [torch.randn(layer.matrix_shape) for layer in layers]
-        for ell, layer in enumerate(layers):
-            expected = ref.noise(ell, eps[ell])
-            if expected is None:  # exact damping: the eigenbasis' signs are not unique; use the library's basis
-                st = opt.state[layer.weight]
-                A, S = ref.dec[ell]
-                for Q, d, Fm in ((st["QA"], st["dA"], A), (st["QS"], st["dS"], S)):
-                    close(Q.T @ Q, torch.eye(Q.shape[0]))
-                    torch.testing.assert_close(Q @ torch.diag(d) @ Q.T, Fm, rtol=1e-8, atol=1e-10)
-                mid = eps[ell] / (st["dS"][:, None] * st["dA"][None] + ref.gin).sqrt()
-                expected = math.sqrt(ref.c2) * st["QS"] @ mid @ st["QA"].T
-            close(noise[ell], expected, f"noise layer {ell} step {k}")
-        opt.step()
-        ref.step(x, y, noise)
-        for ell, layer in enumerate(layers):
-            st = opt.state[layer.weight]
-            close(as_matrix(layer.weight.detach(), layer.bias.detach()), ref.M[ell], f"mean {ell} step {k}")
-            close(st["A"], ref.A[ell], f"A {ell} step {k}")
-            close(st["S"], ref.S[ell], f"S {ell} step {k}")
-            close(st["momentum_buffer"], ref.buf[ell], f"momentum {ell} step {k}")
-            close(as_matrix(layer.weight_std(), layer.bias_std()), ref.std(ell), f"std {ell} step {k}")
-            assert st["step"].item() == k
-    if kw["kl_clip"] is not None:
-        assert min(ref.nus) < 1.0, "the KL clip never engaged: the test would not see it"
+    assert_noisy_kfac_follows_reference(model, layers, opt, NoisyKFACReference(layers, **kw), *tiny_data(),
+                                        (1,) * 5, seed=200)  # covers the warm-up (t_inv = 3: k <= 3) and after
     assert opt.kronecker_factors().keys() == {"0", "2"}
 
 
@@ -337,8 +246,9 @@ def test_noisy_kfac_true_fisher(float64):
     opt_e.zero_grad()
     torch.manual_seed(7)
     logits = model_t(x)
-    noise = [as_matrix(*m.last_noise) for m in (model_t[0], model_t[2])]
-    sampled = [as_matrix(m.weight.detach(), m.bias.detach()) + n for m, n in zip((model_t[0], model_t[2]), noise)]
+    noise = [weight_matrix(m, *m.last_noise) for m in (model_t[0], model_t[2])]
+    sampled = [weight_matrix(m, m.weight.detach(), m.bias.detach()) + n
+               for m, n in zip((model_t[0], model_t[2]), noise)]
     rng = torch.get_rng_state()
     opt_t.true_fisher_backward(logits)
     assert all(p.grad is None for p in model_t.parameters())
