@@ -179,6 +179,23 @@ def kfac_batch_statistics(layers: list[nn.Module], Ws: list[Tensor], x: Tensor, 
     return G, A, S
 
 
+def factored_damping(A: Tensor, S: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """MATH.md's factored Tikhonov damping: ``A + pi sqrt(gamma) I`` and ``S + sqrt(gamma)/pi I``, with
+    ``pi = sqrt((tr A / dim A) / (tr S / dim S))``."""
+    pi = math.sqrt((torch.trace(A).item() / A.shape[0]) / (torch.trace(S).item() / S.shape[0]))
+    return (A + pi * math.sqrt(gamma) * torch.eye(A.shape[0], dtype=A.dtype),
+            S + math.sqrt(gamma) / pi * torch.eye(S.shape[0], dtype=S.dtype))
+
+
+def kronecker_covariance(A: Tensor, S: Tensor, mode: str, c2: float, gamma_in: float) -> Tensor:
+    """The dense posterior covariance of a layer's matrix, in column-major ``vec`` order: ``c2 (A^g (x) S^g)^-1``
+    with factored damping (``g = gamma_in``), ``c2 (A (x) S + gamma_in I)^-1`` with exact damping."""
+    if mode == "factored":
+        Ag, Sg = factored_damping(A, S, gamma_in)
+        return c2 * torch.linalg.inv(torch.kron(Ag, Sg))
+    return c2 * torch.linalg.inv(torch.kron(A, S) + gamma_in * torch.eye(A.shape[0] * S.shape[0], dtype=A.dtype))
+
+
 class NoisyKFACReference:
     """MATH.md's Noisy K-FAC on the chain of ``layers`` (``chain_forward``), with dense inverses and ``kron``:
     statistics every ``t_stats`` steps, decompositions every ``t_inv`` (and the warm-up's), both dampings, the KL
@@ -243,21 +260,15 @@ class NoisyKFACReference:
             self.buf[ell] = self.mom * self.buf[ell] + nu * D
             self.M[ell] = self.M[ell] - self.lr * self.buf[ell]
 
-    @staticmethod
-    def damped(A: Tensor, S: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
-        """Factored Tikhonov damping: ``A + pi sqrt(gamma) I``, ``S + sqrt(gamma)/pi I``."""
-        pi = math.sqrt((torch.trace(A).item() / A.shape[0]) / (torch.trace(S).item() / S.shape[0]))
-        return A + pi * math.sqrt(gamma) * torch.eye(A.shape[0]), S + math.sqrt(gamma) / pi * torch.eye(S.shape[0])
-
     def std(self, ell: int) -> Tensor:
         """The posterior's marginal std of layer ``ell``'s matrix entries."""
         if self.dec is None:
             return torch.full_like(self.M[ell], self.init_std)
         A, S = self.dec[ell]
         if self.mode == "factored":
-            Ag, Sg = self.damped(A, S, self.gin)
+            Ag, Sg = factored_damping(A, S, self.gin)
             return (self.c2 * torch.linalg.inv(Sg).diagonal()[:, None] * torch.linalg.inv(Ag).diagonal()[None]).sqrt()
-        cov = self.c2 * torch.linalg.inv(torch.kron(A, S) + self.gin * torch.eye(A.shape[0] * S.shape[0]))
+        cov = kronecker_covariance(A, S, "exact", self.c2, self.gin)
         return cov.diagonal().sqrt().reshape(A.shape[0], S.shape[0]).T  # column-major vec
 
     def noise(self, ell: int, eps: Tensor, eigen: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
@@ -269,7 +280,7 @@ class NoisyKFACReference:
             return self.init_std * eps
         A, S = self.dec[ell]
         if self.mode == "factored":
-            Ag, Sg = self.damped(A, S, self.gin)
+            Ag, Sg = factored_damping(A, S, self.gin)
             LA, LS = torch.linalg.cholesky(Ag), torch.linalg.cholesky(Sg)
             return math.sqrt(self.c2) * torch.linalg.inv(LS).T @ eps @ torch.linalg.inv(LA)
         assert eigen is not None, "exact damping: pass the eigenbasis to sample in"
@@ -284,7 +295,7 @@ class NoisyKFACReference:
         A, S = self.dec[ell]
         gamma = self.gin + self.damping
         if self.mode == "factored":
-            Ag, Sg = self.damped(A, S, gamma)
+            Ag, Sg = factored_damping(A, S, gamma)
             return torch.linalg.inv(Sg) @ V @ torch.linalg.inv(Ag)
         F_ = torch.kron(A, S) + gamma * torch.eye(A.shape[0] * S.shape[0])
         d = torch.linalg.inv(F_) @ V.T.reshape(-1)  # column-major vec

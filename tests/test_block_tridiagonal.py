@@ -21,6 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_same_training_state
+from nets import gaussian_batch, linears, tanh_mlp
+from reference import factored_damping
 from torch import nn
 
 import models
@@ -35,22 +37,11 @@ KW = dict(lr=0.05, num_data=8, kl_weight=1.0, prior_var=5.0, damping=0.02, stat_
 
 def chain_net(seed: int = 0) -> nn.Sequential:
     """The 5-4-3-2 chain with biases, float64."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:])):
-        if i:
-            layers.append(nn.Tanh())
-        layers.append(BayesianLinear(a, b, posterior="MVG"))
-    return nn.Sequential(*layers).double()
+    return tanh_mlp("MVG", SIZES, seed)
 
 
-def chain_layers(model: nn.Sequential) -> list[BayesianLinear]:
-    return [m for m in model if isinstance(m, BayesianLinear)]
-
-
-def data(n: int = 12, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, SIZES[0], generator=gen, dtype=torch.float64) * 1.5, torch.randint(0, 2, (n,), generator=gen)
+def data(n: int = 12):
+    return gaussian_batch(n, SIZES[0], scale=1.5, dtype=torch.float64)
 
 
 def vec(m: torch.Tensor) -> torch.Tensor:
@@ -98,18 +89,12 @@ def batch_factors(Ws, x, y):
     return A, S, Ac, Gc, grad
 
 
-def damped(A, S, gamma):
-    """MATH.md's factored Tikhonov damping of a diagonal pair."""
-    pi = math.sqrt((torch.trace(A).item() / A.shape[0]) / (torch.trace(S).item() / S.shape[0]))
-    return A + pi * math.sqrt(gamma) * torch.eye(A.shape[0]), S + math.sqrt(gamma) / pi * torch.eye(S.shape[0])
-
-
 def dense_fhat(A, S, Ac, Gc, gamma):
     """F-hat of the damped factors: tridiagonal blocks as given, completed so that its inverse is block-tridiagonal."""
     L = len(A)
     blocks = [[None] * L for _ in range(L)]
     for i in range(L):
-        Ad, Sd = damped(A[i], S[i], gamma)
+        Ad, Sd = factored_damping(A[i], S[i], gamma)
         blocks[i][i] = torch.kron(Ad, Sd)
     for i in range(L - 1):
         blocks[i][i + 1] = torch.kron(Ac[i], Gc[i])
@@ -170,7 +155,7 @@ def test_chains_found_by_shape_and_elementwise_rule():
 
 def test_cross_factors_match_per_example_reference(float64):
     model = chain_net()
-    layers = chain_layers(model)
+    layers = linears(model)
     opt = NoisyKFAC(model, structure="block_tridiagonal", **KW)
     x, y = data()
     opt.zero_grad()
@@ -208,7 +193,7 @@ def _implied_covariance(model):
 
 def test_posterior_covariance_and_preconditioner_equal_dense_fhat_inverse(float64):
     model, opt = trained_chain()
-    layers = chain_layers(model)
+    layers = linears(model)
     assert opt.guard_count() == 0
     A, S, Ac, Gc = state_factors(opt, layers)
     c2 = KW["kl_weight"] / KW["num_data"]
@@ -241,7 +226,7 @@ def test_posterior_covariance_and_preconditioner_equal_dense_fhat_inverse(float6
 
 def test_200k_joint_samples_reproduce_the_covariance(float64):
     model, opt = trained_chain()
-    layers = chain_layers(model)
+    layers = linears(model)
     A, S, Ac, Gc = state_factors(opt, layers)
     gamma_in = KW["kl_weight"] / (KW["num_data"] * KW["prior_var"])
     Fh, offs = dense_fhat(A, S, Ac, Gc, gamma_in)
@@ -264,7 +249,7 @@ def test_200k_joint_samples_reproduce_the_covariance(float64):
 
 def test_forward_and_sample_weights_use_one_joint_draw(float64):
     model, opt = trained_chain()
-    layers = chain_layers(model)
+    layers = linears(model)
     x, _ = data()
     torch.manual_seed(11)
     model(x)
@@ -303,7 +288,7 @@ def test_zero_cross_factors_is_exactly_block_diagonal(float64, monkeypatch):
             for _ in range(2):
                 F.cross_entropy(model(x), y).backward()
             opt.step()
-            trace.append([t.clone() for m in chain_layers(model)
+            trace.append([t.clone() for m in linears(model)
                           for t in (*m.last_noise, m.weight, m.bias, m.weight_std(), m.bias_std())])
         runs[structure] = trace
     for k, (a, b) in enumerate(zip(runs["block_diagonal"], runs["block_tridiagonal"])):
@@ -350,7 +335,7 @@ class RefTridiagonal:
 def test_steps_match_hand_written_reference(float64, kl_clip):
     kw = {**KW, "kl_clip": kl_clip}
     model = chain_net()
-    layers = chain_layers(model)
+    layers = linears(model)
     opt = NoisyKFAC(model, structure="block_tridiagonal", **kw)
     ref = RefTridiagonal(layers, **kw)
     x, y = data()
@@ -373,7 +358,7 @@ def test_steps_match_hand_written_reference(float64, kl_clip):
 
 def test_guard_floors_an_indefinite_chain_and_counts_it(float64):
     model, opt = trained_chain(steps=1)
-    for st in (opt.state[m.weight] for m in chain_layers(model)[:-1]):
+    for st in (opt.state[m.weight] for m in linears(model)[:-1]):
         st["A_cross"].mul_(50.0)
         st["G_cross"].mul_(50.0)
     x, y = data()
@@ -381,7 +366,7 @@ def test_guard_floors_an_indefinite_chain_and_counts_it(float64):
     F.cross_entropy(model(x), y).backward()
     opt.step()
     assert opt.guard_count() > 0
-    for m in chain_layers(model):
+    for m in linears(model):
         assert torch.isfinite(m.weight).all() and torch.isfinite(m.weight_std()).all()
 
 
@@ -392,7 +377,7 @@ def _guarded_chain(model: nn.Module) -> NoisyKFAC:
     x = x.to(model[0].weight)
     for k in range(2):
         if k:
-            for st in (opt.state[m.weight] for m in chain_layers(model)[:-1]):
+            for st in (opt.state[m.weight] for m in linears(model)[:-1]):
                 st["A_cross"].mul_(50.0)
                 st["G_cross"].mul_(50.0)
         opt.zero_grad()
@@ -412,7 +397,7 @@ def test_guard_count_stays_an_int64_cpu_counter_through_load_state_dict(device):
     model_b = chain_net(seed=1).float().to(device)
     opt_b = NoisyKFAC(model_b, structure="block_tridiagonal", **KW)
     opt_b.load_state_dict(saved)
-    counters = [opt_b.state[m.weight]["guard_count"] for m in chain_layers(model_b)[:-1]]
+    counters = [opt_b.state[m.weight]["guard_count"] for m in linears(model_b)[:-1]]
     assert all((c.dtype, c.device.type) == (torch.int64, "cpu") for c in counters)
     assert opt_b.guard_count() == count
     assert all(s["guard_count"].dtype == torch.int64 for s in saved["state"].values() if "guard_count" in s)
@@ -520,7 +505,7 @@ def test_bad_structure_flags_are_one_error_line(argv, expected, capsys):
 
 def test_a_chain_layer_without_gradient_falls_back_to_block_diagonal(float64):
     model, opt = trained_chain()
-    layers = chain_layers(model)
+    layers = linears(model)
     x, y = data()
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()

@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import run_ranks
-from test_block_tridiagonal import KW, chain_layers, dense_fhat, state_factors, trained_chain, vec
-from test_layers import reference_cov
+from nets import linears, mvg_mlp_after_one_step
+from reference import kronecker_covariance
+from test_block_tridiagonal import KW, dense_fhat, state_factors, trained_chain, vec
 from torch import nn
 
 from evaluation import default_eval_batch_size, evaluate, predict, sample_seed
@@ -213,17 +214,11 @@ def test_ffg_networks_are_the_noisy_adam_posterior(float64) -> None:
 
 @pytest.mark.parametrize("mode", ["factored", "exact"])
 def test_mvg_networks_have_the_kronecker_covariance(float64, mode: str) -> None:
-    torch.manual_seed(4)
-    model = nn.Sequential(BayesianLinear(2, 3, posterior="MVG"), nn.Tanh(), BayesianLinear(3, 2, posterior="MVG"))
     lam, N, eta = 0.5, 10, 1.0
-    opt = NoisyKFAC(model, lr=0.05, num_data=N, kl_weight=lam, prior_var=eta, damping=0.1, damping_mode=mode)
-    gen = torch.Generator().manual_seed(5)
-    x, y = torch.randn(6, 2, generator=gen) * 2, torch.randint(0, 2, (6,), generator=gen)
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
+    model, opt = mvg_mlp_after_one_step(mode, kl_weight=lam, num_data=N, prior_var=eta)
     layer = model[0]
-    ref = reference_cov(opt.state[layer.weight]["A"], opt.state[layer.weight]["S"], mode, lam / N, lam / (N * eta))
+    ref = kronecker_covariance(opt.state[layer.weight]["A"], opt.state[layer.weight]["S"], mode, lam / N,
+                               lam / (N * eta))
     n = 20_000
     noise = torch.stack([torch.cat([d[layer][0], d[layer][1][:, None]], 1) for d in networks(model, n)])
     v = vec(noise)
@@ -236,7 +231,7 @@ def test_chain_networks_have_the_block_tridiagonal_covariance(float64) -> None:
     """A network's chain noise is ``J eps``, ``eps`` the seed's standard normals (drawn here, layer by layer) and
     ``J`` linear: so it is N(0, J J^T) exactly, and J J^T is the dense (lambda/N) F-hat^-1."""
     model, opt = trained_chain()
-    layers = chain_layers(model)
+    layers = linears(model)
     A, S_, Ac, Gc = state_factors(opt, layers)
     Fh, offs = dense_fhat(A, S_, Ac, Gc, KW["kl_weight"] / (KW["num_data"] * KW["prior_var"]))
     ref = KW["kl_weight"] / KW["num_data"] * torch.linalg.inv(Fh)

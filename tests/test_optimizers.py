@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_noisy_kfac_follows_reference, assert_same_training_state
+from nets import gaussian_batch, tanh_mlp
 from reference import NoisyKFACReference, weight_matrix
 from torch import nn
 
@@ -29,16 +30,8 @@ def close(got, ref, msg=""):
     torch.testing.assert_close(got, ref, rtol=RTOL, atol=ATOL, msg=msg)
 
 
-def tiny_net(posterior: str, seed: int = 0) -> nn.Module:
-    """4-3-2 network with bias, float64."""
-    torch.manual_seed(seed)
-    return nn.Sequential(BayesianLinear(4, 3, posterior=posterior), nn.Tanh(),
-                         BayesianLinear(3, 2, posterior=posterior)).double()
-
-
 def tiny_data():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 4, generator=gen, dtype=torch.float64) * 1.5
+    x, _ = gaussian_batch(5, 4, scale=1.5, dtype=torch.float64)
     return x, torch.tensor([0, 1, 1, 0, 1])
 
 
@@ -159,7 +152,7 @@ def ffg_forward_backward(model, x, y, seed, ref):
 @pytest.mark.parametrize("config", list(DIAG_CONFIGS))
 def test_diagonal_first_steps_match_reference(float64, config):
     cls, kw, prior_at_sample = DIAG_CONFIGS[config]
-    model = tiny_net("FFG")
+    model = tanh_mlp("FFG")
     x, y = tiny_data()
     params = list(model.parameters())
     opt = cls(model, **kw)
@@ -186,7 +179,7 @@ def test_diagonal_multiple_mc_samples(float64, config):
     """Several forward/backward passes before one step = one step on the averaged gradient and
     statistic, with the prior term (Noisy Adam) at the mean of the samples' weights."""
     cls, kw, prior_at_sample = DIAG_CONFIGS[config]
-    model = tiny_net("FFG")
+    model = tanh_mlp("FFG")
     x, y = tiny_data()
     params = list(model.parameters())
     opt = cls(model, **kw)
@@ -228,7 +221,7 @@ KFAC_CASES = [(c, n) for c, kw in KFAC_CONFIGS.items()
 def test_noisy_kfac_first_steps_match_reference(float64, config, dense_root_max, monkeypatch):
     monkeypatch.setattr(noisy_kfac, "DENSE_ROOT_MAX", dense_root_max)
     kw = {**KFAC_COMMON, **KFAC_CONFIGS[config]}
-    model = tiny_net("MVG")
+    model = tanh_mlp("MVG")
     layers = [model[0], model[2]]
     opt = NoisyKFAC(model, **kw)
     assert_noisy_kfac_follows_reference(model, layers, opt, NoisyKFACReference(layers, **kw), *tiny_data(),
@@ -239,7 +232,7 @@ def test_noisy_kfac_first_steps_match_reference(float64, config, dense_root_max,
 def test_noisy_kfac_true_fisher(float64):
     kw = {**KFAC_COMMON, **KFAC_CONFIGS["factored"]}
     x, y = tiny_data()
-    model_t, model_e = tiny_net("MVG"), tiny_net("MVG")
+    model_t, model_e = tanh_mlp("MVG"), tanh_mlp("MVG")
     opt_t = NoisyKFAC(model_t, fisher="true", **kw)
     opt_e = NoisyKFAC(model_e, fisher="empirical", **kw)
     opt_t.zero_grad()
@@ -277,11 +270,11 @@ def test_noisy_kfac_true_fisher(float64):
 
 def test_bad_combinations_raise():
     with pytest.raises(ValueError, match="NoisyKFAC.*'0'"):
-        NoisyKFAC(tiny_net("FFG"))
+        NoisyKFAC(tanh_mlp("FFG"))
     with pytest.raises(ValueError, match="NoisyAdam.*'0'"):
-        NoisyAdam(tiny_net("MVG"))
+        NoisyAdam(tanh_mlp("MVG"))
     with pytest.raises(ValueError, match="VOGN.*'0'"):
-        VOGN(tiny_net("MVG"))
+        VOGN(tanh_mlp("MVG"))
     plain = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     with pytest.raises(ValueError, match="'1'.*Linear"):
         NoisyAdam(plain)
@@ -394,7 +387,7 @@ def test_conv_statistics_cycle_through_every_location_grid(t_stats, t_inv):
 
 def test_noisy_kfac_loads_a_state_dict_saved_before_conv_stats_stride_existed():
     """An older checkpoint's param groups lack the option: loading gives them the default, and stepping works."""
-    model = tiny_net("MVG")
+    model = tanh_mlp("MVG")
     x, y = tiny_data()
     opt = NoisyKFAC(model)
     F.cross_entropy(model(x), y).backward()
