@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -187,6 +188,29 @@ def tensors(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
+def assert_same_checkpoint(a: dict, b: dict, keys: tuple[str, ...] = ("model", "optimizer", "rng")) -> None:
+    """The ``keys`` of checkpoint ``b`` (resumed) hold ``a``'s (uninterrupted) bit for bit: the same tensors (by path,
+    as ``tensors`` names them) equal in value and dtype, and every other leaf of ``a`` (step counts, learning
+    rates, the learned prior, ...) equal in ``b``. ``b`` may hold more non-tensor leaves: loading a state dict
+    fills in the param groups' defaults (torch's ``differentiable`` among them)."""
+
+    def leaves(obj: object, prefix: str) -> dict[str, object]:
+        if isinstance(obj, dict | list | tuple):
+            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+            return {path: leaf for k, v in items for path, leaf in leaves(v, f"{prefix}/{k}").items()}
+        return {prefix: obj}
+
+    la, lb = leaves({k: a[k] for k in keys}, ""), leaves({k: b[k] for k in keys}, "")
+    assert {p for p, x in la.items() if torch.is_tensor(x)} == {p for p, y in lb.items() if torch.is_tensor(y)}
+    for path, x in la.items():
+        assert path in lb, path
+        y = lb[path]
+        if torch.is_tensor(x):
+            assert x.dtype == y.dtype and torch.equal(x, y), path
+        else:
+            assert x == y, path
+
+
 def assert_same_training_state(model_a, opt_a, model_b, opt_b) -> None:
     """Bit-equal model state dicts and per-parameter optimizer states (same keys, ``torch.equal`` values, and the
     same dtype and device: ``torch.equal`` compares across dtypes)."""
@@ -270,3 +294,24 @@ def assert_noisy_kfac_follows_reference(net: torch.nn.Module, layers: list[torch
     if ref.kl_clip is not None:
         assert min(ref.nus) < 1.0, "the KL clip never engaged: the test would not see it"
     assert all((m - m0).abs().max() > 1e-4 for m, m0 in zip(ref.M, start))
+
+
+def run_test_py(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python test.py ARGV`` from ``cwd``, as test.py's ``main`` in this process (no second start-up of torch);
+    the global RNG state is restored afterwards."""
+    import contextlib
+    import importlib.util
+    import io
+
+    from util.errors import run_cli
+
+    spec = importlib.util.spec_from_file_location("test_py_script", REPO / "test.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng(devices=[]), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.chdir(cwd)
+        code = run_cli(script.main, argv)
+    return subprocess.CompletedProcess(["test.py", *argv], code, out.getvalue(), err.getvalue())

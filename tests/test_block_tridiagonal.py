@@ -10,17 +10,11 @@ inverses with ``torch.linalg.inv`` on the assembled matrix. Weights are vectoris
 
 from __future__ import annotations
 
-import io
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_training_state
 from nets import gaussian_batch, linears, tanh_mlp
 from reference import factored_damping
 from torch import nn
@@ -412,80 +406,7 @@ def test_block_tridiagonal_needs_factored_damping():
         NoisyKFAC(chain_net(), structure="dense")
 
 
-def test_state_dict_resume_is_bit_exact():
-    gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(8, 1, 4, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(10)]
-
-    def build(seed):
-        torch.manual_seed(seed)
-        model = models.build_model("mlp", "MVG", 1, 4, 3, hidden=(6, 5))
-        return model, NoisyKFAC(model, lr=1e-2, num_data=100, t_inv=3, t_stats=2, structure="block_tridiagonal")
-
-    def train(model, opt, part):
-        for xb, yb in part:
-            opt.zero_grad()
-            for _ in range(2):
-                F.cross_entropy(model(xb), yb).backward()
-            opt.step()
-
-    model_a, opt_a = build(0)
-    torch.manual_seed(123)
-    train(model_a, opt_a, batches)
-    model_b, opt_b = build(0)
-    torch.manual_seed(123)
-    train(model_b, opt_b, batches[:5])
-    buf = io.BytesIO()
-    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(), "rng": torch.get_rng_state()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    model_c, opt_c = build(999)
-    model_c.load_state_dict(ckpt["model"])
-    opt_c.load_state_dict(ckpt["opt"])
-    torch.set_rng_state(ckpt["rng"])
-    train(model_c, opt_c, batches[5:])
-    assert "fc1.link_out" in model_a.state_dict()
-    assert_same_training_state(model_a, opt_a, model_c, opt_c)
-    assert "gain" in opt_a.state[model_a.fc1.weight]
-
-
 # ============================================================================ command line
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _script(script: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "DATA_ROOT"}
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, str(REPO / script), *argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
-def test_train_resume_and_test_through_the_cli(tmp_path, datafiles):
-    """train.py --kfac_structure block_tridiagonal: 2 epochs == 1 + --resume, bit for bit; test.py loads it."""
-    from util.checkpoint import load_checkpoint
-    data = datafiles.write_fake_mnist(tmp_path / "data", n_train=60, n_test=20)
-    common = ("--model", "MVG", "--kfac_structure", "block_tridiagonal", "--hidden", "8", "6", "--batch_size", "20",
-              "--data_root", str(data), "--ckpt_dir", str(tmp_path / "ckpt"), "--no_visdom", "--no_progress",
-              "--device", "cpu", "--t_inv", "2", "--test_samples", "2", "--num_threads", "1")
-    runs = {"whole": ("--epoch", "2"), "part": ("--epoch", "1")}
-    for name, extra in runs.items():
-        r = _script("train.py", *common, "--name", name, *extra, cwd=tmp_path)
-        assert r.returncode == 0, r.stderr[-2000:]
-    r = _script("train.py", *common, "--name", "part", "--epoch", "2", "--resume", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    a = load_checkpoint(tmp_path / "ckpt" / "whole" / "epoch_2.pt")
-    b = load_checkpoint(tmp_path / "ckpt" / "part" / "epoch_2.pt")
-    assert "fc1.link_out" in a["model"] and a["model"]["fc1.link_out"].abs().sum() > 0
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for pid, st in a["optimizer"]["state"].items():
-        for key, value in st.items():
-            assert torch.equal(value, b["optimizer"]["state"][pid][key]), key
-    r = _script("test.py", "--ckpt_dir", str(tmp_path / "ckpt"), "--name", "whole", "--test_samples", "3",
-                "--device", "cpu", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert '"test_acc"' in r.stdout
-
-
 @pytest.mark.parametrize("argv, expected", [
     (("--model", "FFG", "--kfac_structure", "block_tridiagonal"),
      "error: --kfac_structure block_tridiagonal is for --optimizer noisy_kfac (--model MVG), not noisy_adam; "

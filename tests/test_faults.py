@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tensors
+from conftest import assert_same_checkpoint, tensors
 
 from tools.visdom_server import wait_for_server
 from util.checkpoint import CRASH_ENV, list_epochs, load_checkpoint
@@ -129,12 +129,7 @@ def comparable(run_dir: Path) -> list[str]:
 def assert_same_state(run_a: Path, run_b: Path, epoch: int) -> None:
     """Model, optimizer, scheduler and RNG state of ``epoch_<epoch>.pt`` are bit-identical."""
     a, b = (load_checkpoint(r / f"epoch_{epoch}.pt") for r in (run_a, run_b))
-    assert (a["epoch"], a["iteration"], a["scheduler"]) == (b["epoch"], b["iteration"], b["scheduler"])
-    keys = ("model", "optimizer", "rng")
-    ta, tb = tensors({k: a[k] for k in keys}), tensors({k: b[k] for k in keys})
-    assert ta.keys() == tb.keys()
-    for key in ta:
-        assert ta[key].dtype == tb[key].dtype and torch.equal(ta[key], tb[key]), key
+    assert_same_checkpoint(a, b, ("epoch", "iteration", "scheduler", "model", "optimizer", "rng"))
 
 
 def temp_files(run_dir: Path) -> list[str]:
