@@ -150,6 +150,15 @@ def float64():
     torch.set_default_dtype(old)
 
 
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (nothing listens there once the socket is closed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def in_ci() -> bool:
     """True under CI (``$CI`` set to anything but empty/0/false, as GitHub Actions and ``.ci/run`` do)."""
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
@@ -186,6 +195,50 @@ def tensors(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
     for k, v in items:
         out.update(tensors(v, f"{prefix}/{k}"))
     return out
+
+
+def assert_stats_close(got: dict, ref: dict, rtol: float = 1e-6, atol: float = 1e-14) -> None:
+    """Per-parameter statistics ``{name: tensor}`` equal the reference's: the same names in the same order, shapes
+    and values (float64 checks: to rounding)."""
+    assert list(got) == list(ref)
+    for name in ref:
+        assert got[name].shape == ref[name].shape, name
+        torch.testing.assert_close(got[name], ref[name], rtol=rtol, atol=atol, msg=name)
+
+
+def assert_factors_close(got: dict, ref: dict, rtol: float = 1e-6, atol: float = 1e-14) -> None:
+    """Kronecker factors ``{layer: (A, S)}`` equal the reference's, layer by layer in the same order."""
+    assert list(got) == list(ref)
+    for name in ref:
+        for which, g, r in zip("AS", got[name], ref[name]):
+            assert g.shape == r.shape, (name, which)
+            torch.testing.assert_close(g, r, rtol=rtol, atol=atol, msg=f"{name} {which}")
+
+
+def assert_sum_grad_squared_matches_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """``optimizers.sum_grad_squared`` equals the per-example loop of ``reference``: one entry per parameter, in
+    the model's order, and no parameter's ``.grad`` touched."""
+    from reference import naive_sum_grad_squared
+
+    import optimizers
+
+    got = optimizers.sum_grad_squared(model, x, y)
+    assert list(got) == [n for n, _ in model.named_parameters()]
+    assert_stats_close(got, naive_sum_grad_squared(model, x, y))
+    assert all(p.grad is None for p in model.parameters()), "a .grad was touched"
+
+
+def assert_kronecker_factors_match_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """``optimizers.kronecker_factors`` equals the per-example loop of ``reference`` and touches no ``.grad``;
+    returns the factors ``{layer: (A, S)}``."""
+    from reference import naive_kronecker_factors
+
+    import optimizers
+
+    got = optimizers.kronecker_factors(model, x, y)
+    assert_factors_close(got, naive_kronecker_factors(model, x, y))
+    assert all(p.grad is None for p in model.parameters()), "a .grad was touched"
+    return got
 
 
 def assert_same_checkpoint(a: dict, b: dict, keys: tuple[str, ...] = ("model", "optimizer", "rng")) -> None:

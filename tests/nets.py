@@ -72,3 +72,37 @@ def mvg_mlp_after_one_step(mode: str = "factored", kl_weight: float = 0.5, num_d
                     damping_mode=mode)
     train_steps(model, opt, [gaussian_batch(6, 2, seed=5, scale=2.0)])
     return model, opt
+
+
+#: the 5-4-3-2 chain of block-tridiagonal Noisy K-FAC and its optimizer's settings
+CHAIN_SIZES = (5, 4, 3, 2)
+CHAIN_KW = dict(lr=0.05, num_data=8, kl_weight=1.0, prior_var=5.0, damping=0.02, stat_decay=0.8, momentum=0.9,
+                kl_clip=None, t_stats=1, t_inv=1, init_precision=10.0)
+
+
+def chain_net(seed: int = 0) -> nn.Sequential:
+    """The 5-4-3-2 MVG ``tanh_mlp`` with biases, float64: one chain of three layers."""
+    return tanh_mlp("MVG", CHAIN_SIZES, seed)
+
+
+def chain_data(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    return gaussian_batch(n, CHAIN_SIZES[0], scale=1.5, dtype=torch.float64)
+
+
+def trained_chain(steps: int = 2, **overrides) -> tuple[nn.Sequential, NoisyKFAC]:
+    """``chain_net`` and its block-tridiagonal Noisy K-FAC (``CHAIN_KW`` and ``overrides``) after ``steps`` steps on
+    ``chain_data``, step k's noise seeded ``100 + k``."""
+    model = chain_net()
+    opt = NoisyKFAC(model, structure="block_tridiagonal", **{**CHAIN_KW, **overrides})
+    x, y = chain_data()
+    for k in range(steps):
+        torch.manual_seed(100 + k)
+        train_steps(model, opt, [(x, y)])
+    return model, opt
+
+
+def chain_factors(opt: NoisyKFAC, layers: list[BayesianLinear]) -> tuple[list[torch.Tensor], ...]:
+    """The chain's factors in the optimizer's state: ``A``, ``S`` per layer, ``A_cross``, ``G_cross`` per link."""
+    st = [opt.state[m.weight] for m in layers]
+    return ([s["A"] for s in st], [s["S"] for s in st], [s["A_cross"] for s in st[:-1]],
+            [s["G_cross"] for s in st[:-1]])

@@ -300,3 +300,47 @@ class NoisyKFACReference:
         F_ = torch.kron(A, S) + gamma * torch.eye(A.shape[0] * S.shape[0])
         d = torch.linalg.inv(F_) @ V.T.reshape(-1)  # column-major vec
         return d.reshape(A.shape[0], S.shape[0]).T
+
+
+def vec(m: torch.Tensor) -> torch.Tensor:
+    """Column-stacking vec of (..., out, in') matrices."""
+    return m.transpose(-1, -2).reshape(*m.shape[:-2], -1)
+
+
+def unvec(v: torch.Tensor, out: int, n_in: int) -> torch.Tensor:
+    """The inverse of ``vec`` for (out, n_in) matrices."""
+    return v.reshape(*v.shape[:-1], n_in, out).transpose(-1, -2)
+
+
+def dense_fhat(A: list[Tensor], S: list[Tensor], Ac: list[Tensor], Gc: list[Tensor], gamma: float
+               ) -> tuple[Tensor, list[int]]:
+    """Block-tridiagonal Noisy K-FAC's dense F-hat (MATH.md) of a chain's factors, factored-damped by ``gamma``: the
+    tridiagonal Kronecker blocks as given (``A_i (x) S_i``, ``A_cross_i (x) G_cross_i``), the rest completed as a
+    Gaussian chain (``F_ij = F_i,i+1 F_i+1,i+1^-1 F_i+1,j``) so that its inverse is block-tridiagonal, which is
+    checked. Returns F-hat (column-major ``vec`` order per layer) and the layers' offsets in it."""
+    L = len(A)
+    blocks = [[None] * L for _ in range(L)]
+    for i in range(L):
+        Ad, Sd = factored_damping(A[i], S[i], gamma)
+        blocks[i][i] = torch.kron(Ad, Sd)
+    for i in range(L - 1):
+        blocks[i][i + 1] = torch.kron(Ac[i], Gc[i])
+        blocks[i + 1][i] = blocks[i][i + 1].T
+    for gap in range(2, L):
+        for i in range(L - gap):
+            j = i + gap
+            blocks[i][j] = blocks[i][i + 1] @ torch.linalg.inv(blocks[i + 1][i + 1]) @ blocks[i + 1][j]
+            blocks[j][i] = blocks[i][j].T
+    Fh = torch.cat([torch.cat(row, 1) for row in blocks], 0)
+    # the defining property, checked: its inverse vanishes outside the tridiagonal blocks
+    sizes = [b.shape[0] for b in blocks[0][0:1]] + [blocks[i][i].shape[0] for i in range(1, L)]
+    offs = [0]
+    for s_ in sizes:
+        offs.append(offs[-1] + s_)
+    inv = torch.linalg.inv(Fh)
+    for i in range(L):
+        for j in range(L):
+            if abs(i - j) > 1:
+                blk = inv[offs[i]:offs[i + 1], offs[j]:offs[j + 1]]
+                assert blk.abs().max() < 1e-9 * inv.abs().max(), "reference F-hat is not a chain"
+    return Fh, offs

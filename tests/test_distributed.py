@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import run_ranks
+from conftest import free_port, run_ranks
 from torch import nn
 
 from data import InMemoryLoader
@@ -70,12 +69,6 @@ CASES: dict[str, tuple[type | None, dict]] = {
     "noisy_kfac_prior_auto": (NoisyKFAC, dict(_NGVI, damping=1e-2, t_inv=2, prior_var="auto", prior_every=1)),
     "adam": (None, dict(lr=1e-2)),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _net(posterior: str) -> nn.Module:
@@ -165,7 +158,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Run every case on 2 gloo ranks once; their results, by rank."""
     out = tmp_path_factory.mktemp("ddp")
-    run_ranks(_worker, _free_port(), str(out), nprocs=WORLD)
+    run_ranks(_worker, free_port(), str(out), nprocs=WORLD)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -244,7 +237,7 @@ def test_torchrun_train_then_test(tmp_path: Path, data_root: Path) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "train.py", "--dataset", "MNIST", "--data_root", str(data_root), "--subset", "2000", "--epoch", "1",
            "--device", "cpu", "--no_visdom", "--no_progress", "--test_samples", "2", "--ckpt_dir", str(ckpt),
            "--name", "ddp"]
@@ -305,7 +298,7 @@ def _timeout_worker(rank: int, port: int, out_dir: str) -> None:
 def test_dist_timeout_bounds_the_wait_in_a_collective(tmp_path: Path) -> None:
     """The timeout reaches the process group: rank 1 gives up after about 2 s instead of waiting out rank 0's 8 s
     (gloo's own default is 30 minutes, NCCL's 10)."""
-    run_ranks(_timeout_worker, _free_port(), str(tmp_path), timeout=60)
+    run_ranks(_timeout_worker, free_port(), str(tmp_path), timeout=60)
     waiting = torch.load(tmp_path / "rank1.pt")
     assert waiting["error"] is not None and "imed out" in waiting["error"], waiting
     assert waiting["waited"] < SLEEP_S / 2, waiting
@@ -339,7 +332,7 @@ def _node(rank: int, port: int, cwd: Path, *flags: str) -> subprocess.Popen:
 
 
 def _two_nodes(cwds: tuple[Path, Path], *flags: str) -> None:
-    port = _free_port()
+    port = free_port()
     procs = [_node(rank, port, cwd, *flags) for rank, cwd in enumerate(cwds)]
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)

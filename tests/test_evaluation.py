@@ -17,17 +17,15 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import run_ranks
-from nets import linears, mvg_mlp_after_one_step
-from reference import kronecker_covariance
-from test_block_tridiagonal import KW, dense_fhat, state_factors, trained_chain, vec
+from conftest import free_port, run_ranks
+from nets import CHAIN_KW, chain_factors, linears, mvg_mlp_after_one_step, trained_chain
+from reference import dense_fhat, kronecker_covariance, vec
 from torch import nn
 
 from evaluation import default_eval_batch_size, evaluate, predict, sample_seed
@@ -232,9 +230,9 @@ def test_chain_networks_have_the_block_tridiagonal_covariance(float64) -> None:
     ``J`` linear: so it is N(0, J J^T) exactly, and J J^T is the dense (lambda/N) F-hat^-1."""
     model, opt = trained_chain()
     layers = linears(model)
-    A, S_, Ac, Gc = state_factors(opt, layers)
-    Fh, offs = dense_fhat(A, S_, Ac, Gc, KW["kl_weight"] / (KW["num_data"] * KW["prior_var"]))
-    ref = KW["kl_weight"] / KW["num_data"] * torch.linalg.inv(Fh)
+    A, S_, Ac, Gc = chain_factors(opt, layers)
+    Fh, offs = dense_fhat(A, S_, Ac, Gc, CHAIN_KW["kl_weight"] / (CHAIN_KW["num_data"] * CHAIN_KW["prior_var"]))
+    ref = CHAIN_KW["kl_weight"] / CHAIN_KW["num_data"] * torch.linalg.inv(Fh)
     shapes = [m.matrix_shape for m in layers]
     total = sum(o * i for o, i in shapes)
     columns = []
@@ -261,12 +259,6 @@ def test_chain_networks_have_the_block_tridiagonal_covariance(float64) -> None:
 WORLD, N_IMAGES = 2, 37
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _scores(ctx: distributed.DistContext | None, batch: int) -> dict:
     out = {}
     for name, build in MODELS.items():
@@ -291,7 +283,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.slow  # two processes importing torch: about 15 s on a loaded 2-core machine
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
 def test_two_ranks_give_the_one_process_predictive(tmp_path: Path) -> None:
-    run_ranks(_worker, _free_port(), str(tmp_path), nprocs=WORLD)
+    run_ranks(_worker, free_port(), str(tmp_path), nprocs=WORLD)
     ref = _scores(None, 1000)
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")

@@ -147,8 +147,15 @@ def ffg_forward_backward(model, x, y, seed, ref):
     return noise
 
 
+#: the seeds of the forward/backward passes (MC samples) before each step
+DIAG_SAMPLES = {"one_sample": ((101,), (102,)), "several_samples": ((11, 12), (13,), (14, 15, 16))}
+
+
+@pytest.mark.parametrize("samples", list(DIAG_SAMPLES))
 @pytest.mark.parametrize("config", list(DIAG_CONFIGS))
-def test_diagonal_first_steps_match_reference(float64, config):
+def test_diagonal_steps_match_reference(float64, config, samples):
+    """Each step against the reference; several forward/backward passes before one step = one step on the averaged
+    gradient and statistic, with the prior term (Noisy Adam) at the mean of the samples' weights."""
     cls, kw, prior_at_sample = DIAG_CONFIGS[config]
     model = tanh_mlp("FFG")
     x, y = tiny_data()
@@ -158,11 +165,11 @@ def test_diagonal_first_steps_match_reference(float64, config):
     layers = [model[0], model[2]]
     for s, r in zip(ffg_stds(layers), ref.sigma()):
         close(s, r, "initial posterior std")
-    for k in (1, 2):
+    for k, seeds in enumerate(DIAG_SAMPLES[samples], 1):
         opt.zero_grad()
-        noise = ffg_forward_backward(model, x, y, 100 + k, ref)
+        noises = [ffg_forward_backward(model, x, y, seed, ref) for seed in seeds]
         opt.step()
-        ref.step(x, y, [noise])
+        ref.step(x, y, noises)
         for j, p in enumerate(params):
             close(p.detach(), ref.mu[j], f"mean {j} step {k}")
             close(opt.state[p]["exp_avg"], ref.m[j], f"m {j} step {k}")
@@ -170,29 +177,6 @@ def test_diagonal_first_steps_match_reference(float64, config):
             assert opt.state[p]["step"].item() == k
         for s, r in zip(ffg_stds(layers), ref.sigma()):
             close(s, r, f"posterior std step {k}")
-
-
-@pytest.mark.parametrize("config", list(DIAG_CONFIGS))
-def test_diagonal_multiple_mc_samples(float64, config):
-    """Several forward/backward passes before one step = one step on the averaged gradient and
-    statistic, with the prior term (Noisy Adam) at the mean of the samples' weights."""
-    cls, kw, prior_at_sample = DIAG_CONFIGS[config]
-    model = tanh_mlp("FFG")
-    x, y = tiny_data()
-    params = list(model.parameters())
-    opt = cls(model, **kw)
-    ref = make_ref_diag(params, cls, kw, prior_at_sample)
-    for k, seeds in ((1, (11, 12)), (2, (13,)), (3, (14, 15, 16))):
-        opt.zero_grad()
-        noises = [ffg_forward_backward(model, x, y, s, ref) for s in seeds]
-        opt.step()
-        ref.step(x, y, noises)
-        for j, p in enumerate(params):
-            close(p.detach(), ref.mu[j], f"mean {j} step {k}")
-            close(opt.state[p]["exp_avg"], ref.m[j], f"m {j} step {k}")
-            close(opt.state[p]["fisher"], ref.f[j], f"f {j} step {k}")
-        for s, r in zip(ffg_stds([model[0], model[2]]), ref.sigma()):
-            close(s, r)
 
 
 # ============================================================================ MVG: Noisy K-FAC
