@@ -183,6 +183,7 @@ def results(setup: Path) -> dict[str, Result]:
     return outcomes
 
 
+@pytest.mark.slow  # a dozen interpreter starts: about 100 s on a loaded 2-core machine
 @pytest.mark.parametrize("case", list(_cases(Path())))  # the names; the paths come from `setup`
 def test_bad_input_is_one_error_line_exit_2(setup: Path, results: dict[str, Result], case: str) -> None:
     spec, result = _cases(setup)[case], results[case]

@@ -176,6 +176,7 @@ def close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     assert err <= TOL, f"{what}: max |difference| {err:.2e} relative to max |ref| = {scale:.2e} > {TOL}"
 
 
+@pytest.mark.slow  # the ranks: two spawned processes
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_ranks_equal_one_rank_with_twice_the_batch(ranks: list[dict], name: str) -> None:
     ref = run_case(name, rank=0, world=1, noise_seed=1)
@@ -201,6 +202,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(ranks: list[dict], name: 
         assert (ref["state"][-1]["prior_vars"] - 1).abs().min() > 1e-3
 
 
+@pytest.mark.slow  # the ranks: two spawned processes
 @pytest.mark.parametrize("name", [n for n in CASES if CASES[n][0] is not None])
 def test_ranks_draw_their_own_noise_and_keep_identical_means(ranks: list[dict], name: str) -> None:
     r0, r1 = (res["rank_noise"][name] for res in ranks)
@@ -214,6 +216,7 @@ def test_ranks_draw_their_own_noise_and_keep_identical_means(ranks: list[dict], 
     assert any(not torch.allclose(v, same[k]) for k, v in r0["params"][-1].items())
 
 
+@pytest.mark.slow  # the ranks: two spawned processes
 def test_batchnorm_running_stats_averaged_over_ranks(ranks: list[dict]) -> None:
     before = [r["bn"]["before"] for r in ranks]
     assert set(before[0]) == {"1.running_mean", "1.running_var", "4.running_mean", "4.running_var"}
@@ -224,6 +227,7 @@ def test_batchnorm_running_stats_averaged_over_ranks(ranks: list[dict]) -> None:
             torch.testing.assert_close(r["bn"]["after"][key], mean, rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow  # the ranks: two spawned processes
 def test_flag_sums_and_threads(ranks: list[dict]) -> None:
     for res in ranks:
         assert res["flags"] == [True, False]  # a non-finite loss on rank 1 stops rank 0 too

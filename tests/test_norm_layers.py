@@ -288,7 +288,7 @@ def test_resnet20_trains(name, norm_posterior):
     assert bn.num_batches_tracked == 25 and not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
 
 
-@pytest.mark.parametrize("posterior", ["FFG", "MVG"])
+@pytest.mark.parametrize("posterior", ["FFG", pytest.param("MVG", marks=pytest.mark.slow)])  # MVG: 4608-wide factors
 def test_bayesianize_torchvision_resnet18(posterior):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
