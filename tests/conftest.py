@@ -8,6 +8,15 @@
   unset, so ``./data`` and the environment cannot leak in.
 * ``write_idx``, ``write_fake_mnist``, ``write_fake_cifar``: tiny data files in
   the real on-disk formats.
+* ``float64``: the test runs with float64 as torch's default dtype.
+* Comparisons: the curvature statistics against the per-example loops of ``reference``
+  (``assert_sum_grad_squared_matches_loop``, ``assert_kronecker_factors_match_loop``), two checkpoints or two
+  trainings bit for bit (``assert_same_checkpoint``, ``assert_same_training_state``), and Noisy K-FAC step by
+  step beside ``reference.NoisyKFACReference`` (``assert_noisy_kfac_follows_reference``).
+* Processes: ``run_ranks`` (spawned gloo ranks), ``run_test_py`` (test.py in this process), ``free_port``;
+  ``require``/``require_module`` skip, or fail under CI.
+
+Tiny networks and batches are in ``nets.py``, the independent references in ``reference.py``.
 """
 
 from __future__ import annotations
