@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 DATA_ROOT ?= $(firstword $(wildcard ../shared/data) data)
 PORT   ?= 8097
 
-.PHONY: setup train test lint visdom bench accuracy clean
+.PHONY: setup train test test-fast lint visdom bench accuracy clean
 
 $(VENV)/.installed: requirements.txt requirements-bench.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: setup
 	-bash .ci/install_chromium
 	$(PY) -m ruff check .
 	DATA_ROOT=$(DATA_ROOT) $(PY) -m pytest -q
+
+## test-fast: set up, then ruff and the tests not marked slow (no end-to-end runs, no browser): about a minute
+test-fast: setup
+	$(PY) -m ruff check .
+	DATA_ROOT=$(DATA_ROOT) $(PY) -m pytest -q -m "not slow"
 
 lint: setup
 	$(PY) -m ruff check .

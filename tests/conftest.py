@@ -8,6 +8,15 @@
   unset, so ``./data`` and the environment cannot leak in.
 * ``write_idx``, ``write_fake_mnist``, ``write_fake_cifar``: tiny data files in
   the real on-disk formats.
+* ``float64``: the test runs with float64 as torch's default dtype.
+* Comparisons: the curvature statistics against the per-example loops of ``reference``
+  (``assert_sum_grad_squared_matches_loop``, ``assert_kronecker_factors_match_loop``), two checkpoints or two
+  trainings bit for bit (``assert_same_checkpoint``, ``assert_same_training_state``), and Noisy K-FAC step by
+  step beside ``reference.NoisyKFACReference`` (``assert_noisy_kfac_follows_reference``).
+* Processes: ``run_ranks`` (spawned gloo ranks), ``run_test_py`` (test.py in this process), ``free_port``;
+  ``require``/``require_module`` skip, or fail under CI.
+
+Tiny networks and batches are in ``nets.py``, the independent references in ``reference.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -148,6 +159,15 @@ def float64():
     torch.set_default_dtype(old)
 
 
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (nothing listens there once the socket is closed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def in_ci() -> bool:
     """True under CI (``$CI`` set to anything but empty/0/false, as GitHub Actions and ``.ci/run`` do)."""
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
@@ -186,6 +206,73 @@ def tensors(obj: object, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
+def assert_stats_close(got: dict, ref: dict, rtol: float = 1e-6, atol: float = 1e-14) -> None:
+    """Per-parameter statistics ``{name: tensor}`` equal the reference's: the same names in the same order, shapes
+    and values (float64 checks: to rounding)."""
+    assert list(got) == list(ref)
+    for name in ref:
+        assert got[name].shape == ref[name].shape, name
+        torch.testing.assert_close(got[name], ref[name], rtol=rtol, atol=atol, msg=name)
+
+
+def assert_factors_close(got: dict, ref: dict, rtol: float = 1e-6, atol: float = 1e-14) -> None:
+    """Kronecker factors ``{layer: (A, S)}`` equal the reference's, layer by layer in the same order."""
+    assert list(got) == list(ref)
+    for name in ref:
+        for which, g, r in zip("AS", got[name], ref[name]):
+            assert g.shape == r.shape, (name, which)
+            torch.testing.assert_close(g, r, rtol=rtol, atol=atol, msg=f"{name} {which}")
+
+
+def assert_sum_grad_squared_matches_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """``optimizers.sum_grad_squared`` equals the per-example loop of ``reference``: one entry per parameter, in
+    the model's order, and no parameter's ``.grad`` touched."""
+    from reference import naive_sum_grad_squared
+
+    import optimizers
+
+    got = optimizers.sum_grad_squared(model, x, y)
+    assert list(got) == [n for n, _ in model.named_parameters()]
+    assert_stats_close(got, naive_sum_grad_squared(model, x, y))
+    assert all(p.grad is None for p in model.parameters()), "a .grad was touched"
+
+
+def assert_kronecker_factors_match_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """``optimizers.kronecker_factors`` equals the per-example loop of ``reference`` and touches no ``.grad``;
+    returns the factors ``{layer: (A, S)}``."""
+    from reference import naive_kronecker_factors
+
+    import optimizers
+
+    got = optimizers.kronecker_factors(model, x, y)
+    assert_factors_close(got, naive_kronecker_factors(model, x, y))
+    assert all(p.grad is None for p in model.parameters()), "a .grad was touched"
+    return got
+
+
+def assert_same_checkpoint(a: dict, b: dict, keys: tuple[str, ...] = ("model", "optimizer", "rng")) -> None:
+    """The ``keys`` of two checkpoints are bit-identical: every tensor (by path, as ``tensors`` names them) equal in
+    value and dtype, and every other leaf (step counts, learning rates, the learned prior, ...) equal. Only an
+    optimizer's param groups may hold hyper-parameters the other lacks: loading a state dict fills in the
+    optimizer's defaults (torch's ``differentiable`` among them), so a resumed run's groups can have more."""
+
+    def leaves(obj: object, prefix: str) -> dict[str, object]:
+        if isinstance(obj, dict | list | tuple):
+            items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+            return {path: leaf for k, v in items for path, leaf in leaves(v, f"{prefix}/{k}").items()}
+        return {prefix: obj}
+
+    la, lb = leaves({k: a[k] for k in keys}, ""), leaves({k: b[k] for k in keys}, "")
+    one_sided = la.keys() ^ lb.keys()
+    assert all("/param_groups/" in p and not torch.is_tensor({**la, **lb}[p]) for p in one_sided), one_sided
+    for path in la.keys() & lb.keys():
+        x, y = la[path], lb[path]
+        if torch.is_tensor(x):
+            assert x.dtype == y.dtype and torch.equal(x, y), path
+        else:
+            assert x == y, path
+
+
 def assert_same_training_state(model_a, opt_a, model_b, opt_b) -> None:
     """Bit-equal model state dicts and per-parameter optimizer states (same keys, ``torch.equal`` values, and the
     same dtype and device: ``torch.equal`` compares across dtypes)."""
@@ -214,3 +301,79 @@ def run_ranks(worker: Callable[..., None], *args: object, nprocs: int = 2, timeo
             for p in procs.processes:
                 p.kill()
             pytest.fail(f"the {nprocs} ranks did not finish within {timeout:.0f} s (a collective deadlocked?)")
+
+
+def assert_noisy_kfac_follows_reference(net: torch.nn.Module, layers: list[torch.nn.Module],
+                                        opt: torch.optim.Optimizer, ref, x: torch.Tensor, y: torch.Tensor,
+                                        samples: tuple[int, ...], seed: int, rtol: float = 1e-8,
+                                        atol: float = 1e-12) -> None:
+    """Step the library's Noisy K-FAC ``opt`` on ``net`` beside ``ref`` (``reference.NoisyKFACReference`` of the
+    same ``layers``), ``samples[k]`` forward/backward passes before step k + 1, each reseeded (``seed + 1``, ...).
+
+    Checked: each pass's noise against the reference's sampler for the same ``eps`` (the layers draw
+    ``E ~ N(0, I)`` of their matrix shape, in forward order), and after every step the means, the factors ``A``
+    and ``S``, the momentum, the step count and the posterior std; that the KL clip engaged when it is on, and
+    that the steps moved every layer by more than the tolerance (the comparisons mean something)."""
+    from reference import weight_matrix
+
+    def close(got: torch.Tensor, expected: torch.Tensor, msg: str) -> None:
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, msg=msg)
+
+    def mean(layer):
+        return weight_matrix(layer, layer.weight.detach(), layer.bias.detach() if layer.bias is not None else None)
+
+    def std(layer):
+        return weight_matrix(layer, layer.weight_std(), layer.bias_std())
+
+    start = [mean(layer).clone() for layer in layers]
+    for ell, layer in enumerate(layers):
+        close(std(layer), ref.std(ell), f"initial std {ell}")
+    for k, n_samples in enumerate(samples, 1):
+        opt.zero_grad()
+        noises = []
+        for _ in range(n_samples):
+            seed += 1
+            torch.manual_seed(seed)
+            F.cross_entropy(net(x), y).backward()
+            noise = [weight_matrix(m, *m.last_noise) for m in layers]
+            torch.manual_seed(seed)
+            eps = [torch.randn(m.shape) for m in ref.M]
+            for ell, layer in enumerate(layers):
+                st = opt.state[layer.weight]
+                eigen = (st["QA"], st["dA"], st["QS"], st["dS"]) if "QA" in st else None  # exact damping's basis
+                close(noise[ell], ref.noise(ell, eps[ell], eigen), f"noise {ell} step {k}")
+            noises.append(noise)
+        opt.step()
+        ref.step(x, y, noises)
+        for ell, layer in enumerate(layers):
+            st = opt.state[layer.weight]
+            close(mean(layer), ref.M[ell], f"mean {ell} step {k}")
+            close(st["A"], ref.A[ell], f"A {ell} step {k}")
+            close(st["S"], ref.S[ell], f"S {ell} step {k}")
+            close(st["momentum_buffer"], ref.buf[ell], f"momentum {ell} step {k}")
+            close(std(layer), ref.std(ell), f"std {ell} step {k}")
+            assert st["step"].item() == k
+    if ref.kl_clip is not None:
+        assert min(ref.nus) < 1.0, "the KL clip never engaged: the test would not see it"
+    assert all((m - m0).abs().max() > 1e-4 for m, m0 in zip(ref.M, start))
+
+
+def run_test_py(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python test.py ARGV`` from ``cwd``, as test.py's ``main`` in this process (no second start-up of torch);
+    the global RNG state is restored afterwards."""
+    import contextlib
+    import importlib.util
+    import io
+
+    from util.errors import run_cli
+
+    spec = importlib.util.spec_from_file_location("test_py_script", REPO / "test.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng(devices=[]), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.chdir(cwd)
+        code = run_cli(script.main, argv)
+    return subprocess.CompletedProcess(["test.py", *argv], code, out.getvalue(), err.getvalue())

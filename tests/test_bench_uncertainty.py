@@ -14,12 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import require_module
 
 REPO = Path(__file__).resolve().parent.parent
 ANGLES = (0, 15, 30, 45, 60, 75, 90, 120, 150, 180)
 
 
+@pytest.mark.slow
 def test_uncertainty_bench_quick(tmp_path: Path, data_root: Path) -> None:
     require_module("ivon")
     require_module("laplace")

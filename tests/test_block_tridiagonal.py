@@ -10,56 +10,19 @@ inverses with ``torch.linalg.inv`` on the assembled matrix. Weights are vectoris
 
 from __future__ import annotations
 
-import io
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_training_state
+from nets import CHAIN_KW, chain_data, chain_factors, chain_net, linears, trained_chain
+from reference import dense_fhat, unvec, vec
 from torch import nn
 
 import models
 from models import BayesianLinear
 from models.joint_posterior import attach_chains, find_chains
 from optimizers import NoisyKFAC, curvature, noisy_kfac
-
-SIZES = (5, 4, 3, 2)
-KW = dict(lr=0.05, num_data=8, kl_weight=1.0, prior_var=5.0, damping=0.02, stat_decay=0.8, momentum=0.9,
-          kl_clip=None, t_stats=1, t_inv=1, init_precision=10.0)
-
-
-def chain_net(seed: int = 0) -> nn.Sequential:
-    """The 5-4-3-2 chain with biases, float64."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:])):
-        if i:
-            layers.append(nn.Tanh())
-        layers.append(BayesianLinear(a, b, posterior="MVG"))
-    return nn.Sequential(*layers).double()
-
-
-def chain_layers(model: nn.Sequential) -> list[BayesianLinear]:
-    return [m for m in model if isinstance(m, BayesianLinear)]
-
-
-def data(n: int = 12, seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, SIZES[0], generator=gen, dtype=torch.float64) * 1.5, torch.randint(0, 2, (n,), generator=gen)
-
-
-def vec(m: torch.Tensor) -> torch.Tensor:
-    """Column-stacking vec of (..., out, in') matrices."""
-    return m.transpose(-1, -2).reshape(*m.shape[:-2], -1)
-
-
-def unvec(v: torch.Tensor, out: int, n_in: int) -> torch.Tensor:
-    return v.reshape(*v.shape[:-1], n_in, out).transpose(-1, -2)
 
 
 def as_matrix(w, b):
@@ -98,61 +61,6 @@ def batch_factors(Ws, x, y):
     return A, S, Ac, Gc, grad
 
 
-def damped(A, S, gamma):
-    """MATH.md's factored Tikhonov damping of a diagonal pair."""
-    pi = math.sqrt((torch.trace(A).item() / A.shape[0]) / (torch.trace(S).item() / S.shape[0]))
-    return A + pi * math.sqrt(gamma) * torch.eye(A.shape[0]), S + math.sqrt(gamma) / pi * torch.eye(S.shape[0])
-
-
-def dense_fhat(A, S, Ac, Gc, gamma):
-    """F-hat of the damped factors: tridiagonal blocks as given, completed so that its inverse is block-tridiagonal."""
-    L = len(A)
-    blocks = [[None] * L for _ in range(L)]
-    for i in range(L):
-        Ad, Sd = damped(A[i], S[i], gamma)
-        blocks[i][i] = torch.kron(Ad, Sd)
-    for i in range(L - 1):
-        blocks[i][i + 1] = torch.kron(Ac[i], Gc[i])
-        blocks[i + 1][i] = blocks[i][i + 1].T
-    for gap in range(2, L):
-        for i in range(L - gap):
-            j = i + gap
-            blocks[i][j] = blocks[i][i + 1] @ torch.linalg.inv(blocks[i + 1][i + 1]) @ blocks[i + 1][j]
-            blocks[j][i] = blocks[i][j].T
-    Fh = torch.cat([torch.cat(row, 1) for row in blocks], 0)
-    # the defining property, checked: its inverse vanishes outside the tridiagonal blocks
-    sizes = [b.shape[0] for b in blocks[0][0:1]] + [blocks[i][i].shape[0] for i in range(1, L)]
-    offs = [0]
-    for s_ in sizes:
-        offs.append(offs[-1] + s_)
-    inv = torch.linalg.inv(Fh)
-    for i in range(L):
-        for j in range(L):
-            if abs(i - j) > 1:
-                blk = inv[offs[i]:offs[i + 1], offs[j]:offs[j + 1]]
-                assert blk.abs().max() < 1e-9 * inv.abs().max(), "reference F-hat is not a chain"
-    return Fh, offs
-
-
-def trained_chain(steps: int = 2, **overrides):
-    """A chain net and its block-tridiagonal optimizer after ``steps`` steps on a fixed batch."""
-    model = chain_net()
-    opt = NoisyKFAC(model, structure="block_tridiagonal", **{**KW, **overrides})
-    x, y = data()
-    for k in range(steps):
-        torch.manual_seed(100 + k)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model, opt
-
-
-def state_factors(opt, layers):
-    st = [opt.state[m.weight] for m in layers]
-    return ([s["A"] for s in st], [s["S"] for s in st], [s["A_cross"] for s in st[:-1]],
-            [s["G_cross"] for s in st[:-1]])
-
-
 # ============================================================================ tests
 def test_chains_found_by_shape_and_elementwise_rule():
     mlp = models.build_model("mlp", "MVG", 1, 28, 10, hidden=(100, 100))
@@ -170,9 +78,9 @@ def test_chains_found_by_shape_and_elementwise_rule():
 
 def test_cross_factors_match_per_example_reference(float64):
     model = chain_net()
-    layers = chain_layers(model)
-    opt = NoisyKFAC(model, structure="block_tridiagonal", **KW)
-    x, y = data()
+    layers = linears(model)
+    opt = NoisyKFAC(model, structure="block_tridiagonal", **CHAIN_KW)
+    x, y = chain_data()
     opt.zero_grad()
     torch.manual_seed(5)
     refs = []
@@ -208,11 +116,11 @@ def _implied_covariance(model):
 
 def test_posterior_covariance_and_preconditioner_equal_dense_fhat_inverse(float64):
     model, opt = trained_chain()
-    layers = chain_layers(model)
+    layers = linears(model)
     assert opt.guard_count() == 0
-    A, S, Ac, Gc = state_factors(opt, layers)
-    c2 = KW["kl_weight"] / KW["num_data"]
-    gamma_in = KW["kl_weight"] / (KW["num_data"] * KW["prior_var"])
+    A, S, Ac, Gc = chain_factors(opt, layers)
+    c2 = CHAIN_KW["kl_weight"] / CHAIN_KW["num_data"]
+    gamma_in = CHAIN_KW["kl_weight"] / (CHAIN_KW["num_data"] * CHAIN_KW["prior_var"])
     Fh, offs = dense_fhat(A, S, Ac, Gc, gamma_in)
     cov_ref = c2 * torch.linalg.inv(Fh)
     cov = _implied_covariance(model)
@@ -228,7 +136,7 @@ def test_posterior_covariance_and_preconditioner_equal_dense_fhat_inverse(float6
         torch.testing.assert_close(as_matrix(m.weight_std(), m.bias_std()), ref, rtol=1e-7, atol=0)
 
     # preconditioner: F-hat of the gamma_in + gamma_ex damped factors, inverted densely
-    P_ref = torch.linalg.inv(dense_fhat(A, S, Ac, Gc, gamma_in + KW["damping"])[0])
+    P_ref = torch.linalg.inv(dense_fhat(A, S, Ac, Gc, gamma_in + CHAIN_KW["damping"])[0])
     from optimizers.block_tridiagonal import precondition_chain
     states = [opt.state[m.weight] for m in layers]
     total = Fh.shape[0]
@@ -241,11 +149,11 @@ def test_posterior_covariance_and_preconditioner_equal_dense_fhat_inverse(float6
 
 def test_200k_joint_samples_reproduce_the_covariance(float64):
     model, opt = trained_chain()
-    layers = chain_layers(model)
-    A, S, Ac, Gc = state_factors(opt, layers)
-    gamma_in = KW["kl_weight"] / (KW["num_data"] * KW["prior_var"])
+    layers = linears(model)
+    A, S, Ac, Gc = chain_factors(opt, layers)
+    gamma_in = CHAIN_KW["kl_weight"] / (CHAIN_KW["num_data"] * CHAIN_KW["prior_var"])
     Fh, offs = dense_fhat(A, S, Ac, Gc, gamma_in)
-    cov_ref = KW["kl_weight"] / KW["num_data"] * torch.linalg.inv(Fh)
+    cov_ref = CHAIN_KW["kl_weight"] / CHAIN_KW["num_data"] * torch.linalg.inv(Fh)
     torch.manual_seed(7)
     n = 200_000
     draws = attach_chains(model)[0].draw((n,))
@@ -264,8 +172,8 @@ def test_200k_joint_samples_reproduce_the_covariance(float64):
 
 def test_forward_and_sample_weights_use_one_joint_draw(float64):
     model, opt = trained_chain()
-    layers = chain_layers(model)
-    x, _ = data()
+    layers = linears(model)
+    x, _ = chain_data()
     torch.manual_seed(11)
     model(x)
     used = [as_matrix(*m.last_noise) for m in layers]
@@ -291,11 +199,11 @@ def test_zero_cross_factors_is_exactly_block_diagonal(float64, monkeypatch):
     # bit-exact comparison: both structures keep the sampler's Cholesky factors (block-diagonal layers
     # would otherwise apply small ones as explicit inverses, equal only to rounding)
     monkeypatch.setattr(noisy_kfac, "DENSE_ROOT_MAX", 0)
-    x, y = data()
+    x, y = chain_data()
     runs = {}
     for structure in ("block_diagonal", "block_tridiagonal"):
         model = chain_net()
-        opt = NoisyKFAC(model, structure=structure, **{**KW, "t_inv": 2, "kl_clip": 1e-2})
+        opt = NoisyKFAC(model, structure=structure, **{**CHAIN_KW, "t_inv": 2, "kl_clip": 1e-2})
         trace = []
         for k in range(5):
             torch.manual_seed(300 + k)
@@ -303,7 +211,7 @@ def test_zero_cross_factors_is_exactly_block_diagonal(float64, monkeypatch):
             for _ in range(2):
                 F.cross_entropy(model(x), y).backward()
             opt.step()
-            trace.append([t.clone() for m in chain_layers(model)
+            trace.append([t.clone() for m in linears(model)
                           for t in (*m.last_noise, m.weight, m.bias, m.weight_std(), m.bias_std())])
         runs[structure] = trace
     for k, (a, b) in enumerate(zip(runs["block_diagonal"], runs["block_tridiagonal"])):
@@ -348,12 +256,12 @@ class RefTridiagonal:
 
 @pytest.mark.parametrize("kl_clip", [None, 1e-3])
 def test_steps_match_hand_written_reference(float64, kl_clip):
-    kw = {**KW, "kl_clip": kl_clip}
+    kw = {**CHAIN_KW, "kl_clip": kl_clip}
     model = chain_net()
-    layers = chain_layers(model)
+    layers = linears(model)
     opt = NoisyKFAC(model, structure="block_tridiagonal", **kw)
     ref = RefTridiagonal(layers, **kw)
-    x, y = data()
+    x, y = chain_data()
     nus = []
     for k in range(3):
         torch.manual_seed(400 + k)
@@ -373,26 +281,26 @@ def test_steps_match_hand_written_reference(float64, kl_clip):
 
 def test_guard_floors_an_indefinite_chain_and_counts_it(float64):
     model, opt = trained_chain(steps=1)
-    for st in (opt.state[m.weight] for m in chain_layers(model)[:-1]):
+    for st in (opt.state[m.weight] for m in linears(model)[:-1]):
         st["A_cross"].mul_(50.0)
         st["G_cross"].mul_(50.0)
-    x, y = data()
+    x, y = chain_data()
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.step()
     assert opt.guard_count() > 0
-    for m in chain_layers(model):
+    for m in linears(model):
         assert torch.isfinite(m.weight).all() and torch.isfinite(m.weight_std()).all()
 
 
 def _guarded_chain(model: nn.Module) -> NoisyKFAC:
     """Two steps of ``model`` (a chain net), the second with cross factors large enough to be floored."""
-    opt = NoisyKFAC(model, structure="block_tridiagonal", **KW)
-    x, y = data()
+    opt = NoisyKFAC(model, structure="block_tridiagonal", **CHAIN_KW)
+    x, y = chain_data()
     x = x.to(model[0].weight)
     for k in range(2):
         if k:
-            for st in (opt.state[m.weight] for m in chain_layers(model)[:-1]):
+            for st in (opt.state[m.weight] for m in linears(model)[:-1]):
                 st["A_cross"].mul_(50.0)
                 st["G_cross"].mul_(50.0)
         opt.zero_grad()
@@ -410,9 +318,9 @@ def test_guard_count_stays_an_int64_cpu_counter_through_load_state_dict(device):
     assert count > 0
     saved = opt.state_dict()
     model_b = chain_net(seed=1).float().to(device)
-    opt_b = NoisyKFAC(model_b, structure="block_tridiagonal", **KW)
+    opt_b = NoisyKFAC(model_b, structure="block_tridiagonal", **CHAIN_KW)
     opt_b.load_state_dict(saved)
-    counters = [opt_b.state[m.weight]["guard_count"] for m in chain_layers(model_b)[:-1]]
+    counters = [opt_b.state[m.weight]["guard_count"] for m in linears(model_b)[:-1]]
     assert all((c.dtype, c.device.type) == (torch.int64, "cpu") for c in counters)
     assert opt_b.guard_count() == count
     assert all(s["guard_count"].dtype == torch.int64 for s in saved["state"].values() if "guard_count" in s)
@@ -427,80 +335,7 @@ def test_block_tridiagonal_needs_factored_damping():
         NoisyKFAC(chain_net(), structure="dense")
 
 
-def test_state_dict_resume_is_bit_exact():
-    gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(8, 1, 4, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(10)]
-
-    def build(seed):
-        torch.manual_seed(seed)
-        model = models.build_model("mlp", "MVG", 1, 4, 3, hidden=(6, 5))
-        return model, NoisyKFAC(model, lr=1e-2, num_data=100, t_inv=3, t_stats=2, structure="block_tridiagonal")
-
-    def train(model, opt, part):
-        for xb, yb in part:
-            opt.zero_grad()
-            for _ in range(2):
-                F.cross_entropy(model(xb), yb).backward()
-            opt.step()
-
-    model_a, opt_a = build(0)
-    torch.manual_seed(123)
-    train(model_a, opt_a, batches)
-    model_b, opt_b = build(0)
-    torch.manual_seed(123)
-    train(model_b, opt_b, batches[:5])
-    buf = io.BytesIO()
-    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(), "rng": torch.get_rng_state()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    model_c, opt_c = build(999)
-    model_c.load_state_dict(ckpt["model"])
-    opt_c.load_state_dict(ckpt["opt"])
-    torch.set_rng_state(ckpt["rng"])
-    train(model_c, opt_c, batches[5:])
-    assert "fc1.link_out" in model_a.state_dict()
-    assert_same_training_state(model_a, opt_a, model_c, opt_c)
-    assert "gain" in opt_a.state[model_a.fc1.weight]
-
-
 # ============================================================================ command line
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _script(script: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "DATA_ROOT"}
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run([sys.executable, str(REPO / script), *argv], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
-def test_train_resume_and_test_through_the_cli(tmp_path, datafiles):
-    """train.py --kfac_structure block_tridiagonal: 2 epochs == 1 + --resume, bit for bit; test.py loads it."""
-    from util.checkpoint import load_checkpoint
-    data = datafiles.write_fake_mnist(tmp_path / "data", n_train=60, n_test=20)
-    common = ("--model", "MVG", "--kfac_structure", "block_tridiagonal", "--hidden", "8", "6", "--batch_size", "20",
-              "--data_root", str(data), "--ckpt_dir", str(tmp_path / "ckpt"), "--no_visdom", "--no_progress",
-              "--device", "cpu", "--t_inv", "2", "--test_samples", "2", "--num_threads", "1")
-    runs = {"whole": ("--epoch", "2"), "part": ("--epoch", "1")}
-    for name, extra in runs.items():
-        r = _script("train.py", *common, "--name", name, *extra, cwd=tmp_path)
-        assert r.returncode == 0, r.stderr[-2000:]
-    r = _script("train.py", *common, "--name", "part", "--epoch", "2", "--resume", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    a = load_checkpoint(tmp_path / "ckpt" / "whole" / "epoch_2.pt")
-    b = load_checkpoint(tmp_path / "ckpt" / "part" / "epoch_2.pt")
-    assert "fc1.link_out" in a["model"] and a["model"]["fc1.link_out"].abs().sum() > 0
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for pid, st in a["optimizer"]["state"].items():
-        for key, value in st.items():
-            assert torch.equal(value, b["optimizer"]["state"][pid][key]), key
-    r = _script("test.py", "--ckpt_dir", str(tmp_path / "ckpt"), "--name", "whole", "--test_samples", "3",
-                "--device", "cpu", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert '"test_acc"' in r.stdout
-
-
 @pytest.mark.parametrize("argv, expected", [
     (("--model", "FFG", "--kfac_structure", "block_tridiagonal"),
      "error: --kfac_structure is not an option of --optimizer noisy_adam; drop --kfac_structure, or use "
@@ -522,13 +357,13 @@ def test_bad_structure_flags_are_one_error_line(argv, expected, capsys):
 
 def test_a_chain_layer_without_gradient_falls_back_to_block_diagonal(float64):
     model, opt = trained_chain()
-    layers = chain_layers(model)
-    x, y = data()
+    layers = linears(model)
+    x, y = chain_data()
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     layers[0].weight.grad = layers[0].bias.grad = None  # e.g. a frozen first layer
     before = layers[0].weight.detach().clone()
-    gin = KW["kl_weight"] / (KW["num_data"] * KW["prior_var"])
+    gin = CHAIN_KW["kl_weight"] / (CHAIN_KW["num_data"] * CHAIN_KW["prior_var"])
     Vs = [as_matrix(m.weight.grad, m.bias.grad) + gin * (as_matrix(m.weight.detach(), m.bias.detach())
                                                          + as_matrix(*m.last_noise)) for m in layers[1:]]
     bufs = [opt.state[m.weight]["momentum_buffer"].clone() for m in layers[1:]]
@@ -536,4 +371,4 @@ def test_a_chain_layer_without_gradient_falls_back_to_block_diagonal(float64):
     assert torch.equal(layers[0].weight, before)
     for m, V, buf in zip(layers[1:], Vs, bufs):  # each remaining layer: its own block-diagonal step
         st = opt.state[m.weight]
-        torch.testing.assert_close(st["momentum_buffer"], KW["momentum"] * buf + st["S_inv"] @ V @ st["A_inv"])
+        torch.testing.assert_close(st["momentum_buffer"], CHAIN_KW["momentum"] * buf + st["S_inv"] @ V @ st["A_inv"])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_fake_mnist, write_idx
+from conftest import free_port, write_fake_mnist, write_idx
 
 from experiment import make_model, make_optimizer, make_scheduler
 from option_parser import TrainOptions, save_options
@@ -44,12 +43,6 @@ class Case:
     expected: str  # a substring of the error line
     env: tuple[tuple[str, str], ...] = ()
     preamble: str | None = None  # the start of lines allowed before the error line
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens there once the socket is closed
 
 
 def _cases(root: Path) -> dict[str, Case]:
@@ -180,7 +173,7 @@ def results(setup: Path) -> dict[str, Result]:
     """Every case's outcome; the scripts run a few at a time, from an empty folder."""
     cwd = setup / "cwd"
     cwd.mkdir()
-    proxy = f"http://127.0.0.1:{_closed_port()}"  # downloads fail at once, never reach the network
+    proxy = f"http://127.0.0.1:{free_port()}"  # downloads fail at once, never reach the network
     base = {k: v for k, v in os.environ.items() if k not in ("DATA_ROOT", "NGVI_TEST_CRASH_BEFORE_RENAME")}
     base.update(HTTP_PROXY=proxy, HTTPS_PROXY=proxy, http_proxy=proxy, https_proxy=proxy, NO_PROXY="", no_proxy="")
 
@@ -195,6 +188,7 @@ def results(setup: Path) -> dict[str, Result]:
     return outcomes
 
 
+@pytest.mark.slow  # a dozen interpreter starts: about 100 s on a loaded 2-core machine
 @pytest.mark.parametrize("case", list(_cases(Path())))  # the names; the paths come from `setup`
 def test_bad_input_is_one_error_line_exit_2(setup: Path, results: dict[str, Result], case: str) -> None:
     spec, result = _cases(setup)[case], results[case]

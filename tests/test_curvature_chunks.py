@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import naive_kronecker_factors, naive_sum_grad_squared
+from conftest import assert_factors_close, assert_kronecker_factors_match_loop, assert_sum_grad_squared_matches_loop
+from reference import naive_kronecker_factors
 from torch import nn
 
 import optimizers
@@ -19,9 +20,7 @@ from optimizers import chunking, curvature, curvature_rules
 RTOL, ATOL = 1e-6, 1e-14
 
 
-@pytest.fixture(autouse=True)
-def _float64(float64):
-    yield
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def conv_net(bias: bool) -> nn.Module:
@@ -88,12 +87,7 @@ def set_chunks(monkeypatch, model: nn.Module, per_chunk: int | None, t: int = 1)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("net", list(CONV_NETS))
 def test_sum_grad_squared_conv_in_chunks(monkeypatch, chunks, bias, net):
-    model, x, y = conv_case(monkeypatch, net, bias, chunks)
-    got = optimizers.sum_grad_squared(model, x, y)
-    ref = naive_sum_grad_squared(model, x, y)
-    assert list(got) == list(ref)
-    for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=RTOL, atol=ATOL, msg=name)
+    assert_sum_grad_squared_matches_loop(*conv_case(monkeypatch, net, bias, chunks))
 
 
 @pytest.mark.parametrize("chunks", list(CHUNKS))
@@ -102,11 +96,7 @@ def test_sum_grad_squared_linear_patches_in_chunks(monkeypatch, chunks, bias):
     model = sequence_net(bias)
     x, y = data((4, 3))
     set_chunks(monkeypatch, model, CHUNKS[chunks])
-    got = optimizers.sum_grad_squared(model, x, y)
-    ref = naive_sum_grad_squared(model, x, y)
-    assert list(got) == list(ref)
-    for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=RTOL, atol=ATOL, msg=name)
+    assert_sum_grad_squared_matches_loop(model, x, y)
 
 
 @pytest.mark.parametrize("chunks", list(CHUNKS))
@@ -114,13 +104,8 @@ def test_sum_grad_squared_linear_patches_in_chunks(monkeypatch, chunks, bias):
 @pytest.mark.parametrize("net", list(CONV_NETS))
 def test_kronecker_factors_conv_in_chunks(monkeypatch, chunks, bias, net):
     """A of a convolution summed over chunks of the batch (stride != dilation, padding), against the float64 loop."""
-    model, x, y = conv_case(monkeypatch, net, bias, chunks)
-    got = optimizers.kronecker_factors(model, x, y)
-    ref = naive_kronecker_factors(model, x, y)
-    assert list(got) == list(ref) == (["0", "2", "5"] if net == "conv_net" else ["0", "2", "4"])
-    for name in ref:
-        for which, g, r in zip("AS", got[name], ref[name]):
-            torch.testing.assert_close(g, r, rtol=RTOL, atol=ATOL, msg=f"{name} {which}")
+    got = assert_kronecker_factors_match_loop(*conv_case(monkeypatch, net, bias, chunks))
+    assert list(got) == (["0", "2", "5"] if net == "conv_net" else ["0", "2", "4"])
 
 
 def naive_sequence_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, tuple]:
@@ -147,10 +132,7 @@ def naive_sequence_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
 def test_kronecker_factors_linear_on_sequences(bias):
     model = sequence_net(bias)
     x, y = data((4, 3))
-    got = optimizers.kronecker_factors(model, x, y)["0"]
-    ref = naive_sequence_factors(model, x, y)["0"]
-    for which, g, r in zip("AS", got, ref):
-        torch.testing.assert_close(g, r, rtol=RTOL, atol=ATOL, msg=which)
+    assert_factors_close({"0": optimizers.kronecker_factors(model, x, y)["0"]}, naive_sequence_factors(model, x, y))
 
 
 @pytest.mark.parametrize("stride", [2, 3])

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import run_ranks
+from conftest import free_port, run_ranks
 from torch import nn
 
 from data import InMemoryLoader
@@ -70,12 +69,6 @@ CASES: dict[str, tuple[type | None, dict]] = {
     "noisy_kfac_prior_auto": (NoisyKFAC, dict(_NGVI, damping=1e-2, t_inv=2, prior_var="auto", prior_every=1)),
     "adam": (None, dict(lr=1e-2)),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _net(posterior: str) -> nn.Module:
@@ -165,7 +158,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Run every case on 2 gloo ranks once; their results, by rank."""
     out = tmp_path_factory.mktemp("ddp")
-    run_ranks(_worker, _free_port(), str(out), nprocs=WORLD)
+    run_ranks(_worker, free_port(), str(out), nprocs=WORLD)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -183,6 +176,7 @@ def close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     assert err <= TOL, f"{what}: max |difference| {err:.2e} relative to max |ref| = {scale:.2e} > {TOL}"
 
 
+@pytest.mark.slow  # the ranks: two spawned processes
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_ranks_equal_one_rank_with_twice_the_batch(ranks: list[dict], name: str) -> None:
     ref = run_case(name, rank=0, world=1, noise_seed=1)
@@ -208,6 +202,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(ranks: list[dict], name: 
         assert (ref["state"][-1]["prior_vars"] - 1).abs().min() > 1e-3
 
 
+@pytest.mark.slow  # the ranks: two spawned processes
 @pytest.mark.parametrize("name", [n for n in CASES if CASES[n][0] is not None])
 def test_ranks_draw_their_own_noise_and_keep_identical_means(ranks: list[dict], name: str) -> None:
     r0, r1 = (res["rank_noise"][name] for res in ranks)
@@ -221,6 +216,7 @@ def test_ranks_draw_their_own_noise_and_keep_identical_means(ranks: list[dict], 
     assert any(not torch.allclose(v, same[k]) for k, v in r0["params"][-1].items())
 
 
+@pytest.mark.slow  # the ranks: two spawned processes
 def test_batchnorm_running_stats_averaged_over_ranks(ranks: list[dict]) -> None:
     before = [r["bn"]["before"] for r in ranks]
     assert set(before[0]) == {"1.running_mean", "1.running_var", "4.running_mean", "4.running_var"}
@@ -231,6 +227,7 @@ def test_batchnorm_running_stats_averaged_over_ranks(ranks: list[dict]) -> None:
             torch.testing.assert_close(r["bn"]["after"][key], mean, rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow  # the ranks: two spawned processes
 def test_flag_sums_and_threads(ranks: list[dict]) -> None:
     for res in ranks:
         assert res["flags"] == [True, False]  # a non-finite loss on rank 1 stops rank 0 too
@@ -244,7 +241,7 @@ def test_torchrun_train_then_test(tmp_path: Path, data_root: Path) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            "train.py", "--dataset", "MNIST", "--data_root", str(data_root), "--subset", "2000", "--epoch", "1",
            "--device", "cpu", "--no_visdom", "--no_progress", "--test_samples", "2", "--ckpt_dir", str(ckpt),
            "--name", "ddp"]
@@ -305,7 +302,7 @@ def _timeout_worker(rank: int, port: int, out_dir: str) -> None:
 def test_dist_timeout_bounds_the_wait_in_a_collective(tmp_path: Path) -> None:
     """The timeout reaches the process group: rank 1 gives up after about 2 s instead of waiting out rank 0's 8 s
     (gloo's own default is 30 minutes, NCCL's 10)."""
-    run_ranks(_timeout_worker, _free_port(), str(tmp_path), timeout=60)
+    run_ranks(_timeout_worker, free_port(), str(tmp_path), timeout=60)
     waiting = torch.load(tmp_path / "rank1.pt")
     assert waiting["error"] is not None and "imed out" in waiting["error"], waiting
     assert waiting["waited"] < SLEEP_S / 2, waiting
@@ -339,7 +336,7 @@ def _node(rank: int, port: int, cwd: Path, *flags: str) -> subprocess.Popen:
 
 
 def _two_nodes(cwds: tuple[Path, Path], *flags: str) -> None:
-    port = _free_port()
+    port = free_port()
     procs = [_node(rank, port, cwd, *flags) for rank, cwd in enumerate(cwds)]
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)

@@ -17,16 +17,15 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import run_ranks
-from test_block_tridiagonal import KW, chain_layers, dense_fhat, state_factors, trained_chain, vec
-from test_layers import reference_cov
+from conftest import free_port, run_ranks
+from nets import CHAIN_KW, chain_factors, linears, mvg_mlp_after_one_step, trained_chain
+from reference import dense_fhat, kronecker_covariance, vec
 from torch import nn
 
 from evaluation import default_eval_batch_size, evaluate, predict, sample_seed
@@ -213,17 +212,11 @@ def test_ffg_networks_are_the_noisy_adam_posterior(float64) -> None:
 
 @pytest.mark.parametrize("mode", ["factored", "exact"])
 def test_mvg_networks_have_the_kronecker_covariance(float64, mode: str) -> None:
-    torch.manual_seed(4)
-    model = nn.Sequential(BayesianLinear(2, 3, posterior="MVG"), nn.Tanh(), BayesianLinear(3, 2, posterior="MVG"))
     lam, N, eta = 0.5, 10, 1.0
-    opt = NoisyKFAC(model, lr=0.05, num_data=N, kl_weight=lam, prior_var=eta, damping=0.1, damping_mode=mode)
-    gen = torch.Generator().manual_seed(5)
-    x, y = torch.randn(6, 2, generator=gen) * 2, torch.randint(0, 2, (6,), generator=gen)
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
+    model, opt = mvg_mlp_after_one_step(mode, kl_weight=lam, num_data=N, prior_var=eta)
     layer = model[0]
-    ref = reference_cov(opt.state[layer.weight]["A"], opt.state[layer.weight]["S"], mode, lam / N, lam / (N * eta))
+    ref = kronecker_covariance(opt.state[layer.weight]["A"], opt.state[layer.weight]["S"], mode, lam / N,
+                               lam / (N * eta))
     n = 20_000
     noise = torch.stack([torch.cat([d[layer][0], d[layer][1][:, None]], 1) for d in networks(model, n)])
     v = vec(noise)
@@ -236,10 +229,10 @@ def test_chain_networks_have_the_block_tridiagonal_covariance(float64) -> None:
     """A network's chain noise is ``J eps``, ``eps`` the seed's standard normals (drawn here, layer by layer) and
     ``J`` linear: so it is N(0, J J^T) exactly, and J J^T is the dense (lambda/N) F-hat^-1."""
     model, opt = trained_chain()
-    layers = chain_layers(model)
-    A, S_, Ac, Gc = state_factors(opt, layers)
-    Fh, offs = dense_fhat(A, S_, Ac, Gc, KW["kl_weight"] / (KW["num_data"] * KW["prior_var"]))
-    ref = KW["kl_weight"] / KW["num_data"] * torch.linalg.inv(Fh)
+    layers = linears(model)
+    A, S_, Ac, Gc = chain_factors(opt, layers)
+    Fh, offs = dense_fhat(A, S_, Ac, Gc, CHAIN_KW["kl_weight"] / (CHAIN_KW["num_data"] * CHAIN_KW["prior_var"]))
+    ref = CHAIN_KW["kl_weight"] / CHAIN_KW["num_data"] * torch.linalg.inv(Fh)
     shapes = [m.matrix_shape for m in layers]
     total = sum(o * i for o, i in shapes)
     columns = []
@@ -266,12 +259,6 @@ def test_chain_networks_have_the_block_tridiagonal_covariance(float64) -> None:
 WORLD, N_IMAGES = 2, 37
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _scores(ctx: distributed.DistContext | None, batch: int) -> dict:
     out = {}
     for name, build in MODELS.items():
@@ -296,7 +283,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.slow  # two processes importing torch: about 15 s on a loaded 2-core machine
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo")
 def test_two_ranks_give_the_one_process_predictive(tmp_path: Path) -> None:
-    run_ranks(_worker, _free_port(), str(tmp_path), nprocs=WORLD)
+    run_ranks(_worker, free_port(), str(tmp_path), nprocs=WORLD)
     ref = _scores(None, 1000)
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")

@@ -28,7 +28,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,9 +38,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tensors
+from conftest import assert_same_checkpoint, free_port, tensors
+from visdom_helpers import VisdomServer
 
-from tools.visdom_server import wait_for_server
 from util.checkpoint import CRASH_ENV, list_epochs, load_checkpoint
 from util.errors import UserError
 
@@ -57,12 +56,6 @@ pytestmark = pytest.mark.slow
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -129,12 +122,7 @@ def comparable(run_dir: Path) -> list[str]:
 def assert_same_state(run_a: Path, run_b: Path, epoch: int) -> None:
     """Model, optimizer, scheduler and RNG state of ``epoch_<epoch>.pt`` are bit-identical."""
     a, b = (load_checkpoint(r / f"epoch_{epoch}.pt") for r in (run_a, run_b))
-    assert (a["epoch"], a["iteration"], a["scheduler"]) == (b["epoch"], b["iteration"], b["scheduler"])
-    keys = ("model", "optimizer", "rng")
-    ta, tb = tensors({k: a[k] for k in keys}), tensors({k: b[k] for k in keys})
-    assert ta.keys() == tb.keys()
-    for key in ta:
-        assert ta[key].dtype == tb[key].dtype and torch.equal(ta[key], tb[key]), key
+    assert_same_checkpoint(a, b, ("epoch", "iteration", "scheduler", "model", "optimizer", "rng"))
 
 
 def temp_files(run_dir: Path) -> list[str]:
@@ -173,34 +161,6 @@ def error_line(result: Result) -> str:
     return lines[0]
 
 
-class VisdomServer:
-    """A visdom server on a free loopback port; ``ready`` is set once it answers."""
-
-    def __init__(self, folder: Path) -> None:
-        folder.mkdir()
-        self.port = free_port()
-        self.log_path = folder / "server.log"
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", "from visdom.server.run_server import main; main()", "-port", str(self.port),
-                 "-env_path", f"{folder}/", "-bind_local", "-logging_level", "WARNING"],
-                stdout=log, stderr=subprocess.STDOUT)
-        self.ready = threading.Event()
-        self.settled = threading.Event()  # set once the wait is over, ready or not
-
-        def wait() -> None:
-            if wait_for_server(f"http://127.0.0.1:{self.port}", timeout=120):
-                self.ready.set()
-            self.settled.set()
-
-        threading.Thread(target=wait, daemon=True).start()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-
-
 def _mount_tmpfs(where: Path, size: int) -> bool:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
@@ -237,6 +197,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Iterator[
     ckpt = root / "ckpt"
     out: dict = {}
     server = VisdomServer(root / "visdom")
+    settled = threading.Event()  # set once the wait for the server is over, ready or not
+    threading.Thread(target=lambda: (server.wait(120), settled.set()), daemon=True).start()
     disk = root / "disk"
     disk.mkdir()
     mounted = False
@@ -264,13 +226,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Iterator[
                 if any(r["kind"] == "iter" and r["epoch"] == 2 for r in recs):
                     os.kill(killed.proc.pid, signal.SIGKILL)
                     out["killed_at"] = recs[-1]
-            if twin is None and server.settled.is_set():
+            if twin is None and settled.is_set():
                 twin = wave1["twin"] = train(ckpt, "twin", "--display_server", "http://127.0.0.1",
                                              "--display_port", str(server.port), "--env", "faults")
             if twin is not None and out["server_killed_at"] is None and twin.running():
                 recs = records(twin.run_dir)
                 if recs:
-                    server.kill()
+                    server.stop()
                     out["server_killed_at"] = recs[-1]
             twin_done = twin is not None and (out["server_killed_at"] is not None or not twin.running())
             if twin_done and not killed.running():
@@ -278,7 +240,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Iterator[
             time.sleep(0.003)
         out["server_ready"] = server.ready.is_set()
         out["server_log"] = server.log_path
-        server.kill()
+        server.stop()
         for key, run in wave1.items():
             out[key] = snapshot(run)
             out[f"{key}_dir"] = run.run_dir
@@ -315,7 +277,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Iterator[
             if run.running():
                 run.proc.kill()
                 run.proc.wait()
-        server.kill()
+        server.stop()
         if mounted:
             subprocess.run(["umount", str(disk)], capture_output=True, timeout=30)
 

@@ -3,11 +3,11 @@ the seeds' architectures (the MC predictive: test_evaluation.py)."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
+from nets import mvg_mlp_after_one_step
+from reference import factored_damping, kronecker_covariance
 from torch import nn
 
 import models
@@ -113,41 +113,14 @@ def test_mvg_sample_std_after_noisy_kfac_step(mode):
 
 
 # --------------------------------------------------------- MVG covariance vs the Kronecker form
-def small_mvg_model() -> nn.Module:
-    torch.manual_seed(4)
-    return nn.Sequential(BayesianLinear(2, 3, posterior="MVG"), nn.Tanh(), BayesianLinear(3, 2, posterior="MVG"))
-
-
-def kfac_step(model, mode, kl_weight=0.5, num_data=10, prior_var=1.0):
-    opt = NoisyKFAC(model, lr=0.05, num_data=num_data, kl_weight=kl_weight, prior_var=prior_var, damping=0.1,
-                    damping_mode=mode)
-    gen = torch.Generator().manual_seed(5)
-    x, y = torch.randn(6, 2, generator=gen) * 2, torch.randint(0, 2, (6,), generator=gen)
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-    return opt
-
-
-def reference_cov(A, S, mode, c2, gamma_in):
-    """(lambda/N) (A^g (x) S^g)^-1 (factored) or (lambda/N) (A (x) S + gamma_in I)^-1 (exact); column-major vec."""
-    if mode == "factored":
-        pi = math.sqrt((torch.trace(A).item() / A.shape[0]) / (torch.trace(S).item() / S.shape[0]))
-        Ag = A + pi * math.sqrt(gamma_in) * torch.eye(A.shape[0])
-        Sg = S + math.sqrt(gamma_in) / pi * torch.eye(S.shape[0])
-        return c2 * torch.linalg.inv(torch.kron(Ag, Sg))
-    return c2 * torch.linalg.inv(torch.kron(A, S) + gamma_in * torch.eye(A.shape[0] * S.shape[0]))
-
-
 @pytest.mark.parametrize("mode", ["factored", "exact"])
 def test_mvg_covariance_matches_kronecker_inverse(float64, mode):
-    model = small_mvg_model()
-    opt = kfac_step(model, mode)
+    model, opt = mvg_mlp_after_one_step(mode)
     layer = model[0]
     A, S = opt.state[layer.weight]["A"].clone(), opt.state[layer.weight]["S"].clone()
     assert A.shape == (3, 3) and S.shape == (3, 3)
     c2, gamma_in = 0.5 / 10, 0.5 / (10 * 1.0)
-    ref = reference_cov(A, S, mode, c2, gamma_in)
+    ref = kronecker_covariance(A, S, mode, c2, gamma_in)
     n = 200_000
     w, b = draw(layer, n, batch=50_000)
     noise = as_matrix(w, b) - torch.cat([layer.weight, layer.bias[:, None]], 1).detach()
@@ -164,15 +137,11 @@ def test_mvg_covariance_matches_kronecker_inverse(float64, mode):
 
 
 def test_mvg_weight_std_factored_closed_form(float64):
-    model = small_mvg_model()
-    opt = kfac_step(model, "factored", kl_weight=0.3, num_data=7, prior_var=2.0)
+    model, opt = mvg_mlp_after_one_step("factored", kl_weight=0.3, num_data=7, prior_var=2.0)
     c2, gamma_in = 0.3 / 7, 0.3 / (7 * 2.0)
     for layer in (model[0], model[2]):
-        A, S = opt.state[layer.weight]["A"], opt.state[layer.weight]["S"]
-        pi = math.sqrt((torch.trace(A).item() / A.shape[0]) / (torch.trace(S).item() / S.shape[0]))
-        Ainv = torch.linalg.inv(A + pi * math.sqrt(gamma_in) * torch.eye(A.shape[0]))
-        Sinv = torch.linalg.inv(S + math.sqrt(gamma_in) / pi * torch.eye(S.shape[0]))
-        std = (c2 * Sinv.diagonal()[:, None] * Ainv.diagonal()[None, :]).sqrt()
+        Ag, Sg = factored_damping(opt.state[layer.weight]["A"], opt.state[layer.weight]["S"], gamma_in)
+        std = (c2 * torch.linalg.inv(Sg).diagonal()[:, None] * torch.linalg.inv(Ag).diagonal()[None, :]).sqrt()
         torch.testing.assert_close(layer.weight_std(), std[:, :-1], rtol=1e-10, atol=0)
         torch.testing.assert_close(layer.bias_std(), std[:, -1], rtol=1e-10, atol=0)
 

@@ -3,11 +3,11 @@ references built from a full eigendecomposition, written out here (docs/MATH.md,
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
+from nets import gaussian_batch, tanh_mlp, train_steps
+from reference import factored_damping
 from torch import nn
 
 from models import BayesianLinear
@@ -31,13 +31,6 @@ def low_rank_reference(Fm: torch.Tensor, k: int) -> torch.Tensor:
     return Qk @ torch.diag(dk) @ Qk.T + r * (eye - Qk @ Qk.T)
 
 
-def damped_pair(A: torch.Tensor, S: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Factored Tikhonov damping with pi from the *exact* traces."""
-    pi = math.sqrt((torch.trace(A).item() / A.shape[0]) / (torch.trace(S).item() / S.shape[0]))
-    return (A + pi * math.sqrt(gamma) * torch.eye(A.shape[0], dtype=A.dtype),
-            S + math.sqrt(gamma) / pi * torch.eye(S.shape[0], dtype=S.dtype))
-
-
 @pytest.mark.parametrize("rank", [1, 3, 6])
 def test_low_rank_roots_match_dense_reference(rank):
     gen = torch.Generator().manual_seed(0)
@@ -47,8 +40,8 @@ def test_low_rank_roots_match_dense_reference(rank):
     A_k = low_rank_reference(A, rank)
     S_k = low_rank_reference(S, rank) if rank < 5 else S
     torch.testing.assert_close(torch.trace(A_k), torch.trace(A))  # the isotropic rest keeps the trace
-    Ag_in, Sg_in = damped_pair(A_k, S_k, gamma_in)
-    Ag, Sg = damped_pair(A_k, S_k, gamma)
+    Ag_in, Sg_in = factored_damping(A_k, S_k, gamma_in)
+    Ag, Sg = factored_damping(A_k, S_k, gamma)
     # low rank where 2K < n; formed densely where 2K >= n (same matrix); exact Cholesky where K >= n
     assert dec["in_root"].kind == ("low_rank" if 2 * rank < 9 else "dense")
     assert dec["out_root"].kind == {1: "low_rank", 3: "dense", 6: "cholesky"}[rank]
@@ -62,7 +55,7 @@ def test_low_rank_roots_match_dense_reference(rank):
     torch.testing.assert_close(dec["out_root"].left(X) @ V, U @ X @ V)
     torch.testing.assert_close(dec["in_root"].right(X), X @ V)
     # the approximation is not the factor itself (the test could tell them apart)
-    assert (torch.linalg.inv(Ag_in) - torch.linalg.inv(damped_pair(A, S, gamma_in)[0])).abs().max() > 1e-3
+    assert (torch.linalg.inv(Ag_in) - torch.linalg.inv(factored_damping(A, S, gamma_in)[0])).abs().max() > 1e-3
 
 
 def spectrum_spd(d: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,18 +130,13 @@ def test_subspace_iteration_falls_back_to_eigh():
 
 
 def mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(BayesianLinear(7, 6, posterior="MVG"), nn.Tanh(),
-                         BayesianLinear(6, 3, posterior="MVG")).double()
+    return tanh_mlp("MVG", (7, 6, 3), seed)
 
 
 def run_steps(model, opt, steps, seed=2):
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = torch.randn(16, 7, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    train_steps(model, opt, [(torch.randn(16, 7, generator=gen, dtype=torch.float64),
+                              torch.randint(0, 3, (16,), generator=gen)) for _ in range(steps)])
 
 
 def test_noisy_kfac_rank_first_step_against_dense_reference(float64):
@@ -167,7 +155,7 @@ def test_noisy_kfac_rank_first_step_against_dense_reference(float64):
     gamma_in = 0.7 / (50 * 2.0)
     A_k, S_k = low_rank_reference(A, 2), low_rank_reference(S, 2)
     # the posterior after the step: (lambda/N) [A_K^gamma_in]^-1 (x) [S_K^gamma_in]^-1
-    Ag_in, Sg_in = damped_pair(A_k, S_k, gamma_in)
+    Ag_in, Sg_in = factored_damping(A_k, S_k, gamma_in)
     U, V = (r.dense(left=i == 0) for i, r in enumerate(layer.factor_roots()))
     c2 = layer.mid_scale.flatten()[0] ** 2
     torch.testing.assert_close(c2, torch.tensor(0.7 / 50, dtype=torch.float64))
@@ -176,7 +164,7 @@ def test_noisy_kfac_rank_first_step_against_dense_reference(float64):
     std = (0.7 / 50 * torch.linalg.inv(Sg_in).diagonal()[:, None] * torch.linalg.inv(Ag_in).diagonal()[None]).sqrt()
     torch.testing.assert_close(layer.weight_std(), std[:, :-1], rtol=1e-8, atol=0)
     # the update: M1 = M0 - lr [S_K^gamma]^-1 (G + gamma_in W) [A_K^gamma]^-1, W the first (isotropic) sample
-    Ag, Sg = damped_pair(A_k, S_k, gamma_in + 0.03)
+    Ag, Sg = factored_damping(A_k, S_k, gamma_in + 0.03)
     M1 = torch.cat([layer.weight, layer.bias[:, None]], 1).detach()
     V_grad = -(M1 - M0) / 0.1  # = D
     D_expected_dir = Sg @ V_grad @ Ag  # = G + gamma_in W, recovered through the reference's inverse
@@ -221,8 +209,7 @@ def test_rank_sampler_is_what_the_preconditioner_implies_after_warm_started_refr
 def test_rank_factors_stay_the_exact_truncation_over_many_refreshes(float64):
     """20 warm-started refreshes of a 100 x 100 input factor with a slowly decaying spectrum: after each, the
     sampler's and the preconditioner's matrices are those of the exact top-2 truncation of the factor."""
-    torch.manual_seed(0)
-    model = nn.Sequential(BayesianLinear(99, 6, posterior="MVG"), nn.Tanh(), BayesianLinear(6, 3, posterior="MVG"))
+    model = tanh_mlp("MVG", (99, 6, 3), dtype=None)
     kw = dict(lr=0.05, num_data=100, kl_weight=0.5, damping=0.01, rank=2, t_stats=1, t_inv=2, kl_clip=None)
     opt = NoisyKFAC(model, **kw)
     layer = model[0]
@@ -233,15 +220,12 @@ def test_rank_factors_stay_the_exact_truncation_over_many_refreshes(float64):
     worst = 0.0
     for k in range(1, 41):
         x = torch.randn(32, 99, generator=gen) @ mix
-        y = torch.randint(0, 3, (32,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        train_steps(model, opt, [(x, torch.randint(0, 3, (32,), generator=gen))])
         if (k - 1) % 2:
             continue
         st = opt.state[layer.weight]
-        Ag_in, _ = damped_pair(low_rank_reference(st["A"], 2), st["S"], gamma_in)
-        Ag, _ = damped_pair(low_rank_reference(st["A"], 2), st["S"], gamma_in + 0.01)
+        Ag_in, _ = factored_damping(low_rank_reference(st["A"], 2), st["S"], gamma_in)
+        Ag, _ = factored_damping(low_rank_reference(st["A"], 2), st["S"], gamma_in + 0.01)
         V = layer.factor_roots()[1].dense(left=False)
         for got, ref in ((V.T @ V, torch.linalg.inv(Ag_in)), (opt._stored_root(st, "A_inv").dense(left=False),
                                                              torch.linalg.inv(Ag))):
@@ -251,17 +235,12 @@ def test_rank_factors_stay_the_exact_truncation_over_many_refreshes(float64):
 
 def test_rank_sampled_covariance_monte_carlo():
     """Draws of a rank-2 layer have the covariance (lambda/N) [A_K^g]^-1 (x) [S_K^g]^-1 (column-major vec)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(BayesianLinear(4, 3, posterior="MVG"), nn.Tanh(), BayesianLinear(3, 2, posterior="MVG"))
+    model = tanh_mlp("MVG", dtype=None)
     opt = NoisyKFAC(model, lr=0.05, num_data=10, kl_weight=0.5, damping=0.0, rank=2, t_inv=1, kl_clip=None)
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(12, 4, generator=gen) * 2, torch.randint(0, 2, (12,), generator=gen)
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
+    train_steps(model, opt, [gaussian_batch(12, 4, seed=1, scale=2.0)])
     layer = model[0]
     A, S = opt.state[layer.weight]["A"].double(), opt.state[layer.weight]["S"].double()
-    Ag, Sg = damped_pair(low_rank_reference(A, 2), low_rank_reference(S, 2), 0.5 / 10)
+    Ag, Sg = factored_damping(low_rank_reference(A, 2), low_rank_reference(S, 2), 0.5 / 10)
     ref = 0.05 * torch.kron(torch.linalg.inv(Ag), torch.linalg.inv(Sg))
     n = 200_000
     with torch.no_grad():

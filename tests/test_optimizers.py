@@ -9,17 +9,15 @@ the test reseeds the RNG before the forward and re-draws ``eps`` itself.
 from __future__ import annotations
 
 import inspect
-import io
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_training_state
-from reference import KFACPosteriorReference
+from conftest import assert_noisy_kfac_follows_reference
+from nets import gaussian_batch, tanh_mlp
+from reference import NoisyKFACReference, weight_matrix
 from torch import nn
 
-import models
 from models import BayesianLinear
 from optimizers import VOGN, NoisyAdam, NoisyKFAC, noisy_kfac
 
@@ -30,16 +28,8 @@ def close(got, ref, msg=""):
     torch.testing.assert_close(got, ref, rtol=RTOL, atol=ATOL, msg=msg)
 
 
-def tiny_net(posterior: str, seed: int = 0) -> nn.Module:
-    """4-3-2 network with bias, float64."""
-    torch.manual_seed(seed)
-    return nn.Sequential(BayesianLinear(4, 3, posterior=posterior), nn.Tanh(),
-                         BayesianLinear(3, 2, posterior=posterior)).double()
-
-
 def tiny_data():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 4, generator=gen, dtype=torch.float64) * 1.5
+    x, _ = gaussian_batch(5, 4, scale=1.5, dtype=torch.float64)
     return x, torch.tensor([0, 1, 1, 0, 1])
 
 
@@ -157,10 +147,17 @@ def ffg_forward_backward(model, x, y, seed, ref):
     return noise
 
 
+#: the seeds of the forward/backward passes (MC samples) before each step
+DIAG_SAMPLES = {"one_sample": ((101,), (102,)), "several_samples": ((11, 12), (13,), (14, 15, 16))}
+
+
+@pytest.mark.parametrize("samples", list(DIAG_SAMPLES))
 @pytest.mark.parametrize("config", list(DIAG_CONFIGS))
-def test_diagonal_first_steps_match_reference(float64, config):
+def test_diagonal_steps_match_reference(float64, config, samples):
+    """Each step against the reference; several forward/backward passes before one step = one step on the averaged
+    gradient and statistic, with the prior term (Noisy Adam) at the mean of the samples' weights."""
     cls, kw, prior_at_sample = DIAG_CONFIGS[config]
-    model = tiny_net("FFG")
+    model = tanh_mlp("FFG")
     x, y = tiny_data()
     params = list(model.parameters())
     opt = cls(model, **kw)
@@ -168,11 +165,11 @@ def test_diagonal_first_steps_match_reference(float64, config):
     layers = [model[0], model[2]]
     for s, r in zip(ffg_stds(layers), ref.sigma()):
         close(s, r, "initial posterior std")
-    for k in (1, 2):
+    for k, seeds in enumerate(DIAG_SAMPLES[samples], 1):
         opt.zero_grad()
-        noise = ffg_forward_backward(model, x, y, 100 + k, ref)
+        noises = [ffg_forward_backward(model, x, y, seed, ref) for seed in seeds]
         opt.step()
-        ref.step(x, y, [noise])
+        ref.step(x, y, noises)
         for j, p in enumerate(params):
             close(p.detach(), ref.mu[j], f"mean {j} step {k}")
             close(opt.state[p]["exp_avg"], ref.m[j], f"m {j} step {k}")
@@ -182,81 +179,7 @@ def test_diagonal_first_steps_match_reference(float64, config):
             close(s, r, f"posterior std step {k}")
 
 
-@pytest.mark.parametrize("config", list(DIAG_CONFIGS))
-def test_diagonal_multiple_mc_samples(float64, config):
-    """Several forward/backward passes before one step = one step on the averaged gradient and
-    statistic, with the prior term (Noisy Adam) at the mean of the samples' weights."""
-    cls, kw, prior_at_sample = DIAG_CONFIGS[config]
-    model = tiny_net("FFG")
-    x, y = tiny_data()
-    params = list(model.parameters())
-    opt = cls(model, **kw)
-    ref = make_ref_diag(params, cls, kw, prior_at_sample)
-    for k, seeds in ((1, (11, 12)), (2, (13,)), (3, (14, 15, 16))):
-        opt.zero_grad()
-        noises = [ffg_forward_backward(model, x, y, s, ref) for s in seeds]
-        opt.step()
-        ref.step(x, y, noises)
-        for j, p in enumerate(params):
-            close(p.detach(), ref.mu[j], f"mean {j} step {k}")
-            close(opt.state[p]["exp_avg"], ref.m[j], f"m {j} step {k}")
-            close(opt.state[p]["fisher"], ref.f[j], f"f {j} step {k}")
-        for s, r in zip(ffg_stds([model[0], model[2]]), ref.sigma()):
-            close(s, r)
-
-
 # ============================================================================ MVG: Noisy K-FAC
-class RefKFAC(KFACPosteriorReference):
-    """MATH.md's Noisy K-FAC step with momentum and KL clip, written directly."""
-
-    def __init__(self, layers, lr, momentum, num_data, kl_weight, prior_var, damping, stat_decay, t_stats, t_inv,
-                 damping_mode, kl_clip, init_precision):
-        self.M = [torch.cat([m.weight.detach(), m.bias.detach()[:, None]], 1).clone() for m in layers]
-        self.lr, self.mom, self.damping, self.beta = lr, momentum, damping, stat_decay
-        self.t_stats, self.t_inv, self.mode, self.kl_clip = t_stats, t_inv, damping_mode, kl_clip
-        self.c2 = kl_weight / num_data
-        self.gin = kl_weight / (num_data * prior_var)
-        self.init_std = init_precision ** -0.5
-        self.A = [None] * len(layers)
-        self.S = [None] * len(layers)
-        self.dec = None  # the factors at the last refresh
-        self.buf = [torch.zeros_like(m) for m in self.M]
-        self.k = 0
-        self.nus = []
-
-    def step(self, x, y, noise):
-        self.k += 1
-        k = self.k
-        W = [m + n for m, n in zip(self.M, noise)]
-        per = per_example([(w[:, :-1], w[:, -1]) for w in W], x, y)
-        # warm-up: statistics every step while k <= t_inv, decompositions at k - 1 = 0, 1, 2, 4, ... < t_inv
-        use_stats = k <= self.t_inv or (k - 1) % self.t_stats == 0
-        Ds, Vs = [], []
-        for ell in range(len(W)):
-            G = mean([torch.outer(p[2][ell], p[1][ell]) for p in per])
-            Ab = mean([torch.outer(p[1][ell], p[1][ell]) for p in per])
-            Sb = mean([torch.outer(p[2][ell], p[2][ell]) for p in per])
-            if use_stats:
-                if self.A[ell] is None:
-                    self.A[ell], self.S[ell] = Ab, Sb
-                else:
-                    self.A[ell] = self.beta * self.A[ell] + (1 - self.beta) * Ab
-                    self.S[ell] = self.beta * self.S[ell] + (1 - self.beta) * Sb
-            Vs.append(G + self.gin * W[ell])
-        warm = {2**j for j in range(30) if 2**j < self.t_inv}
-        if self.dec is None or (k - 1) % self.t_inv == 0 or (k - 1) in warm:
-            self.dec = [(A.clone(), S.clone()) for A, S in zip(self.A, self.S)]
-        Ds = [self.precondition(ell, V) for ell, V in enumerate(Vs)]
-        nu = 1.0
-        if self.kl_clip is not None:
-            vg = sum(self.lr**2 * (D * V).sum().item() for D, V in zip(Ds, Vs))
-            nu = min(1.0, math.sqrt(self.kl_clip / vg))
-        self.nus.append(nu)
-        for ell, D in enumerate(Ds):
-            self.buf[ell] = self.mom * self.buf[ell] + nu * D
-            self.M[ell] = self.M[ell] - self.lr * self.buf[ell]
-
-
 KFAC_COMMON = dict(lr=0.1, num_data=20, kl_weight=0.5, prior_var=2.0, stat_decay=0.8, init_precision=10.0)
 KFAC_CONFIGS = {
     "factored": dict(damping_mode="factored", damping=0.01, momentum=0.9, kl_clip=None, t_stats=1, t_inv=1),
@@ -271,12 +194,6 @@ KFAC_CONFIGS = {
                                      t_inv=3),
     "exact_nodamp": dict(damping_mode="exact", damping=0.0, momentum=0.9, kl_clip=None, t_stats=1, t_inv=1),
 }
-
-
-def as_matrix(w, b):
-    return torch.cat([w.reshape(w.shape[0], -1), b[:, None]], 1)
-
-
 #: factored damping samples through the Cholesky factors (a solve, DENSE_ROOT_MAX = 0) or their explicit inverses
 KFAC_CASES = [(c, n) for c, kw in KFAC_CONFIGS.items()
               for n in ((0,) if kw["damping_mode"] == "factored" else ()) + (noisy_kfac.DENSE_ROOT_MAX,)]
@@ -286,59 +203,27 @@ KFAC_CASES = [(c, n) for c, kw in KFAC_CONFIGS.items()
 def test_noisy_kfac_first_steps_match_reference(float64, config, dense_root_max, monkeypatch):
     monkeypatch.setattr(noisy_kfac, "DENSE_ROOT_MAX", dense_root_max)
     kw = {**KFAC_COMMON, **KFAC_CONFIGS[config]}
-    model = tiny_net("MVG")
-    x, y = tiny_data()
+    model = tanh_mlp("MVG")
     layers = [model[0], model[2]]
     opt = NoisyKFAC(model, **kw)
-    ref = RefKFAC(layers, **kw)
-    for ell, layer in enumerate(layers):
-        close(as_matrix(layer.weight_std(), layer.bias_std()), ref.std(ell))
-    for k in range(1, 6):  # covers the warm-up (t_inv = 3: k <= 3) and the steps after it
-        seed = 200 + k
-        opt.zero_grad()
-        torch.manual_seed(seed)
-        F.cross_entropy(model(x), y).backward()
-        noise = [as_matrix(*layer.last_noise) for layer in layers]
-        torch.manual_seed(seed)
-        eps = [torch.randn(layer.matrix_shape) for layer in layers]
-        for ell, layer in enumerate(layers):
-            expected = ref.noise(ell, eps[ell])
-            if expected is None:  # exact damping: the eigenbasis' signs are not unique; use the library's basis
-                st = opt.state[layer.weight]
-                A, S = ref.dec[ell]
-                for Q, d, Fm in ((st["QA"], st["dA"], A), (st["QS"], st["dS"], S)):
-                    close(Q.T @ Q, torch.eye(Q.shape[0]))
-                    torch.testing.assert_close(Q @ torch.diag(d) @ Q.T, Fm, rtol=1e-8, atol=1e-10)
-                mid = eps[ell] / (st["dS"][:, None] * st["dA"][None] + ref.gin).sqrt()
-                expected = math.sqrt(ref.c2) * st["QS"] @ mid @ st["QA"].T
-            close(noise[ell], expected, f"noise layer {ell} step {k}")
-        opt.step()
-        ref.step(x, y, noise)
-        for ell, layer in enumerate(layers):
-            st = opt.state[layer.weight]
-            close(as_matrix(layer.weight.detach(), layer.bias.detach()), ref.M[ell], f"mean {ell} step {k}")
-            close(st["A"], ref.A[ell], f"A {ell} step {k}")
-            close(st["S"], ref.S[ell], f"S {ell} step {k}")
-            close(st["momentum_buffer"], ref.buf[ell], f"momentum {ell} step {k}")
-            close(as_matrix(layer.weight_std(), layer.bias_std()), ref.std(ell), f"std {ell} step {k}")
-            assert st["step"].item() == k
-    if kw["kl_clip"] is not None:
-        assert min(ref.nus) < 1.0, "the KL clip never engaged: the test would not see it"
+    assert_noisy_kfac_follows_reference(model, layers, opt, NoisyKFACReference(layers, **kw), *tiny_data(),
+                                        (1,) * 5, seed=200)  # covers the warm-up (t_inv = 3: k <= 3) and after
     assert opt.kronecker_factors().keys() == {"0", "2"}
 
 
 def test_noisy_kfac_true_fisher(float64):
     kw = {**KFAC_COMMON, **KFAC_CONFIGS["factored"]}
     x, y = tiny_data()
-    model_t, model_e = tiny_net("MVG"), tiny_net("MVG")
+    model_t, model_e = tanh_mlp("MVG"), tanh_mlp("MVG")
     opt_t = NoisyKFAC(model_t, fisher="true", **kw)
     opt_e = NoisyKFAC(model_e, fisher="example", **kw)
     opt_t.zero_grad()
     opt_e.zero_grad()
     torch.manual_seed(7)
     logits = model_t(x)
-    noise = [as_matrix(*m.last_noise) for m in (model_t[0], model_t[2])]
-    sampled = [as_matrix(m.weight.detach(), m.bias.detach()) + n for m, n in zip((model_t[0], model_t[2]), noise)]
+    noise = [weight_matrix(m, *m.last_noise) for m in (model_t[0], model_t[2])]
+    sampled = [weight_matrix(m, m.weight.detach(), m.bias.detach()) + n
+               for m, n in zip((model_t[0], model_t[2]), noise)]
     rng = torch.get_rng_state()
     opt_t.true_fisher_backward(logits)
     assert all(p.grad is None for p in model_t.parameters())
@@ -367,11 +252,11 @@ def test_noisy_kfac_true_fisher(float64):
 
 def test_bad_combinations_raise():
     with pytest.raises(ValueError, match="NoisyKFAC.*'0'"):
-        NoisyKFAC(tiny_net("FFG"))
+        NoisyKFAC(tanh_mlp("FFG"))
     with pytest.raises(ValueError, match="NoisyAdam.*'0'"):
-        NoisyAdam(tiny_net("MVG"))
+        NoisyAdam(tanh_mlp("MVG"))
     with pytest.raises(ValueError, match="VOGN.*'0'"):
-        VOGN(tiny_net("MVG"))
+        VOGN(tanh_mlp("MVG"))
     plain = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     with pytest.raises(ValueError, match="'1'.*Linear"):
         NoisyAdam(plain)
@@ -414,63 +299,6 @@ def test_singular_factors_stay_finite(mode):
             layer.last_noise = None
 
 
-# ================================================================================ state_dict
-RESUME_CONFIGS = {
-    "noisy_adam": ("FFG", lambda m: NoisyAdam(m, lr=1e-2, num_data=100)),
-    "noisy_adam_batch": ("FFG", lambda m: NoisyAdam(m, lr=1e-2, num_data=100, fisher="batch")),
-    "vogn": ("FFG", lambda m: VOGN(m, lr=1e-2, momentum=0.9, num_data=100)),
-    "kfac_factored": ("MVG", lambda m: NoisyKFAC(m, lr=1e-2, num_data=100, t_inv=3, t_stats=2, kl_clip=1e-2)),
-    "kfac_exact": ("MVG", lambda m: NoisyKFAC(m, lr=1e-2, num_data=100, t_inv=3, t_stats=2, damping_mode="exact")),
-    "kfac_true_fisher": ("MVG", lambda m: NoisyKFAC(m, lr=1e-2, num_data=100, t_inv=3, t_stats=2, fisher="true")),
-    "kfac_rank": ("MVG", lambda m: NoisyKFAC(m, lr=1e-2, num_data=100, t_inv=3, t_stats=2, rank=2)),
-}
-
-
-def train(model, opt, batches):
-    for x, y in batches:
-        opt.zero_grad()
-        logits = model(x)
-        opt.true_fisher_backward(logits)
-        F.cross_entropy(logits, y).backward()
-        opt.step()
-
-
-@pytest.mark.parametrize("config", list(RESUME_CONFIGS))
-def test_state_dict_resume_is_bit_exact(config):
-    posterior, make_opt = RESUME_CONFIGS[config]
-    gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(8, 1, 4, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(10)]
-
-    def build(seed):
-        torch.manual_seed(seed)
-        return models.build_model("mlp", posterior, 1, 4, 3, hidden=(6,))
-
-    model_a = build(0)
-    opt_a = make_opt(model_a)
-    torch.manual_seed(123)
-    train(model_a, opt_a, batches)
-    rng_a = torch.get_rng_state()
-
-    model_b = build(0)
-    opt_b = make_opt(model_b)
-    torch.manual_seed(123)
-    train(model_b, opt_b, batches[:5])
-    buf = io.BytesIO()
-    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(), "rng": torch.get_rng_state()}, buf)
-    del model_b, opt_b
-    buf.seek(0)
-    ckpt = torch.load(buf)
-    model_c = build(999)  # fresh objects, different initial weights
-    opt_c = make_opt(model_c)
-    model_c.load_state_dict(ckpt["model"])
-    opt_c.load_state_dict(ckpt["opt"])
-    torch.set_rng_state(ckpt["rng"])
-    train(model_c, opt_c, batches[5:])
-
-    assert_same_training_state(model_a, opt_a, model_c, opt_c)
-    assert torch.equal(torch.get_rng_state(), rng_a)
-
-
 @pytest.mark.parametrize("t_stats,t_inv", [(10, 100), (3, 7), (1, 1), (4, 1)])
 def test_conv_statistics_cycle_through_every_location_grid(t_stats, t_inv):
     """Any s^2 consecutive statistics steps (warm-up and after) use every grid of conv locations once."""
@@ -484,7 +312,7 @@ def test_conv_statistics_cycle_through_every_location_grid(t_stats, t_inv):
 
 def test_noisy_kfac_loads_a_state_dict_saved_before_conv_stats_stride_existed():
     """An older checkpoint's param groups lack the option: loading gives them the default, and stepping works."""
-    model = tiny_net("MVG")
+    model = tanh_mlp("MVG")
     x, y = tiny_data()
     opt = NoisyKFAC(model)
     F.cross_entropy(model(x), y).backward()

@@ -4,12 +4,11 @@ Conv2d/Linear shapes (kernel, stride, padding, dilation, bias, batch, channels, 
 from __future__ import annotations
 
 import torch
+from conftest import assert_kronecker_factors_match_loop, assert_sum_grad_squared_matches_loop
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import conv_output_size, naive_kronecker_factors, naive_sum_grad_squared
+from reference import conv_output_size
 from torch import nn
-
-import optimizers
 
 
 @st.composite
@@ -46,22 +45,10 @@ def build(p):
 @settings(max_examples=25, deadline=None)
 @given(conv_problems())
 def test_sum_grad_squared_matches_naive(p):
-    model, x, y = build(p)
-    got = optimizers.sum_grad_squared(model, x, y)
-    ref = naive_sum_grad_squared(model, x, y)
-    assert list(got) == list(ref) == [n for n, _ in model.named_parameters()]
-    for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=1e-6, atol=1e-14, msg=name)
-    assert all(q.grad is None for q in model.parameters())
+    assert_sum_grad_squared_matches_loop(*build(p))
 
 
 @settings(max_examples=25, deadline=None)
 @given(conv_problems())
 def test_kronecker_factors_match_naive(p):
-    model, x, y = build(p)
-    got = optimizers.kronecker_factors(model, x, y)
-    ref = naive_kronecker_factors(model, x, y)
-    assert list(got) == list(ref) == ["0", "3"]
-    for name in ref:
-        for which, g, r in zip("AS", got[name], ref[name]):
-            torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-14, msg=f"{name} {which}")
+    assert list(assert_kronecker_factors_match_loop(*build(p))) == ["0", "3"]

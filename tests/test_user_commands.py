@@ -26,9 +26,6 @@ evaluating).
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import io
 import json
 import os
 import re
@@ -43,12 +40,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tensors
+from conftest import assert_same_checkpoint, run_test_py
 
 import train
 from option_parser import TestOptions as _TestOptions  # "Test*" names would be collected by pytest
 from option_parser import TrainOptions, save_options
-from util.errors import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "MNIST_FFG_noisy_adam_mlp"  # the documented default name of this command's run
@@ -108,21 +104,6 @@ class Commands:
         return result
 
 
-def _test_py_in_process(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """``python test.py ARGV`` from ``cwd``, as test.py's ``main`` in this process (no second start-up of torch);
-    the global RNG state is restored afterwards."""
-    spec = importlib.util.spec_from_file_location("test_py_script", REPO / "test.py")
-    assert spec is not None and spec.loader is not None
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng(devices=[]), \
-            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        mp.chdir(cwd)
-        code = run_cli(script.main, argv)
-    return subprocess.CompletedProcess(["test.py", *argv], code, out.getvalue(), err.getvalue())
-
-
 @pytest.fixture(scope="module")
 def commands(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Commands:
     c = Commands(tmp_path_factory.mktemp("commands"), data_root)
@@ -143,7 +124,7 @@ def commands(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Comma
     with ThreadPoolExecutor(2) as pool:
         futures = {k: pool.submit(_run, cmd, cwd, c.env) for k, (cmd, cwd) in scripts.items()}
         for key, argv in in_process.items():
-            c.procs[key] = _test_py_in_process(argv, c.work)
+            c.procs[key] = run_test_py(argv, c.work)
     c.procs |= {k: f.result() for k, f in futures.items()}
     return c
 
@@ -259,10 +240,7 @@ def test_resume_continues_from_the_latest_epoch(commands: Commands) -> None:
     assert last == last_resumed
     a, b = (torch.load(d / f"epoch_{EPOCHS}.pt", map_location="cpu", weights_only=False) for d in (run, resumed))
     assert (a["epoch"], a["iteration"]) == (b["epoch"], b["iteration"]) == (EPOCHS, 2 * EPOCHS)
-    ta, tb = (tensors({k: c[k] for k in ("model", "optimizer", "rng")}) for c in (a, b))
-    assert ta.keys() == tb.keys()
-    for key in ta:
-        assert torch.equal(ta[key], tb[key]), key
+    assert_same_checkpoint(a, b)
 
 
 def test_printed_command_names_the_runs_ckpt_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

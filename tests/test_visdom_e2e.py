@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require
-from visdom_helpers import free_port, saved_env, stop_process
+from visdom_helpers import VisdomServer, free_port, stop_process
 
 from util.visualizer import _series
 
@@ -88,56 +88,21 @@ def non_loopback_ip() -> str | None:
     return None if ip.startswith("127.") else ip
 
 
-class OfflineServer:
-    """``python -m tools.visdom_server`` on a free loopback port."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env_path = tmp / "envs"
-        self.log_path = tmp / "server.log"
-        cmd = [sys.executable, "-m", "tools.visdom_server", "--port", str(self.port), "--hostname", "127.0.0.1"]
-        cmd += ["--env_path", str(self.env_path), "-logging_level", "WARNING"]
-        self.log = open(self.log_path, "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait(timeout=300)  # the first start installs the assets with npm
-
-    def _wait(self, timeout: float) -> None:
-        import requests
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"visdom server exited with {self.proc.returncode}:\n{self.log_text()}")
-            try:
-                if requests.get(self.url, timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        pytest.fail(f"visdom server did not answer within {timeout} s:\n{self.log_text()}")
-
-    def log_text(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()[-3000:]
-
-    def saved_env(self, env: str) -> dict:
-        return saved_env(self.url, self.env_path, env)
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.log.close()
+def offline_server_command(port: int, env_path: Path) -> list[str]:
+    """``python -m tools.visdom_server``: installs the web assets (npm) on its first start, then serves them."""
+    return [sys.executable, "-m", "tools.visdom_server", "--port", str(port), "--hostname", "127.0.0.1",
+            "--env_path", str(env_path), "-logging_level", "WARNING"]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OfflineServer]:
-    srv = OfflineServer(tmp_path_factory.mktemp("visdom_e2e"))
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VisdomServer]:
+    srv = VisdomServer(tmp_path_factory.mktemp("visdom_e2e"), offline_server_command, cwd=ROOT).wait_or_fail(300)
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="module")
-def trained(server: OfflineServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained(server: VisdomServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run directory of a short training run streamed to ``server``."""
     ckpt_dir = tmp_path_factory.mktemp("ckpt")
     if TRAIN.exists():
@@ -253,7 +218,7 @@ class Chromium:
         self.log.close()
 
 
-def test_server_listens_on_loopback_only(server: OfflineServer) -> None:
+def test_server_listens_on_loopback_only(server: VisdomServer) -> None:
     ip = non_loopback_ip()
     if ip is None:
         pytest.skip("no non-loopback IPv4 address to probe")
@@ -261,7 +226,7 @@ def test_server_listens_on_loopback_only(server: OfflineServer) -> None:
         socket.create_connection((ip, server.port), timeout=2).close()
 
 
-def test_saved_env_has_every_window_and_trace(server: OfflineServer, trained: Path) -> None:
+def test_saved_env_has_every_window_and_trace(server: VisdomServer, trained: Path) -> None:
     expected = expected_traces(trained)
     assert {"iter_loss", "epoch_accuracy", "test_nll"} <= set(expected), expected
     windows = server.saved_env(ENV)["jsons"]
@@ -282,7 +247,7 @@ def test_saved_env_has_every_window_and_trace(server: OfflineServer, trained: Pa
     assert all(abs(sum(v for v in row if v is not None) - 1) < 1e-9 for row in hist["z"])  # one histogram a row
 
 
-def test_browser_renders_windows_and_traces(server: OfflineServer, trained: Path, tmp_path: Path) -> None:
+def test_browser_renders_windows_and_traces(server: VisdomServer, trained: Path, tmp_path: Path) -> None:
     windows = server.saved_env(ENV)["jsons"]
     plots = {w: p for w, p in windows.items() if p["type"] == "plot"}
     n_traces = sum(t["type"] == "scatter" for p in plots.values() for t in p["content"]["data"])  # SVG traces

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import visdom  # noqa: F401  (imported up front so timings below measure the network only)
-from visdom_helpers import free_port, saved_env
+from visdom_helpers import VisdomServer, free_port
 
 from tools import visdom_server
 from util.visualizer import Visualizer, _series, spectrum_grid, std_histograms
@@ -44,35 +44,9 @@ EPOCH = {
 }
 
 
-class Server:
-    """A visdom server subprocess on a free loopback port."""
-
-    def __init__(self, env_path: Path) -> None:
-        self.port = free_port()
-        self.env_path = env_path
-        self.url = f"http://127.0.0.1:{self.port}"
-        code = "from visdom.server.run_server import main; main()"
-        cmd = [sys.executable, "-c", code, "-port", str(self.port), "-env_path", f"{env_path}/"]
-        cmd += ["-bind_local", "-logging_level", "WARNING"]
-        self.log = open(env_path / "server.log", "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        if not visdom_server.wait_for_server(self.url, timeout=60):
-            self.stop()
-            pytest.fail(f"visdom server did not start: {(env_path / 'server.log').read_text()[-2000:]}")
-
-    def saved_env(self, env: str) -> dict:
-        return saved_env(self.url, self.env_path, env, timeout=5)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("visdom_env"))
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VisdomServer]:
+    srv = VisdomServer(tmp_path_factory.mktemp("visdom")).wait_or_fail(60)
     yield srv
     srv.stop()
 
@@ -147,10 +121,9 @@ def log_everything(vis: Visualizer, n: int = 20) -> None:
     vis.save()
 
 
-def test_no_server_warns_once_and_never_raises(capsys: pytest.CaptureFixture[str]) -> None:
-    port = free_port()  # nothing listens there
-    start = time.monotonic()
-    vis = Visualizer(server="http://127.0.0.1", port=port, env="t", name="r")
+def gives_up_in_one_line(vis: Visualizer, capsys: pytest.CaptureFixture[str], start: float) -> str:
+    """Logging everything to a server that is not there: done within 2 s of ``start``, the visualizer disabled,
+    nothing on stdout and one line on stderr, returned."""
     log_everything(vis)
     assert time.monotonic() - start < 2.0
     assert not vis.enabled
@@ -158,8 +131,15 @@ def test_no_server_warns_once_and_never_raises(capsys: pytest.CaptureFixture[str
     assert out == ""
     lines = err.splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith(f"warning: no visdom server at http://127.0.0.1:{port} ")
-    assert "python -m tools.visdom_server" in lines[0] and "metrics.jsonl" in lines[0]
+    return lines[0]
+
+
+def test_no_server_warns_once_and_never_raises(capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()  # nothing listens there
+    start = time.monotonic()
+    line = gives_up_in_one_line(Visualizer(server="http://127.0.0.1", port=port, env="t", name="r"), capsys, start)
+    assert line.startswith(f"warning: no visdom server at http://127.0.0.1:{port} ")
+    assert "python -m tools.visdom_server" in line and "metrics.jsonl" in line
 
 
 def test_disabled_is_silent(capsys: pytest.CaptureFixture[str]) -> None:
@@ -170,7 +150,7 @@ def test_disabled_is_silent(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_server_killed_mid_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    srv = Server(tmp_path)
+    srv = VisdomServer(tmp_path).wait_or_fail(60)
     try:
         vis = Visualizer(server="http://127.0.0.1", port=srv.port, env="killed", name="r")
         assert vis.enabled
@@ -179,19 +159,12 @@ def test_server_killed_mid_run(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert traces(srv.saved_env("killed"), "iter_loss") == {"r": 3}
     finally:
         srv.stop()
-    start = time.monotonic()
-    log_everything(vis)
-    assert time.monotonic() - start < 2.0
-    assert not vis.enabled
-    out, err = capsys.readouterr()
-    assert out == ""
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"warning: lost the visdom server at http://127.0.0.1:{srv.port}")
+    line = gives_up_in_one_line(vis, capsys, time.monotonic())
+    assert line.startswith(f"warning: lost the visdom server at http://127.0.0.1:{srv.port}")
 
 
 def test_hung_server_stalls_at_most_one_timeout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    srv = Server(tmp_path)
+    srv = VisdomServer(tmp_path).wait_or_fail(60)
     try:
         vis = Visualizer(server="http://127.0.0.1", port=srv.port, env="hung", name="r", timeout=1.0)
         assert vis.enabled
@@ -210,7 +183,7 @@ def test_hung_server_stalls_at_most_one_timeout(tmp_path: Path, capsys: pytest.C
 # --- plots on a live server -------------------------------------------------------------
 
 
-def test_runs_share_windows_with_one_trace_each(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+def test_runs_share_windows_with_one_trace_each(server: VisdomServer, capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
     for name in ("runA", "runB"):
@@ -249,7 +222,7 @@ def test_runs_share_windows_with_one_trace_each(server: Server, capsys: pytest.C
     assert wins["options_runA"]["type"] == "text" and "<b>lr</b>" in wins["options_runA"]["content"]
 
 
-def test_dozens_of_layers_take_four_windows(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dozens_of_layers_take_four_windows(server: VisdomServer, capsys: pytest.CaptureFixture[str]) -> None:
     """A ResNet-sized model (40 layers, 80 Kronecker factors): still 4 posterior windows per run, one row per layer."""
     import torch
 
@@ -277,7 +250,7 @@ def test_dozens_of_layers_take_four_windows(server: Server, capsys: pytest.Captu
     assert len(spec["y"]) == 80 and np.allclose(spec["z"][0][0], 0) and np.allclose(spec["z"][0][-1], -5)
 
 
-def test_replay_cli_is_idempotent(server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_replay_cli_is_idempotent(server: VisdomServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "myrun"
     run_dir.mkdir()
     records = [{**ITER, "epoch_float": i / 10, "loss": 1 / (i + 1)} for i in range(10)]
@@ -379,7 +352,7 @@ def test_series_of_elbo_and_learned_prior() -> None:
     assert opts["prior_var"]["ytype"] == "log" and opts["elbo"]["title"].startswith("ELBO")
 
 
-def test_elbo_and_prior_windows_reach_the_server(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+def test_elbo_and_prior_windows_reach_the_server(server: VisdomServer, capsys: pytest.CaptureFixture[str]) -> None:
     vis = Visualizer(server="http://127.0.0.1", port=server.port, env="elbo", name="runA")
     for epoch in (1, 2):
         vis.log_record({**ELBO_EPOCH, "epoch": epoch})
