@@ -173,6 +173,7 @@ def train_run(task_name: str, method: str, lr: float, seed: int, epochs: int, tr
     record["reliability"] = reliability_bins(probs, evaluation[1])
     if ood is not None:
         final["ood_auroc"] = ood_auroc(probs, run.predict(ood, TEST_SAMPLES, epochs))
+        final["ood_normalized_as"] = task.dataset
     if METHODS[method].model != "MAP":
         # a diagnostic: the posterior means alone (no weight noise), and the noise-to-signal ratio
         mean_scores = scores(run.predict(evaluation[0], 0, epochs), evaluation[1])
@@ -300,7 +301,7 @@ def task_runs(args, data: Data, store: Store, name: str, lrs: dict[str, float], 
     task = TASKS[name]
     train_x, train_y = data.split(task.dataset, True)
     test = tuple(t[:args.test_subset] for t in data.split(task.dataset, False))  # first N (None: all)
-    ood = data.split(task.ood, False)[0][:args.test_subset] if task.ood else None
+    ood = data.split(task.ood, False, normalize_as=task.dataset)[0][:args.test_subset] if task.ood else None
     n_train = args.subset or train_x.shape[0]
 
     def key(task_name: str, method: str, seed: int) -> str:
@@ -401,6 +402,13 @@ def report(args, store: dict, echo: bool = True) -> str:
         if stale:
             md += ["", f"**Stale:** {', '.join(stale)} ran with optimizer settings that differ from today's "
                    "`experiment.optimizer_defaults`; run the command again to refresh them."]
+        scored = [r for rs in runs.values() for r in rs if r["final"] and "ood_auroc" in r["final"]]
+        own = [f"{r['method']} seed {r['seed']}" for r in scored if "ood_normalized_as" not in r["final"]]
+        if own:
+            who = "Every run" if len(own) == len(scored) else ", ".join(own)
+            md += ["", f"**OOD AUROC, earlier protocol:** {who} scored the {task.ood} test set "
+                   "normalised with its own statistics; today's runs (and `test.py --ood_dataset`) pass it through "
+                   f"{task.dataset}'s normalisation. Run the command again to refresh them."]
         md += [""] + _verdict(runs) + [""] + _mean_weights(runs) + _other_lrs(store, name, plan, args)
         have = {m: [r for r in rs if r["final"] is not None] for m, rs in runs.items()}
         if any(have.values()):

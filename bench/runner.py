@@ -196,10 +196,13 @@ class Data:
     def available(self, name: str) -> bool:
         return find_data(name, self.root) is not None
 
-    def split(self, name: str, train: bool) -> tuple[Tensor, Tensor]:
-        if (name, train) not in self.cache:
-            self.cache[(name, train)] = load_split(name, train, self.root, self.device)
-        return self.cache[(name, train)]
+    def split(self, name: str, train: bool, normalize_as: str | None = None) -> tuple[Tensor, Tensor]:
+        """``normalize_as``: the training set whose statistics normalise ``name`` (an OOD set, as
+        ``test.py --ood_dataset`` scores it); by default ``name``'s own."""
+        key = (name, train, normalize_as or name)
+        if key not in self.cache:
+            self.cache[key] = load_split(name, train, self.root, self.device, normalize_as=normalize_as)
+        return self.cache[key]
 
 
 # -- one run ---------------------------------------------------------------------------------------

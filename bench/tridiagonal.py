@@ -64,7 +64,8 @@ def run(method: str, hidden: str, seed: int, epochs: int, data: Data) -> dict:
     test_x, test_y = data.split(task.dataset, False)
     probs = trained.predict(test_x, TEST_SAMPLES, epochs)
     metrics = scores(probs, test_y)
-    metrics["ood_auroc"] = ood_auroc(probs, trained.predict(data.split(task.ood, False)[0], TEST_SAMPLES, epochs))
+    metrics["ood_auroc"] = ood_auroc(probs, trained.predict(data.split(task.ood, False, normalize_as=task.dataset)[0],
+                                                                    TEST_SAMPLES, epochs))
     metrics["sec_per_epoch"] = statistics.mean(seconds)
     if hasattr(trained.optimizer, "guard_count"):
         metrics["guard_count"] = trained.optimizer.guard_count()
