@@ -35,19 +35,16 @@ CONFIGS = {
     "covnet/stride1,t10,200": ["--arch=covnet", "--kfac_conv_stride=1", "--t_inv=200"],
     "covnet/defaults": ["--arch=covnet"],
 }
-#: runs of an earlier version of the code (the same math, other rounding): reported, not re-run
-EARLIER = {"mlp/defaults_r4": "mlp/defaults", "covnet/stride1_r4": "covnet/stride1"}
 OUT = RESULTS / "kfac_study.json"
 
 
 def report(runs: dict) -> None:
     rows = []
-    for name in [*CONFIGS, *EARLIER]:
+    for name in CONFIGS:
         done = [r for key, r in runs.items() if key.rsplit("|", 1)[0] == name]
         if not done:
             continue
-        label = f"{EARLIER[name]} (earlier code)" if name in EARLIER else name
-        rows.append([label, len(done), *(mean_sd([r[k] for r in done], fmt, scale, zero_sd=True)
+        rows.append([name, len(done), *(mean_sd([r[k] for r in done], fmt, scale, zero_sd=True)
                                          for k, fmt, scale in (("test_acc", ".2f", 100), ("test_nll", ".4f", 1),
                                                                ("test_ece", ".4f", 1),
                                                                ("sec_per_epoch_median", ".1f", 1)))])
