@@ -463,9 +463,13 @@ def _other_lrs(store: dict, name: str, plan: dict, args) -> list[str]:
         cells.append([m, f"{lr:g}", len(f), mean_sd([x["acc"] for x in f], ".2f", 100),
                       mean_sd([x["nll"] for x in f], ".4f"), mean_sd([x["ece"] for x in f], ".4f"),
                       mean_sd([x.get("ood_auroc") for x in f], ".3f")])
+    earlier = [f"{m} {lr:g}" for m, lr, rs in rows
+               if any(r["final"] and "ood_auroc" in r["final"] and "ood_normalized_as" not in r["final"] for r in rs)]
+    note = ([f"Scored by the earlier evaluation ({', '.join(earlier)}): OOD set normalised with its own statistics, "
+             "and a sampled predictive drew its weights per batch of test images.", ""] if earlier else [])
     return ["Sensitivity to the learning rate: the same task and settings at the lr an earlier sweep chose "
             "(complete runs kept in the JSON; not used above):", "",
-            *md_table(["method", "lr", "n", "test acc %", "NLL", "ECE", "OOD AUROC"], cells), ""]
+            *md_table(["method", "lr", "n", "test acc %", "NLL", "ECE", "OOD AUROC"], cells), "", *note]
 
 
 def _mean_weights(runs: dict[str, list[dict]]) -> list[str]:
