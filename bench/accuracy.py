@@ -301,7 +301,7 @@ def task_runs(args, data: Data, store: Store, name: str, lrs: dict[str, float], 
     task = TASKS[name]
     train_x, train_y = data.split(task.dataset, True)
     test = tuple(t[:args.test_subset] for t in data.split(task.dataset, False))  # first N (None: all)
-    ood = data.split(task.ood, False, normalize_as=task.dataset)[0][:args.test_subset] if task.ood else None
+    ood = data.ood_images(task)[:args.test_subset] if task.ood else None
     n_train = args.subset or train_x.shape[0]
 
     def key(task_name: str, method: str, seed: int) -> str:
@@ -403,7 +403,7 @@ def report(args, store: dict, echo: bool = True) -> str:
             md += ["", f"**Stale:** {', '.join(stale)} ran with optimizer settings that differ from today's "
                    "`experiment.optimizer_defaults`; run the command again to refresh them."]
         scored = [r for rs in runs.values() for r in rs if r["final"] and "ood_auroc" in r["final"]]
-        own = [f"{r['method']} seed {r['seed']}" for r in scored if "ood_normalized_as" not in r["final"]]
+        own = [f"{r['method']} seed {r['seed']}" for r in scored if _ood_scored_earlier(r)]
         if own:
             who = "Every run" if len(own) == len(scored) else ", ".join(own)
             md += ["", f"**OOD AUROC, earlier protocol:** {who} scored the {task.ood} test set "
@@ -443,6 +443,11 @@ def report(args, store: dict, echo: bool = True) -> str:
     return text
 
 
+def _ood_scored_earlier(run: dict) -> bool:
+    """Whether ``run``'s OOD AUROC came from the earlier protocol (the OOD set under its own normalisation)."""
+    return bool(run["final"]) and "ood_auroc" in run["final"] and "ood_normalized_as" not in run["final"]
+
+
 def _other_lrs(store: dict, name: str, plan: dict, args) -> list[str]:
     """Complete runs of this task at learning rates other than the chosen ones (an earlier sweep's
     choices), with today's settings: how sensitive the comparison is to the tuning."""
@@ -463,8 +468,7 @@ def _other_lrs(store: dict, name: str, plan: dict, args) -> list[str]:
         cells.append([m, f"{lr:g}", len(f), mean_sd([x["acc"] for x in f], ".2f", 100),
                       mean_sd([x["nll"] for x in f], ".4f"), mean_sd([x["ece"] for x in f], ".4f"),
                       mean_sd([x.get("ood_auroc") for x in f], ".3f")])
-    earlier = [f"{m} {lr:g}" for m, lr, rs in rows
-               if any(r["final"] and "ood_auroc" in r["final"] and "ood_normalized_as" not in r["final"] for r in rs)]
+    earlier = [f"{m} {lr:g}" for m, lr, rs in rows if any(_ood_scored_earlier(r) for r in rs)]
     note = ([f"Scored by the earlier evaluation ({', '.join(earlier)}): OOD set normalised with its own statistics, "
              "and a sampled predictive drew its weights per batch of test images.", ""] if earlier else [])
     return ["Sensitivity to the learning rate: the same task and settings at the lr an earlier sweep chose "

@@ -14,6 +14,7 @@ predictive is the same at every batch size (the largest absolute difference of a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -41,9 +42,9 @@ def measure(arch: str, threads: int, rounds: int, data: Data) -> dict:
     torch.manual_seed(0)
     model = make_model(options(task, Method("FFG"), 0, data_root=data.root))
     images = data.split(task.dataset, False)[0][:n]
-    probs = {b: predict(model, images, SAMPLES, batch_size=b) for b in BATCHES}
+    probs = {b: predict(model, images, SAMPLES, batch_size=b) for b in BATCHES}  # also the warm-up
     times = interleaved({str(b): (lambda b=b: predict(model, images, SAMPLES, batch_size=b)) for b in BATCHES},
-                        rounds)
+                        rounds, warmup=0)
     med = {b: statistics.median(times[str(b)]) for b in BATCHES}
     return {"threads": threads, "images": n, "samples": SAMPLES, "median_s": {str(b): med[b] for b in BATCHES},
             "ratio_to_1000": {str(b): med[b] / med[1000] for b in BATCHES},
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report_only", action="store_true")
     args = p.parse_args(argv)
     if args.report_only:
-        print(report(__import__("json").loads(args.out.read_text())))
+        print(report(json.loads(args.out.read_text())))
         return
     data = Data(args.data_root)
     results = {"environment": environment(), "rounds": args.rounds, "runs": {}}

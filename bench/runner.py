@@ -204,6 +204,11 @@ class Data:
             self.cache[key] = load_split(name, train, self.root, self.device, normalize_as=normalize_as)
         return self.cache[key]
 
+    def ood_images(self, task: Task) -> Tensor:
+        """The test images of ``task.ood`` through ``task.dataset``'s normalisation, as a model trained on it sees
+        them (and as ``test.py --ood_dataset`` scores them)."""
+        return self.split(task.ood, False, normalize_as=task.dataset)[0]
+
 
 # -- one run ---------------------------------------------------------------------------------------
 def options(task: Task, method: Method, seed: int, *flags: str, device: str = "cpu",

@@ -64,8 +64,7 @@ def run(method: str, hidden: str, seed: int, epochs: int, data: Data) -> dict:
     test_x, test_y = data.split(task.dataset, False)
     probs = trained.predict(test_x, TEST_SAMPLES, epochs)
     metrics = scores(probs, test_y)
-    metrics["ood_auroc"] = ood_auroc(probs, trained.predict(data.split(task.ood, False, normalize_as=task.dataset)[0],
-                                                                    TEST_SAMPLES, epochs))
+    metrics["ood_auroc"] = ood_auroc(probs, trained.predict(data.ood_images(task), TEST_SAMPLES, epochs))
     metrics["sec_per_epoch"] = statistics.mean(seconds)
     if hasattr(trained.optimizer, "guard_count"):
         metrics["guard_count"] = trained.optimizer.guard_count()
@@ -100,9 +99,8 @@ def report(store: Store) -> str:
              f"{store.get('seeds')}; test split; predictive = mean softmax over {TEST_SAMPLES} weight samples; "
              "OOD AUROC: predictive entropy, MNIST test vs FashionMNIST test (normalised as MNIST). Learning rates: "
              "bench/accuracy.py's sweep (Noisy Adam 0.1, Noisy K-FAC 1e-3 for both structures), everything else at "
-             "the defaults "
-             "(Noisy K-FAC: damping 1e-3, prior variance 1, t_stats 1, t_inv 20, kl_clip 1e-3, momentum 0.9). "
-             "Mean ± sd over seeds.", "",
+             "the defaults (Noisy K-FAC: damping 1e-3, prior variance 1, t_stats 1, t_inv 20, kl_clip 1e-3, "
+             "momentum 0.9). Mean ± sd over seeds.", "",
              f"Machine: {env.get('summary', 'see JSON')}.", "",
              "```", "python bench/tridiagonal.py --data_root ../shared/data --epochs 3 --seeds 3", "```", ""]
     for hidden in HIDDEN:
