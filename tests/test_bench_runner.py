@@ -120,3 +120,16 @@ def test_tridiagonal_report_regenerates_the_committed_one() -> None:
 
     text = tridiagonal.report(runner.Store(REPO / "bench" / "results" / "tridiagonal.json"))
     assert text + "\n" == (REPO / "docs" / "results_tridiagonal.md").read_text()
+
+
+def test_ood_images_use_the_training_sets_normalisation(data_root: Path) -> None:
+    """The bench scores an OOD set as ``test.py --ood_dataset`` does: its raw images through the training set's
+    mean and std, not its own (checked against a hand normalisation of the raw pixels)."""
+    from data.datasets import DATASETS, _load_raw, find_data
+
+    task = runner.TASKS["mnist_mlp"]  # OOD: FashionMNIST, seen through MNIST's normalisation
+    ood = runner.Data(data_root).ood_images(task)
+    raw, _ = _load_raw(task.ood, find_data(task.ood, data_root), False)
+    mean, std = DATASETS[task.dataset].mean, DATASETS[task.dataset].std
+    expected = (raw.float() / 255 - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+    torch.testing.assert_close(ood, expected)
