@@ -207,9 +207,9 @@ def run_task(task_name: str, methods: dict[str, tuple[str, list[str]]], seeds: l
             run = train(task_name, method, flags, seed, data, args, epochs)
             pred = ivon_predictor(run, epochs) if method == "IVON" else ngvi_predictor(run, epochs)
             if method != "IVON":
-                record["options"] = {k: getattr(run.opt, k) for k in ("lr", "momentum", "beta2", "kl_weight",
-                                                                      "prior_var", "damping", "init_precision",
-                                                                      "fisher", "kfac_rank")}
+                record["options"] = {k: getattr(run.opt, k, None) for k in (
+                    "lr", "momentum", "beta2", "kl_weight", "prior_var", "damping", "init_precision", "warm_start",
+                    "fisher", "kl_clip", "kfac_rank")}
         record["scores"] = score(pred, data, args.test_samples)
         record["test_samples"] = args.test_samples
         record["seconds"] = time.perf_counter() - t0

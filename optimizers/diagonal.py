@@ -15,8 +15,10 @@ at the sampled weights ``w = mu + sigma * eps``::
 With ``lambda = 1``, ``beta1 = 0`` and ``w_prior = mu`` this is the second seed's
 Algorithm 1 (``sigma = 1/sqrt(N s + lambda_p)`` with prior precision ``lambda_p = 1/eta``).
 The initial ``f`` is set so that the posterior starts with precision ``init_precision``
-(``None``: start at the prior, ``f = 0``). Normalisation layers take the same step; with
-``norm_posterior="point"`` their ``sigma`` stays 0 (MATH.md, "Normalisation layers").
+(``None``: start at the prior, ``f = 0``); with ``warm_start`` the average's rate at step k is
+``max(1 - beta2, 1/k)``: ``f`` is the mean of the estimates so far until its window fills.
+Normalisation layers take the same step; with ``norm_posterior="point"`` their ``sigma`` stays 0
+(MATH.md, "Normalisation layers").
 """
 
 from __future__ import annotations
@@ -41,16 +43,20 @@ class DiagonalNGVI(NGVIOptimizer):
     def __init__(self, model: nn.Module, lr: float, betas: tuple[float, float], num_data: int,
                  kl_weight: float = 1.0, prior_var: float | str = 1.0, damping: float = 0.0,
                  init_precision: float | None = None, fisher: str = "example",
-                 norm_posterior: str = "point", prior_every: int = PRIOR_EVERY) -> None:
+                 norm_posterior: str = "point", prior_every: int = PRIOR_EVERY, warm_start: bool = False) -> None:
         if fisher not in FISHERS:
             raise ValueError(f"fisher must be 'example' (per-example squares), 'batch' or 'hessian' "
                              f"(reparameterisation estimate), got {fisher!r}")
+        if warm_start and fisher == "hessian":
+            raise ValueError("warm_start averages the first batches' curvature, which needs a nonnegative estimate: "
+                             "use fisher='example' or fisher='batch'")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
         if init_precision is not None and init_precision <= 0:
             raise ValueError(f"init_precision must be positive, got {init_precision}")
         defaults = dict(lr=lr, betas=tuple(betas), num_data=num_data, kl_weight=kl_weight, prior_var=prior_var,
-                        damping=damping, init_precision=init_precision, fisher=fisher, prior_every=prior_every)
+                        damping=damping, init_precision=init_precision, fisher=fisher, prior_every=prior_every,
+                        warm_start=bool(warm_start))
         super().__init__(model, defaults, capture_kind="diag" if fisher == "example" else "none",
                          norm_posterior=norm_posterior)
         for _, layer in self.layers:
@@ -104,6 +110,9 @@ class DiagonalNGVI(NGVIOptimizer):
         states = [self._state(p, group, gamma_in) for p in params]
         exp_avgs, fishers = [st["exp_avg"] for st in states], [st["fisher"] for st in states]
         torch._foreach_add_([st["step"] for st in states], 1)
+        k = states[0]["step"].item()
+        # warm start: f is the plain mean of the batches seen until the average's window 1/(1 - beta2) fills
+        rate = max(1 - beta2, 1 / k) if group["warm_start"] else 1 - beta2
         v = torch._foreach_add(grads, params, alpha=gamma_in)
         sampled = [(x, n) for x, n in zip(v, noises) if n is not None]
         if sampled:  # the prior term at the sampled weights w = mu + noise
@@ -113,10 +122,10 @@ class DiagonalNGVI(NGVIOptimizer):
             corr = torch._foreach_sub(fishers, list(stats))
             torch._foreach_mul_(corr, corr)
             torch._foreach_div_(corr, torch._foreach_add(fishers, gamma_in))
-        torch._foreach_lerp_(fishers, list(stats), 1 - beta2)
+        torch._foreach_lerp_(fishers, list(stats), rate)
         if group["fisher"] == "hessian":
             torch._foreach_add_(fishers, corr, alpha=0.5 * (1 - beta2) ** 2)
-        bias_correction = 1 - beta1 ** states[0]["step"].item()
+        bias_correction = 1 - beta1 ** k
         denom = torch._foreach_add(fishers, gamma_in + group["damping"])
         torch._foreach_addcdiv_(list(params), exp_avgs, denom, value=-group["lr"] / bias_correction)
 

@@ -39,15 +39,19 @@ class NoisyAdam(DiagonalNGVI):
             no noise; default) or ``"gaussian"`` (sampled like every other weight).
         prior_every: with ``prior_var="auto"``, steps between the estimates of eta (the first after
             ``prior_every`` steps at eta = 1).
+        warm_start: ``f`` is the plain mean of the batches' curvature estimates until the running average's
+            window ``1 / (1 - beta2)`` fills (rate ``max(1 - beta2, 1/k)`` at step k), so the posterior follows
+            the data from the first step and ``init_precision`` sets only the first step's sigma
+            (docs/MATH.md, "Noisy Adam and VOGN"); not with ``fisher="hessian"``.
     """
 
     prior_at_sample = True
     cli_name = "noisy_adam"
-    cli_flags = {**NGVI_FLAGS, "momentum": "betas[0]", "beta2": "betas[1]"}
+    cli_flags = {**NGVI_FLAGS, "momentum": "betas[0]", "beta2": "betas[1]", "warm_start": "warm_start"}
 
     def __init__(self, model: nn.Module, lr: float = 0.1, betas: tuple[float, float] = (0.9, 0.99999),
                  num_data: int = 60000, kl_weight: float = 1.0, prior_var: float | str = 1.0, damping: float = 1e-3,
                  init_precision: float | None = 6e4, fisher: str = "example", norm_posterior: str = "point",
-                 prior_every: int = PRIOR_EVERY) -> None:
+                 prior_every: int = PRIOR_EVERY, warm_start: bool = False) -> None:
         super().__init__(model, lr, betas, num_data, kl_weight, prior_var, damping, init_precision, fisher,
-                         norm_posterior, prior_every)
+                         norm_posterior, prior_every, warm_start)

@@ -57,6 +57,15 @@ def prior_var(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"invalid prior variance {text!r}; use a positive number or auto") from None
 
 
+def boolean(text: str) -> bool:
+    """``--warm_start``: true/false (also yes/no, on/off, 1/0)."""
+    value = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
+             "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}; use true or false")
+    return value
+
+
 @dataclass(frozen=True)
 class Flag:
     """How the command line reads an optimizer flag. ``help`` may hold ``{default}``: each optimizer's default."""
@@ -79,6 +88,9 @@ FLAGS: dict[str, Flag] = {
     "prior_every": Flag(int, "steps between the estimates of --prior_var auto ({default})"),
     "damping": Flag(float, "extrinsic damping gamma_ex ({default})"),
     "init_precision": Flag(float, "posterior precision before the first step ({default})"),
+    "warm_start": Flag(boolean, "true: the curvature is the plain mean of the batches seen until its running "
+                                "average's window 1/(1 - beta2) fills, so the posterior follows the data from "
+                                "the first step ({default})"),
     "fisher": Flag(str, "curvature estimate: per-example squares (the empirical Fisher), squared batch gradient, "
                         "reparameterisation Hessian (diagonal methods), or sampled labels (noisy_kfac) ({default})",
                    choices=(*FISHERS, "true")),

@@ -31,11 +31,11 @@ class VOGN(DiagonalNGVI):
 
     prior_at_sample = False
     cli_name = "vogn"
-    cli_flags = {**NGVI_FLAGS, "momentum": "momentum", "beta2": "beta2"}
+    cli_flags = {**NGVI_FLAGS, "momentum": "momentum", "beta2": "beta2", "warm_start": "warm_start"}
 
     def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9, beta2: float = 0.99999,
                  num_data: int = 60000, kl_weight: float = 1.0, prior_var: float | str = 1.0, damping: float = 0.0,
                  init_precision: float | None = 6e4, fisher: str = "example", norm_posterior: str = "point",
-                 prior_every: int = PRIOR_EVERY) -> None:
+                 prior_every: int = PRIOR_EVERY, warm_start: bool = False) -> None:
         super().__init__(model, lr, (momentum, beta2), num_data, kl_weight, prior_var, damping, init_precision,
-                         fisher, norm_posterior, prior_every)
+                         fisher, norm_posterior, prior_every, warm_start)

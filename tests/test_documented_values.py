@@ -96,6 +96,8 @@ def same(doc: str, value: object) -> bool:
     doc = doc.strip("`")
     if doc == "exact":
         return value is None
+    if isinstance(value, bool):
+        return doc == str(value).lower()
     try:
         number = float(doc)
     except ValueError:

@@ -60,7 +60,7 @@ class RefDiagonal:
     """MATH.md's FFG update (Noisy Adam; VOGN = prior term at the mean)."""
 
     def __init__(self, params, lr, beta1, beta2, num_data, kl_weight, prior_var, damping, init_precision,
-                 prior_at_sample, fisher):
+                 prior_at_sample, fisher, warm_start=False):
         self.mu = [p.detach().clone() for p in params]
         self.lr, self.b1, self.b2, self.damping = lr, beta1, beta2, damping
         self.c2 = kl_weight / num_data
@@ -69,6 +69,8 @@ class RefDiagonal:
         self.m = [torch.zeros_like(p) for p in self.mu]
         self.f = [torch.full_like(p, f0) for p in self.mu]
         self.prior_at_sample, self.fisher, self.k = prior_at_sample, fisher, 0
+        self.warm_start, self.history = warm_start, []  # warm start: f is the mean of every s so far, until
+        # the running average's window 1 / (1 - beta2) is full
 
     def sigma(self):
         return [(self.c2 / (f + self.gin)).sqrt() for f in self.f]
@@ -91,11 +93,14 @@ class RefDiagonal:
         else:  # reparameterisation estimate: mean over samples of g_k (w_k - mu) / sigma**2
             var = [t.square() for t in self.sigma()]
             s = [mean([gk[j] * noise[j] / var[j] for gk, noise in zip(gs, noises)]) for j in range(4)]
+        self.history.append(s)
         for j in range(4):  # the prior term at the mean of the samples' weights (Noisy Adam), or at mu (VOGN)
             w_prior = self.mu[j] + mean([n[j] for n in noises]) if self.prior_at_sample else self.mu[j]
             v = g[j] + self.gin * w_prior
             self.m[j] = self.b1 * self.m[j] + (1 - self.b1) * v
             new_f = self.b2 * self.f[j] + (1 - self.b2) * s[j]
+            if self.warm_start and self.k <= 1 / (1 - self.b2):
+                new_f = mean([h[j] for h in self.history])
             if self.fisher == "hessian":  # IVON's second-order term keeps f + gamma_in positive
                 new_f = new_f + 0.5 * (1 - self.b2) ** 2 * (self.f[j] - s[j]) ** 2 / (self.f[j] + self.gin)
             self.f[j] = new_f
@@ -118,6 +123,11 @@ DIAG_CONFIGS = {
                                     damping=0.0, init_precision=50.0), False),
     "vogn_prior_init": (VOGN, dict(lr=0.05, momentum=0.9, beta2=0.9, num_data=20, kl_weight=1.0, prior_var=0.5,
                                    init_precision=None), False),
+    # window 1 / (1 - 0.6) = 2.5 steps: steps 1 and 2 average, step 3 is the running average's
+    "noisy_adam_warm_start": (NoisyAdam, dict(lr=0.05, betas=(0.9, 0.6), num_data=20, kl_weight=0.5, prior_var=2.0,
+                                              damping=0.01, init_precision=10.0, warm_start=True), True),
+    "vogn_warm_start_batch": (VOGN, dict(lr=0.05, momentum=0.9, beta2=0.6, num_data=20, kl_weight=0.8, prior_var=0.5,
+                                         damping=0.0, init_precision=50.0, fisher="batch", warm_start=True), False),
 }
 
 
@@ -127,7 +137,8 @@ def make_ref_diag(params, cls, kw, prior_at_sample):
     else:
         b1, b2 = kw["momentum"], kw["beta2"]
     return RefDiagonal(params, kw["lr"], b1, b2, kw["num_data"], kw["kl_weight"], kw["prior_var"],
-                       kw.get("damping", 0.0), kw["init_precision"], prior_at_sample, kw.get("fisher", "example"))
+                       kw.get("damping", 0.0), kw["init_precision"], prior_at_sample, kw.get("fisher", "example"),
+                       kw.get("warm_start", False))
 
 
 def ffg_stds(layers):
