@@ -170,6 +170,8 @@ def test_device_cuda_when_available(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--optimizer", "vogn", "--fisher", "true"], "got 'true' (--optimizer vogn)"),
         (["--kl_weight", "0"], "--kl_weight must be positive, got 0.0 (--optimizer noisy_adam)"),
         (["--init_precision", "0"], "--init_precision must be positive"),
+        (["--warm_start", "true", "--fisher", "hessian"], "use --fisher example or --fisher batch"),
+        (["--warm_start", "maybe"], "invalid value 'maybe'; use true or false"),
         (["--model", "MAP", "--eps", "0"], "--eps must be positive, got 0.0 (--optimizer adam)"),
         (["--model", "MAP", "--optimizer", "sgd", "--momentum", "1"], "--momentum must lie in [0, 1)"),
         (["--lr_schedule", "linear"], "invalid choice"),
