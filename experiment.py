@@ -14,16 +14,17 @@ import torch
 from torch import nn
 
 from data import DATASETS
-from models import build_model
+from models import NORMALIZED_ARCHS, build_model
 from models.joint_posterior import attach_chains
 from optimizers.registry import OPTIMIZERS, optimizer_defaults, option_names
 from util.errors import UserError
 
 
 def resolve_optimizer_options(opt: argparse.Namespace) -> None:
-    """Set every optimizer option of ``opt`` left ``None`` (or absent) to the default of ``opt.optimizer``'s class;
-    an option it does not take stays ``None``."""
-    defaults = optimizer_defaults(opt.optimizer)
+    """Set every optimizer option of ``opt`` left ``None`` (or absent) to the default of ``opt.optimizer``'s class
+    (on an architecture with normalisation layers, its ``normalized_defaults`` where it has them); an option it does
+    not take stays ``None``."""
+    defaults = optimizer_defaults(opt.optimizer, normalized=getattr(opt, "arch", None) in NORMALIZED_ARCHS)
     for key in option_names():
         if getattr(opt, key, None) is None:
             setattr(opt, key, defaults.get(key))

@@ -54,7 +54,7 @@ from typing import NoReturn
 from data.datasets import DATASETS, resolve_data_root
 from evaluation import default_eval_batch_size
 from experiment import check_optimizer_options, resolve_optimizer_options
-from models import ARCHS, POSTERIORS
+from models import ARCHS, NORMALIZED_ARCHS, POSTERIORS
 from optimizers.base import AUTO
 from optimizers.registry import FLAGS, OPTIMIZERS, compatible_optimizers, default_optimizers, option_names
 from util.checkpoint import latest_epoch, list_epochs
@@ -97,14 +97,22 @@ def run_keys() -> tuple[str, ...]:
 
 
 def _per_optimizer(key: str) -> str:
-    """The default of option ``key`` of each optimizer that takes it, e.g. ``noisy_adam 0.003, adam 0.001``."""
+    """The default of option ``key`` of each optimizer that takes it, e.g. ``noisy_adam 0.003, adam 0.001``, and
+    where it differs on a network with normalisation layers (``--arch resnet20``)."""
     values = {name: entry.defaults().get(key) for name, entry in OPTIMIZERS.items()}
     values = {name: v for name, v in values.items() if v is not None}
     if not values:
         return "default: none"
     if len(set(map(str, values.values()))) == 1:
-        return f"default: {next(iter(values.values()))}"
-    return "default: " + ", ".join(f"{name} {v}" for name, v in values.items())
+        text = f"default: {next(iter(values.values()))}"
+    else:
+        text = "default: " + ", ".join(f"{name} {v}" for name, v in values.items())
+    normalized = {name: entry.normalized_defaults()[key] for name, entry in OPTIMIZERS.items()
+                  if key in entry.normalized_defaults()}
+    if normalized:
+        text += "; with --arch " + "/".join(NORMALIZED_ARCHS) + ": " + ", ".join(
+            f"{name} {v}" for name, v in normalized.items())
+    return text
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -231,9 +239,9 @@ class BaseOptions:
             opt.hidden = [100]
         if opt.optimizer is None:
             opt.optimizer = default_optimizers()[opt.model]
-        resolve_optimizer_options(opt)  # the optimizer class's own defaults (None: not an option it takes)
         if opt.arch is None:
             opt.arch = DEFAULT_ARCH[opt.dataset]
+        resolve_optimizer_options(opt)  # the optimizer class's own defaults (None: not an option it takes)
         if opt.initial_size is None:
             opt.initial_size = info.input_size
         if opt.label_size is None:

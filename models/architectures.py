@@ -36,6 +36,8 @@ from models.bayesian_layers import (
 )
 
 ARCHS = ("mlp", "covnet", "lenet5", "resnet20")
+#: the architectures with normalisation layers: their optimizers take the classes' ``normalized_defaults``
+NORMALIZED_ARCHS = ("resnet20",)
 #: what ``build_model(posterior=...)`` (and ``--model``) takes: the Bayesian layers' posteriors and MAP
 POSTERIORS = (*BAYESIAN_POSTERIORS, "MAP")
 

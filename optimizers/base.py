@@ -61,6 +61,9 @@ class NGVIOptimizer(Optimizer):
     #: ``--optimizer`` name, and command-line flag -> constructor argument (optimizers.registry)
     cli_name: ClassVar[str] = ""
     cli_flags: ClassVar[dict[str, str]] = NGVI_FLAGS
+    #: flag -> default on a network with normalisation layers, where it differs from the signature's
+    #: (``train.py`` applies them for ``models.NORMALIZED_ARCHS``; pass them yourself on such a network)
+    normalized_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, model: nn.Module, defaults: dict, capture_kind: str, fisher: str = "example",
                  norm_posterior: str = "point") -> None:

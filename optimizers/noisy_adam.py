@@ -49,9 +49,9 @@ class NoisyAdam(DiagonalNGVI):
     cli_name = "noisy_adam"
     cli_flags = {**NGVI_FLAGS, "momentum": "betas[0]", "beta2": "betas[1]", "warm_start": "warm_start"}
 
-    def __init__(self, model: nn.Module, lr: float = 0.1, betas: tuple[float, float] = (0.9, 0.99999),
+    def __init__(self, model: nn.Module, lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.9999),
                  num_data: int = 60000, kl_weight: float = 1.0, prior_var: float | str = 1.0, damping: float = 1e-3,
-                 init_precision: float | None = 6e4, fisher: str = "example", norm_posterior: str = "point",
+                 init_precision: float | None = 1e3, fisher: str = "example", norm_posterior: str = "point",
                  prior_every: int = PRIOR_EVERY, warm_start: bool = False) -> None:
         super().__init__(model, lr, betas, num_data, kl_weight, prior_var, damping, init_precision, fisher,
                          norm_posterior, prior_every, warm_start)

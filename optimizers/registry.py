@@ -134,15 +134,22 @@ class OptimizerEntry:
     def _parameters(self) -> Mapping[str, inspect.Parameter]:
         return inspect.signature(self.factory).parameters
 
-    def defaults(self) -> dict[str, Any]:
-        """Each flag's default, read from the constructor's signature (in :data:`FLAGS` order)."""
+    def defaults(self, normalized: bool = False) -> dict[str, Any]:
+        """Each flag's default, read from the constructor's signature (in :data:`FLAGS` order); ``normalized``:
+        on a network with normalisation layers, where the factory's ``normalized_defaults`` replace them."""
         params = self._parameters()
         out = {}
         for flag, argument in self.flags.items():
             name, index = _split(argument)
             default = params[name].default
             out[flag] = default if index is None else default[index]
+        if normalized:
+            out.update(self.normalized_defaults())
         return {flag: out[flag] for flag in FLAGS if flag in out}
+
+    def normalized_defaults(self) -> dict[str, Any]:
+        """The flags whose default differs on a network with normalisation layers, and that default."""
+        return dict(getattr(self.factory, "normalized_defaults", {}))
 
     def arguments(self, values: Mapping[str, Any], num_data: int | None = None) -> dict[str, Any]:
         """The constructor's keyword arguments for flag ``values`` (a flag missing or ``None``: its default)."""
@@ -199,6 +206,9 @@ def register(factory: Callable[..., Optimizer], *, name: str | None = None, post
         if parameter is None or parameter.default is inspect.Parameter.empty:
             raise ValueError(f"{entry.name}: flag {flag!r} sets {argument!r}, which is not an argument with a "
                              "default")
+    for flag in entry.normalized_defaults():
+        if flag not in entry.flags:
+            raise ValueError(f"{entry.name}: normalized_defaults names {flag!r}, which is not one of its flags")
     _REGISTRY[entry.name] = entry
     return entry
 
@@ -214,9 +224,10 @@ def option_names() -> tuple[str, ...]:
     return tuple(flag for flag in FLAGS if flag in taken)
 
 
-def optimizer_defaults(name: str) -> dict[str, Any]:
-    """The defaults of the flags optimizer ``name`` takes, read from its constructor's signature."""
-    return _REGISTRY[name].defaults()
+def optimizer_defaults(name: str, normalized: bool = False) -> dict[str, Any]:
+    """The defaults of the flags optimizer ``name`` takes, read from its constructor's signature (``normalized``:
+    on a network with normalisation layers, its ``normalized_defaults`` instead where it has them)."""
+    return _REGISTRY[name].defaults(normalized)
 
 
 def compatible_optimizers(posterior: str) -> tuple[str, ...]:

@@ -33,9 +33,9 @@ class VOGN(DiagonalNGVI):
     cli_name = "vogn"
     cli_flags = {**NGVI_FLAGS, "momentum": "momentum", "beta2": "beta2", "warm_start": "warm_start"}
 
-    def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.9, beta2: float = 0.99999,
+    def __init__(self, model: nn.Module, lr: float = 3e-3, momentum: float = 0.9, beta2: float = 0.9999,
                  num_data: int = 60000, kl_weight: float = 1.0, prior_var: float | str = 1.0, damping: float = 0.0,
-                 init_precision: float | None = 6e4, fisher: str = "example", norm_posterior: str = "point",
+                 init_precision: float | None = 1e3, fisher: str = "example", norm_posterior: str = "point",
                  prior_every: int = PRIOR_EVERY, warm_start: bool = False) -> None:
         super().__init__(model, lr, (momentum, beta2), num_data, kl_weight, prior_var, damping, init_precision,
                          fisher, norm_posterior, prior_every, warm_start)

@@ -34,7 +34,7 @@ from torch import nn
 
 from data.datasets import DATASETS, expected_files, find_data
 from evaluation import default_eval_batch_size, evaluate
-from models import build_model
+from models import ARCHS, NORMALIZED_ARCHS, build_model
 from optimizers import NoisyAdam, NoisyKFAC
 from optimizers.noisy_kfac import DENSE_ROOT_MAX
 from optimizers.registry import OPTIMIZERS, default_optimizers, optimizer_defaults, option_names
@@ -51,7 +51,7 @@ DOCUMENTED = {
     "ece_bins": 15,
     "test_samples": 10,
     "eval_batch_size": ("64", "4096"),
-    "sigma0_diagonal": 0.004,
+    "sigma0_diagonal": 0.032,
     "dense_root_max": 256,
     "make_train_epochs": 20,
 }
@@ -189,8 +189,8 @@ def test_defaults_table_is_each_optimizers_signature() -> None:
 
 
 def test_initial_posterior_std_of_the_diagonal_methods() -> None:
-    """``6e4 (σ₀ ≈ 0.004)``: a fresh Noisy Adam at its defaults (N = 60000) samples weights with that std."""
-    doc = float(documented(r"6e4 \(σ₀ ≈ ([\d.]+)\)"))
+    """``1e3 (σ₀ ≈ 0.032)``: a fresh Noisy Adam at its defaults (N = 60000) samples weights with that std."""
+    doc = float(documented(r"1e3 \(σ₀ ≈ ([\d.]+)\)"))
     assert doc == DOCUMENTED["sigma0_diagonal"]
     assert f"`σ₀ = {doc}`" in MATH
     model = build_model("mlp", "FFG", 1, 28, 10, hidden=[100])
@@ -326,3 +326,24 @@ def test_dense_root_max_as_documented() -> None:
     for text, where in ((README, "README"), (MATH, "docs/MATH.md")):
         assert int(documented(r"(\d+) \(`DENSE_ROOT_MAX`\)", text, where)) == DENSE_ROOT_MAX, where
     assert DENSE_ROOT_MAX == DOCUMENTED["dense_root_max"]
+
+
+def test_normalized_defaults_sentence_is_each_optimizers() -> None:
+    """README's sentence on BatchNorm networks states each class's ``normalized_defaults``, and ``train.py`` uses them
+    on every architecture of ``models.NORMALIZED_ARCHS`` (and only there)."""
+    text = next((" ".join(p.split()) for p in README.split("\n\n") if p.startswith("On a network with BatchNorm")),
+                "")
+    m = re.search(r"Noisy Adam and VOGN lr ([\d.]+), β2 ([\d.]+), initial precision ([\d.e]+)", text)
+    assert m, "README no longer states the diagonal methods' defaults on a BatchNorm network"
+    lr, beta2, prec = m.groups()
+    for name in ("noisy_adam", "vogn"):
+        assert OPTIMIZERS[name].normalized_defaults() == {"lr": float(lr), "beta2": float(beta2),
+                                                          "init_precision": float(prec)}
+    kl = documented(r"Noisy K-FAC λ \(`--kl_weight`\) ([\d.]+e-\d+)", text)
+    assert OPTIMIZERS["noisy_kfac"].normalized_defaults() == {"kl_weight": float(kl)}
+    for arch in ARCHS:
+        o = TrainOptions().parse(["--arch", arch, "--dataset", "FashionMNIST", "--device", "cpu"])
+        normalized = any(isinstance(m, nn.modules.batchnorm._NormBase) for m in build_model(
+            arch, "MAP", 1, 28, 10).modules())
+        assert (arch in NORMALIZED_ARCHS) == normalized, f"models.NORMALIZED_ARCHS and {arch}'s layers disagree"
+        assert o.lr == (float(lr) if normalized else optimizer_defaults("noisy_adam")["lr"]), arch

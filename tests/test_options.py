@@ -53,7 +53,7 @@ def test_train_defaults() -> None:
     assert o.kl_weight == 1.0 and o.train_samples == 1 and o.test_samples == 10 and o.seed == 0
     # every optimizer option resolved to Noisy Adam's own defaults; the ones it does not take stay None
     assert (o.lr, o.momentum, o.beta2, o.prior_var, o.damping, o.init_precision, o.fisher) == (
-        0.1, 0.9, 0.99999, 1.0, 1e-3, 6e4, "example")
+        3e-3, 0.9, 0.9999, 1.0, 1e-3, 1e3, "example")
     assert o.eps is None and o.t_stats is None and o.t_inv is None and o.kl_clip is None and o.damping_mode is None
     assert o.lr_schedule == "none" and o.lr_decay == 0.1 and o.lr_step == 30
     assert o.device == "cpu" and o.ckpt_dir == "checkpoints"
@@ -155,7 +155,7 @@ def test_device_cuda_when_available(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--test_samples", "-1"], "--test_samples"),
         (["--prior_var", "0"], "--prior_var"),
         (["--damping", "-1"], "--damping"),
-        (["--momentum", "1"], "--momentum/--beta2 must lie in [0, 1), got (1.0, 0.99999)"),
+        (["--momentum", "1"], "--momentum/--beta2 must lie in [0, 1), got (1.0, 0.9999)"),
         (["--beta2", "1"], "--momentum/--beta2 must lie in [0, 1), got (0.9, 1.0)"),
         (["--model", "MVG", "--t_inv", "0"], "--t_stats and --t_inv must be >= 1, got 10, 0 (--optimizer noisy_kfac)"),
         (["--model", "MVG", "--kfac_rank", "0"], "--kfac_rank must be None or a positive integer"),

@@ -83,9 +83,9 @@ def test_kl_clip_zero_turns_it_off_and_help_states_the_default() -> None:
     o = train("--model", "MVG", "--kl_clip", "0")
     opt = make_optimizer(o, make_model(o))
     assert isinstance(opt, NoisyKFAC) and opt.param_groups[0]["kl_clip"] is None
-    assert train("--model", "MVG").kl_clip == 1e-3
+    assert train("--model", "MVG").kl_clip == 1e-4
     text = " ".join(TrainOptions().build_parser().format_help().split())
-    assert "K-FAC trust region on the update (default: 0.001; 0 turns it off)" in text
+    assert "K-FAC trust region on the update (default: 0.0001; 0 turns it off)" in text
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def old_run(tmp_path: Path) -> Path:
 def test_old_options_with_none_still_resolve_at_test_time(old_run: Path) -> None:
     o = _TestOptions().parse(["--ckpt_dir", str(old_run), "--device", "cpu"])
     assert (o.name, o.model, o.optimizer, o.epoch) == ("old", "MVG", "noisy_kfac", 1)
-    assert o.lr == 1e-3 and o.kl_clip == 1e-3 and o.fisher == "example" and o.data_root is None
+    assert o.lr == 1e-3 and o.kl_clip == 1e-4 and o.fisher == "example" and o.data_root is None
 
 
 @pytest.mark.parametrize("flag", ["--damping", "--lr", "--kl_clip", "--display_port", "--subset", "--t_inv"])
