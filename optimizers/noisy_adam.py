@@ -26,9 +26,11 @@ class NoisyAdam(DiagonalNGVI):
         damping: extrinsic damping gamma_ex added to the denominator of the mean update only; it
             bounds the step ``lr m / (f + gamma)`` as the Fisher estimate ``f`` shrinks late in training.
         init_precision: posterior precision per weight before the first step (``None``: the prior).
-            The defaults (``init_precision = 6e4``, ``beta2 = 0.99999``, ``lr = 0.1``) are IVON's optimisation
-            in our symbols: sigma_0 = 0.004, a precision that moves only slowly from it, and a first mean step
-            ``lr / f_0 = 0.1`` (f_0 = 1 at N = 60000); docs/MATH.md, "Noisy Adam and VOGN".
+            The defaults (``init_precision = 1e3``, ``beta2 = 0.9999``, ``lr = 3e-3``): sigma_0 = 0.032, a
+            precision that moves towards the per-example Fisher over some 10^4 steps, and a first mean step
+            ``lr / f_0 = 0.18`` (f_0 = 1/60 at N = 60000). On a network with normalisation layers use
+            ``normalized_defaults`` (IVON's optimisation: 6e4, 0.99999, 0.1), as ``train.py`` does;
+            docs/MATH.md, "Noisy Adam and VOGN".
         fisher: ``"example"`` (mean of per-example squared gradients: the diagonal empirical
             Fisher) or ``"batch"`` (square of the mini-batch gradient, as in Vadam and the first
             seed's code: about 1/B of the Fisher plus the squared mean, so a wider posterior) or
