@@ -13,9 +13,10 @@ in Khan et al. (the seed's pseudo-code writes ``s_t``). ``kl_weight`` tempers bo
 (``gamma_in = kl_weight / (N prior_var)``, ``sigma**2 = (kl_weight/N) / (s + gamma_in)``),
 ``momentum`` is ``beta1`` on the numerator, and each forward/backward pair before ``step()``
 is one MC sample. The defaults (``lr`` 3e-3, ``beta2`` 0.9999, ``init_precision`` 1e3, and the
-``normalized_defaults`` on a network with normalisation layers) are Noisy Adam's. The
-per-example squared gradients come from the shared hooks, so convolution and pooling layers
-work without changes to the model; ``fisher="hessian"`` replaces them by the reparameterisation Hessian estimate (docs/MATH.md, "Noisy Adam and VOGN").
+``normalized_defaults`` on a network with normalisation layers) are Noisy Adam's. The per-example
+squared gradients come from the shared hooks, so convolution and pooling layers work without changes
+to the model; ``fisher="hessian"`` replaces them by the reparameterisation Hessian estimate
+(docs/MATH.md, "Noisy Adam and VOGN").
 """
 
 from __future__ import annotations
