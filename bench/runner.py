@@ -345,6 +345,18 @@ class IVONSteps:
 
 
 # -- the studies of train.py command lines -------------------------------------------------------------
+def _finished(run_dir: Path, argv: list[str], epochs: int) -> bool:
+    """Whether ``run_dir`` holds the epoch-``epochs`` checkpoint of ``train.py argv`` (its options as that command
+    resolves them, but for the epoch count, which a longer run's earlier checkpoint shares)."""
+    run = RunDir(run_dir)
+    if not (run.checkpoint(epochs).exists() and (run_dir / "opt.json").exists()):
+        return False
+    want = vars(TrainOptions().parse(argv))
+    have = json.loads((run_dir / "opt.json").read_text())
+    where = ("epoch", "resume", "explicit", "name", "ckpt_dir", "run_dir", "data_root")
+    return all(have.get(k) == v for k, v in want.items() if k not in where)
+
+
 @dataclass
 class CommandRun:
     """A ``train.py`` run and ``test.py`` on it: test.py's JSON line, the run's epoch records, its last
@@ -380,7 +392,8 @@ def run_commands(name: str, flags: list[str], epochs: int | None, ckpt_dir: Path
                  threads: int, test_flags: Sequence[str] = (), quiet: bool = False) -> CommandRun:
     """``train.py`` with ``flags`` (and ``--epoch=epochs``; None: train.py's default), then ``test.py
     --epoch=N`` with ``test_flags`` on the run, in ``ckpt_dir/name``, with ``threads`` torch threads and no
-    dashboard. ``quiet``: train.py's output is not shown."""
+    dashboard. ``quiet``: train.py's output is not shown. A run whose epoch-N checkpoint is already in
+    ``ckpt_dir/name`` with the same options is only tested (a kept ``ckpt_dir`` resumes a study)."""
     where = ["--ckpt_dir", str(ckpt_dir), "--name", name, "--num_threads", str(threads)]
     if data_root:
         where += ["--data_root", data_root]
@@ -388,7 +401,8 @@ def run_commands(name: str, flags: list[str], epochs: int | None, ckpt_dir: Path
     epochs = epochs or TrainOptions().parse(flags + ["--no_visdom"]).epoch
     train = [sys.executable, "train.py", *flags, *epoch_flag, "--no_visdom", "--no_progress", *where]
     print("$", " ".join(train[1:]), flush=True)
-    subprocess.run(train, cwd=REPO, check=True, stdout=subprocess.DEVNULL if quiet else None)
+    if not _finished(ckpt_dir / name, train[2:], epochs):
+        subprocess.run(train, cwd=REPO, check=True, stdout=subprocess.DEVNULL if quiet else None)
     test = [sys.executable, "test.py", f"--epoch={epochs}", *test_flags, *where]
     out = subprocess.run(test, cwd=REPO, check=True, capture_output=True, text=True).stdout
     run = RunDir(ckpt_dir / name)

@@ -133,3 +133,19 @@ def test_ood_images_use_the_training_sets_normalisation(data_root: Path) -> None
     mean, std = DATASETS[task.dataset].mean, DATASETS[task.dataset].std
     expected = (raw.float() / 255 - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
     torch.testing.assert_close(ood, expected)
+
+
+def test_a_finished_run_is_reused_only_with_the_same_options(tmp_path: Path) -> None:
+    """``run_commands`` skips training when the run's checkpoint is there and its options are the command's: a
+    stored run at other flags, or without the epoch's checkpoint, is trained again."""
+    from option_parser import TrainOptions
+
+    argv = ["--model=FFG", "--lr=1e-3", "--epoch=3", "--no_visdom", "--ckpt_dir", str(tmp_path), "--name", "r"]
+    run = tmp_path / "r"
+    run.mkdir()
+    opt = vars(TrainOptions().parse(argv + ["--device", "cpu"]))
+    (run / "opt.json").write_text(json.dumps({**opt, "name": "elsewhere", "ckpt_dir": "/elsewhere"}))
+    assert not runner._finished(run, argv + ["--device", "cpu"], 2)  # no checkpoint yet
+    (run / "epoch_2.pt").write_bytes(b"")
+    assert runner._finished(run, argv + ["--device", "cpu"], 2)  # an earlier epoch of a longer run
+    assert not runner._finished(run, [*argv, "--beta2", "0.999", "--device", "cpu"], 2)
