@@ -1,7 +1,8 @@
 """The commands as the README shows them, on real MNIST.
 
 One Noisy Adam run (``python train.py --model=FFG --dataset=MNIST --epoch=11`` on 100 images, 2 steps an epoch, in
-IVON's regime so that the posterior is narrow, started from a folder of its own with ``$DATA_ROOT`` set and the default ``--ckpt_dir``), then:
+IVON's regime so that the posterior is narrow, started from a folder of its own with ``$DATA_ROOT`` set and the
+default ``--ckpt_dir``), then:
 
 * ``test.py --epoch=N`` for N = 1, 2, 3 while epochs up to 11 exist, and ``test.py`` with no ``--epoch``, all with
   ``--test_samples 0`` (the mean weights, deterministic): each reports exactly the numbers of ``epoch_N.pt``
