@@ -400,8 +400,8 @@ def run_commands(name: str, flags: list[str], epochs: int | None, ckpt_dir: Path
     epoch_flag = [] if epochs is None else [f"--epoch={epochs}"]
     epochs = epochs or TrainOptions().parse(flags + ["--no_visdom"]).epoch
     train = [sys.executable, "train.py", *flags, *epoch_flag, "--no_visdom", "--no_progress", *where]
-    print("$", " ".join(train[1:]), flush=True)
     if not _finished(ckpt_dir / name, train[2:], epochs):
+        print("$", " ".join(train[1:]), flush=True)
         subprocess.run(train, cwd=REPO, check=True, stdout=subprocess.DEVNULL if quiet else None)
     test = [sys.executable, "test.py", f"--epoch={epochs}", *test_flags, *where]
     out = subprocess.run(test, cwd=REPO, check=True, capture_output=True, text=True).stdout
