@@ -305,7 +305,8 @@ def test_bayesianize_torchvision_resnet18(posterior):
            else VOGN(model, lr=1e-3, num_data=8, norm_posterior="gaussian"))
     model.train()
     before = model.fc.weight.detach().clone()
-    fit(model, opt, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), 2)
+    # one step for MVG: it decomposes forty 4608-wide factors in float64 (about 15 s on two cores)
+    fit(model, opt, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), 1 if posterior == "MVG" else 2)
     assert not torch.equal(model.fc.weight, before)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
