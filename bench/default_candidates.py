@@ -43,6 +43,7 @@ CANDIDATES = {
     "seed_mvg_defaults": (SEED_MVG, None),
     "seed_mvg_clip1e-3": (SEED_MVG + ["--kl_clip", "1e-3"], None),
     "seed_mvg_clip_off": (SEED_MVG + ["--kl_clip", "0"], None),
+    "seed_mvg_prior_auto": (SEED_MVG + ["--prior_var", "auto"], None),
     "resnet20_mnist_defaults": (RESNET20 + MNIST_DEFAULTS, 1),
     "resnet20_i1e4_lr1e-2": (RESNET20 + ["--lr", "1e-2", "--beta2", "0.9999", "--init_precision", "1e4"], 3),
 }
