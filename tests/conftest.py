@@ -159,13 +159,21 @@ def float64():
     torch.set_default_dtype(old)
 
 
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago (nothing listens there once the socket is closed)."""
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback TCP ports that were free a moment ago (all bound at once, then closed)."""
+    import contextlib
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (nothing listens there once the socket is closed)."""
+    return free_ports(1)[0]
 
 
 def in_ci() -> bool:

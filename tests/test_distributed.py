@@ -35,7 +35,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import free_port, run_ranks
+from conftest import free_port, free_ports, run_ranks
 from torch import nn
 
 from data import InMemoryLoader
@@ -360,9 +360,7 @@ def test_resume_on_two_machines_without_a_shared_filesystem(tmp_path: Path, data
     for d in (shared, node0, node1):
         d.mkdir()
     # the uninterrupted run and the first epoch of the interrupted one, side by side (start-up is most of their cost)
-    ports = [free_port()]
-    while len(ports) < 2:
-        ports += [p for p in [free_port()] if p != ports[0]]
+    ports = free_ports(2)
     _wait(_start_two_nodes((shared, shared), *flags, "--epoch", "2", port=ports[0])
           + _start_two_nodes((node0, node1), *flags, "--epoch", "1", port=ports[1]))
     assert list_epochs(node0 / "ckpt" / "r") == [1] and list_epochs(node1 / "ckpt" / "r") == []
